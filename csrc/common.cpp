@@ -1,0 +1,102 @@
+#include "common.h"
+
+#include <sstream>
+
+namespace fused_wd {
+
+void check_lists(const char* op, const std::vector<ListSpec>& lists, c10::DeviceType device_type) {
+  TORCH_CHECK(!lists.empty(), op, ": no tensor lists");
+  const at::TensorList params = lists[0].tensors;
+  const size_t n = params.size();
+  for (const auto& l : lists) {
+    if (l.optional && l.tensors.empty()) continue;
+    TORCH_CHECK(l.tensors.size() == n, op, ": ", l.name, " has ", l.tensors.size(),
+                " tensors but ", lists[0].name, " has ", n);
+  }
+  if (n == 0) return;
+  const at::Device device = params[0].device();
+  for (size_t i = 0; i < n; ++i) {
+    const at::Tensor& p = params[i];
+    for (const auto& l : lists) {
+      if (l.optional && l.tensors.empty()) continue;
+      const at::Tensor& t = l.tensors[i];
+      TORCH_CHECK(t.defined(), op, ": ", l.name, "[", i, "] is undefined");
+      TORCH_CHECK(t.layout() == at::kStrided, op, ": ", l.name, "[", i,
+                  "] is sparse or not strided (layout ", t.layout(),
+                  "); fused_wd supports dense tensors only");
+      TORCH_CHECK(t.device() == device, op, ": ", l.name, "[", i, "] is on ", t.device(),
+                  " but ", lists[0].name, "[0] is on ", device,
+                  "; one call takes tensors of one device");
+      TORCH_CHECK(t.device().type() == device_type, op, ": ", l.name, "[", i, "] is on ",
+                  t.device(), ", not a ", device_type, " tensor");
+      TORCH_CHECK(t.scalar_type() == p.scalar_type(), op, ": ", l.name, "[", i, "] has dtype ",
+                  t.scalar_type(), " but ", lists[0].name, "[", i, "] has dtype ",
+                  p.scalar_type());
+      TORCH_CHECK(t.sizes() == p.sizes(), op, ": ", l.name, "[", i, "] has shape ", t.sizes(),
+                  " but ", lists[0].name, "[", i, "] has shape ", p.sizes());
+      TORCH_CHECK(!t.is_complex(), op, ": ", l.name, "[", i,
+                  "] is complex; pass torch.view_as_real views");
+      TORCH_CHECK(at::isFloatingType(t.scalar_type()), op, ": ", l.name, "[", i,
+                  "] has dtype ", t.scalar_type(), "; only floating point tensors are supported");
+    }
+  }
+}
+
+void check_scalar_tensor(const char* op, const char* name, const std::optional<at::Tensor>& t,
+                         const at::Device& device, bool allow_cpu) {
+  if (!t.has_value() || !t->defined()) return;
+  TORCH_CHECK(t->numel() == 1, op, ": ", name, " must have one element, got shape ", t->sizes());
+  TORCH_CHECK(t->device() == device || (allow_cpu && t->device().is_cpu()), op, ": ", name,
+              " is on ", t->device(), " but the tensors are on ", device);
+}
+
+void DenseLists::write_back() {
+  for (auto& pr : pending) pr.first.copy_(pr.second);
+  pending.clear();
+}
+
+DenseLists make_dense(const std::vector<ListSpec>& lists) {
+  DenseLists out;
+  out.dense.resize(lists.size());
+  const at::TensorList params = lists[0].tensors;
+  for (size_t k = 0; k < lists.size(); ++k) out.dense[k].reserve(lists[k].tensors.size());
+  for (size_t i = 0; i < params.size(); ++i) {
+    const at::Tensor& p = params[i];
+    bool direct = p.is_non_overlapping_and_dense();
+    for (const auto& l : lists) {
+      if (!direct) break;
+      if (l.tensors.empty()) continue;
+      direct = l.tensors[i].strides() == p.strides();
+    }
+    for (size_t k = 0; k < lists.size(); ++k) {
+      if (lists[k].tensors.empty()) continue;
+      const at::Tensor& t = lists[k].tensors[i];
+      if (direct || p.numel() == 0) {
+        out.dense[k].push_back(t);
+      } else {
+        at::Tensor tmp = t.contiguous();
+        if (lists[k].mutated && !tmp.is_same(t)) out.pending.emplace_back(t, tmp);
+        out.dense[k].push_back(tmp);
+      }
+    }
+  }
+  return out;
+}
+
+std::vector<std::vector<int64_t>> group_by_dtype(at::TensorList tensors) {
+  std::vector<at::ScalarType> types;
+  std::vector<std::vector<int64_t>> groups;
+  for (size_t i = 0; i < tensors.size(); ++i) {
+    const auto st = tensors[i].scalar_type();
+    size_t g = 0;
+    while (g < types.size() && types[g] != st) ++g;
+    if (g == types.size()) {
+      types.push_back(st);
+      groups.emplace_back();
+    }
+    groups[g].push_back(static_cast<int64_t>(i));
+  }
+  return groups;
+}
+
+}  // namespace fused_wd

@@ -1,0 +1,47 @@
+// Host-side helpers shared by the CPU and CUDA backends: argument checks with
+// messages that name the offending list and index, and a dense view of the
+// tensor lists (tensors whose layout the flat kernels cannot walk are copied
+// to contiguous temporaries and written back after the kernel).
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <string>
+#include <vector>
+
+namespace fused_wd {
+
+// The lists of one step: lists[0] is the params, the others have one tensor
+// per param (or are empty, when `optional`). mutated[k]: list k is written.
+struct ListSpec {
+  const char* name;
+  at::TensorList tensors;
+  bool mutated;
+  bool optional;
+};
+
+// Checks lengths, devices, layouts (strided only: sparse grads are refused),
+// dtypes and shapes of every list against the params. `device_type` is the
+// backend running the op.
+void check_lists(const char* op, const std::vector<ListSpec>& lists, c10::DeviceType device_type);
+
+// Checks one 1-element (0-dim or 1-element) optional tensor argument.
+void check_scalar_tensor(const char* op, const char* name, const std::optional<at::Tensor>& t,
+                         const at::Device& device, bool allow_cpu);
+
+// A dense copy of the lists: dense[k][i] is lists[k].tensors[i] itself when
+// the param is non-overlapping and dense and every tensor of entry i has its
+// strides, else a contiguous temporary. write_back() copies the mutated
+// temporaries into the user's tensors.
+struct DenseLists {
+  std::vector<std::vector<at::Tensor>> dense;
+  std::vector<std::pair<at::Tensor, at::Tensor>> pending;  // (user tensor, temporary)
+  void write_back();
+};
+
+DenseLists make_dense(const std::vector<ListSpec>& lists);
+
+// Tensor indices grouped by dtype, in first-seen order (deterministic).
+std::vector<std::vector<int64_t>> group_by_dtype(at::TensorList tensors);
+
+}  // namespace fused_wd

@@ -1,0 +1,201 @@
+// adam_ on CUDA: one multi-tensor launch per dtype bucket (and per full
+// table), the per-element math of fused_wd/math.h, then one small launch that
+// advances the step counters unless the step was skipped.
+#include "cuda/multi_tensor_apply.cuh"
+#include "cuda/ops_cuda.cuh"
+
+namespace fused_wd {
+namespace cuda {
+
+// ------------------------------------------------------------ step counters
+
+namespace {
+
+__global__ void increment_steps_kernel(StepTable tab, PrepArgs prep) {
+  const int i = blockIdx.x * blockDim.x + threadIdx.x;
+  if (i >= tab.n) return;
+  if (read_prep(prep).skip) return;
+  if (tab.is_double[i]) {
+    *static_cast<double*>(tab.step[i]) += 1.0;
+  } else {
+    *static_cast<float*>(tab.step[i]) += 1.0f;
+  }
+}
+
+}  // namespace
+
+void increment_steps(at::TensorList steps, const PrepArgs& prep, cudaStream_t stream) {
+  StepTable tab;
+  std::memset(&tab, 0, sizeof(tab));
+  auto flush = [&] {
+    if (tab.n == 0) return;
+    constexpr int kT = 128;
+    increment_steps_kernel<<<(tab.n + kT - 1) / kT, kT, 0, stream>>>(tab, prep);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    tab.n = 0;
+  };
+  for (const at::Tensor& s : steps) {
+    if (tab.n == kStepsPerLaunch) flush();
+    tab.step[tab.n] = s.data_ptr();
+    tab.is_double[tab.n] = s.scalar_type() == at::kDouble;
+    ++tab.n;
+  }
+  flush();
+}
+
+// ---------------------------------------------------------------- Adam
+
+namespace {
+
+struct AdamArgs {
+  PrepArgs prep;
+  ScalarRef lr_tensor;
+  double lr, beta1, beta2, eps, weight_decay, initial_lr;
+  int decay_mode;
+  int maximize;
+};
+
+template <typename scalar_t, bool AMSGRAD, int DECAY>
+__global__ void __launch_bounds__(kThreads)
+    adam_kernel(ChunkTable<AMSGRAD ? 5 : 4> tab, AdamArgs a) {
+  constexpr int D = AMSGRAD ? 5 : 4;
+  // written: param, exp_avg, exp_avg_sq (and max_exp_avg_sq); grad is read only
+  constexpr unsigned kWrite = AMSGRAD ? 0x1Du : 0x0Du;
+  using T = at::opmath_type<scalar_t>;
+  __shared__ AdamScalars<T> sh_scalars;
+  __shared__ int sh_skip;
+  const ChunkPos pos = locate_chunk(tab);
+  if (threadIdx.x == 0) {
+    const Prep pr = read_prep(a.prep);
+    sh_skip = pr.skip ? 1 : 0;
+    if (!pr.skip) {
+      // t = step + 1, as torch.optim computes it in the step tensor's dtype
+      // (the counter itself is advanced by increment_steps afterwards).
+      const void* sp = tab.step[pos.t];
+      const double t = tab.flag[pos.t] ? *static_cast<const double*>(sp) + 1.0
+                                       : static_cast<double>(*static_cast<const float*>(sp) + 1.0f);
+      const double lr = a.lr_tensor.ptr != nullptr ? load_scalar(a.lr_tensor) : a.lr;
+      const GradPrep<T> gp = make_grad_prep<T>(pr.inv_scale, pr.coef, a.maximize != 0);
+      sh_scalars = make_adam_scalars<T>(lr, a.beta1, a.beta2, a.eps, a.weight_decay, a.decay_mode,
+                                        a.initial_lr, t, gp);
+    }
+  }
+  __syncthreads();
+  if (sh_skip) return;
+  const AdamScalars<T> s = sh_scalars;
+  scalar_t* p[D];
+#pragma unroll
+  for (int d = 0; d < D; ++d) p[d] = static_cast<scalar_t*>(tab.ptr[d][pos.t]) + pos.begin;
+  for_each_element<scalar_t, D, kWrite>(p, pos.n, [&](T(&x)[D]) {
+    if constexpr (AMSGRAD) {
+      adam_element<T, true, DECAY>(x[0], x[1], x[2], x[3], x[D - 1], s);
+    } else {
+      T unused = T(0);
+      adam_element<T, false, DECAY>(x[0], x[1], x[2], x[3], unused, s);
+    }
+  });
+}
+
+template <typename scalar_t, bool AMSGRAD, int DECAY>
+void launch_adam(const std::vector<std::vector<at::Tensor>>& dense, const std::vector<int64_t>& idx,
+                 at::TensorList steps, const AdamArgs& args, cudaStream_t stream) {
+  constexpr int D = AMSGRAD ? 5 : 4;
+  for_each_table<D>(
+      static_cast<int64_t>(idx.size()),
+      [&](int64_t k) {
+        const int64_t i = idx[k];
+        Entry<D> e;
+        e.numel = dense[0][i].numel();
+        for (int d = 0; d < D; ++d) e.ptr[d] = e.numel ? dense[d][i].data_ptr() : nullptr;
+        e.step = steps[i].data_ptr();
+        e.flag = steps[i].scalar_type() == at::kDouble;
+        return e;
+      },
+      [&](const ChunkTable<D>& tab, int nchunks) {
+        adam_kernel<scalar_t, AMSGRAD, DECAY><<<nchunks, kThreads, 0, stream>>>(tab, args);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
+}
+
+static_assert(sizeof(ChunkTable<5>) + sizeof(AdamArgs) <= 4000, "adam kernel arguments too large");
+
+void check_steps(const char* op, at::TensorList steps, at::TensorList params) {
+  TORCH_CHECK(steps.size() == params.size(), op, ": state_steps has ", steps.size(),
+              " tensors but params has ", params.size());
+  for (size_t i = 0; i < steps.size(); ++i) {
+    const at::Tensor& s = steps[i];
+    TORCH_CHECK(s.defined() && s.numel() == 1, op, ": state_steps[", i,
+                "] must be a 1-element tensor");
+    TORCH_CHECK(s.device() == params[i].device(), op, ": state_steps[", i, "] is on ", s.device(),
+                " but params[", i, "] is on ", params[i].device());
+    TORCH_CHECK(s.scalar_type() == at::kFloat || s.scalar_type() == at::kDouble, op,
+                ": state_steps[", i, "] must be float32 (or float64), got ", s.scalar_type());
+  }
+}
+
+}  // namespace
+
+void adam_(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+           at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs, at::TensorList state_steps,
+           double lr, const std::optional<at::Tensor>& lr_tensor, double beta1, double beta2,
+           double eps, double weight_decay, int64_t decay_mode, double initial_lr, bool amsgrad,
+           bool maximize, const std::optional<at::Tensor>& grad_norm, double max_norm,
+           const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
+           bool skip_nonfinite) {
+  const char* op = "fused_wd::adam_";
+  TORCH_CHECK(decay_mode >= 0 && decay_mode <= 2, op, ": decay_mode must be 0, 1 or 2, got ",
+              decay_mode);
+  std::vector<ListSpec> specs = {{"params", params, true, false},
+                                 {"grads", grads, false, false},
+                                 {"exp_avgs", exp_avgs, true, false},
+                                 {"exp_avg_sqs", exp_avg_sqs, true, false}};
+  if (amsgrad) {
+    TORCH_CHECK(max_exp_avg_sqs.size() == params.size(), op, ": amsgrad needs one max_exp_avg_sqs "
+                "tensor per param, got ", max_exp_avg_sqs.size(), " for ", params.size());
+    specs.push_back({"max_exp_avg_sqs", max_exp_avg_sqs, true, false});
+  }
+  check_lists(op, specs, c10::DeviceType::CUDA);
+  if (params.empty()) return;
+  check_steps(op, state_steps, params);
+  const at::Device device = params[0].device();
+  c10::cuda::CUDAGuard guard(device);
+  cudaStream_t stream = at::cuda::getCurrentCUDAStream(device.index());
+
+  AdamArgs args;
+  std::memset(&args, 0, sizeof(args));
+  args.prep = make_prep_args(op, device, grad_norm, max_norm, grad_scale, found_inf, skip_nonfinite);
+  args.lr = lr;
+  args.lr_tensor = lr_ref(op, device, lr_tensor, &args.lr);
+  args.beta1 = beta1;
+  args.beta2 = beta2;
+  args.eps = eps;
+  args.weight_decay = weight_decay;
+  args.initial_lr = initial_lr;
+  args.decay_mode = static_cast<int>(decay_mode);
+  args.maximize = maximize ? 1 : 0;
+  const int kind = decay_kind(static_cast<int>(decay_mode), weight_decay);
+
+  DenseLists dl = make_dense(specs);
+  for (const auto& idx : group_by_dtype(dl.dense[0])) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dl.dense[0][idx[0]].scalar_type(),
+                                    "fused_wd_adam", [&] {
+      auto run = [&](auto ams, auto decay) {
+        launch_adam<scalar_t, decltype(ams)::value, decltype(decay)::value>(dl.dense, idx, state_steps,
+                                                                           args, stream);
+      };
+      auto with_decay = [&](auto ams) {
+        switch (kind) {
+          case kL2: run(ams, std::integral_constant<int, kL2>{}); break;
+          case kScaleParam: run(ams, std::integral_constant<int, kScaleParam>{}); break;
+          default: run(ams, std::integral_constant<int, kNone>{}); break;
+        }
+      };
+      if (amsgrad) with_decay(std::true_type{}); else with_decay(std::false_type{});
+    });
+  }
+  increment_steps(state_steps, args.prep, stream);
+  dl.write_back();
+}
+
+}  // namespace cuda
+}  // namespace fused_wd

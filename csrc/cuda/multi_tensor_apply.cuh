@@ -1,0 +1,291 @@
+// Multi-tensor apply for the fused_wd CUDA kernels.
+//
+// One launch covers many tensors of one dtype. The host packs, for up to
+// ChunkTable<DEPTH>::kMax tensors, the DEPTH data pointers of each entry
+// (param, grad, state...), its element count, the index of its first chunk in
+// the launch and per-tensor extras (a step counter pointer, a flag) into a
+// struct passed by value as the kernel argument (it lives in the constant
+// bank, no host->device copy). Every tensor is cut into chunks of kChunk
+// elements; block b of the grid handles global chunk b of the launch and
+// finds its tensor by a binary search over the chunk starts, so a launch is
+// bounded only by the number of tensors that fit in the table (not by a
+// block count), and a tensor is never split across launches.
+//
+// Inside a chunk, when every pointer of the entry is 16-byte aligned, the
+// body is walked with 16-byte vector loads/stores and only the tail (a
+// partial last chunk) element by element; otherwise the whole chunk goes
+// element by element (coalesced). Offsets are 64-bit, so tensors past 2^31
+// elements work.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+
+#include <climits>
+#include <cstdint>
+#include <cstring>
+#include <optional>
+
+#include "common.h"
+#include "fused_wd/math.h"
+
+namespace fused_wd {
+namespace cuda {
+
+constexpr int kChunk = 16384;   // elements per chunk (one block)
+constexpr int kThreads = 256;   // threads per block of the apply kernels
+constexpr int kTableBytes = 3584;  // room for the table; the op's own
+                                   // arguments get the rest of the 4 KB
+
+template <int DEPTH>
+struct ChunkTable {
+  static constexpr int kPerTensor = 8 * DEPTH + 8 + 8 + 4 + 1;
+  static constexpr int kMax = (kTableBytes - 16) / kPerTensor;
+  void* ptr[DEPTH][kMax];
+  int64_t numel[kMax];
+  void* step[kMax];     // Adam: the tensor's step counter (else unused)
+  int chunk_start[kMax];
+  int ntensors;
+  uint8_t flag[kMax];   // Adam: step counter is float64; SGD: buffer is new
+};
+
+static_assert(sizeof(ChunkTable<1>) <= kTableBytes, "table too large");
+static_assert(sizeof(ChunkTable<5>) <= kTableBytes, "table too large");
+
+// One entry as the host hands it to for_each_table.
+template <int DEPTH>
+struct Entry {
+  void* ptr[DEPTH];
+  int64_t numel;
+  void* step = nullptr;
+  uint8_t flag = 0;
+};
+
+// Packs entries 0..count-1 (from `get(k)`) into tables and calls
+// `launch(table, nchunks)` for each full table and the last one. Empty
+// tensors are left out (they have no chunk).
+template <int DEPTH, typename Get, typename Launch>
+void for_each_table(int64_t count, Get&& get, Launch&& launch) {
+  using Table = ChunkTable<DEPTH>;
+  Table tab;
+  std::memset(&tab, 0, sizeof(tab));
+  int64_t chunks = 0;
+  for (int64_t k = 0; k < count; ++k) {
+    const Entry<DEPTH> e = get(k);
+    if (e.numel == 0) continue;
+    const int64_t nc = (e.numel + kChunk - 1) / kChunk;
+    TORCH_CHECK(nc < INT_MAX, "fused_wd: tensor of ", e.numel, " elements is too large");
+    if (tab.ntensors == Table::kMax || chunks + nc > static_cast<int64_t>(INT_MAX)) {
+      launch(tab, static_cast<int>(chunks));
+      tab.ntensors = 0;
+      chunks = 0;
+    }
+    const int s = tab.ntensors++;
+    for (int d = 0; d < DEPTH; ++d) tab.ptr[d][s] = e.ptr[d];
+    tab.numel[s] = e.numel;
+    tab.step[s] = e.step;
+    tab.flag[s] = e.flag;
+    tab.chunk_start[s] = static_cast<int>(chunks);
+    chunks += nc;
+  }
+  if (tab.ntensors > 0) launch(tab, static_cast<int>(chunks));
+}
+
+// Where block blockIdx.x works: tensor slot, first element, element count.
+struct ChunkPos {
+  int t;
+  int64_t begin;
+  int n;
+};
+
+template <int DEPTH>
+__device__ __forceinline__ ChunkPos locate_chunk(const ChunkTable<DEPTH>& tab) {
+  const int chunk = static_cast<int>(blockIdx.x);
+  int lo = 0, hi = tab.ntensors - 1;
+  while (lo < hi) {  // last slot whose first chunk is <= chunk
+    const int mid = (lo + hi + 1) >> 1;
+    if (tab.chunk_start[mid] <= chunk) lo = mid; else hi = mid - 1;
+  }
+  ChunkPos pos;
+  pos.t = lo;
+  pos.begin = static_cast<int64_t>(chunk - tab.chunk_start[lo]) * kChunk;
+  const int64_t left = tab.numel[lo] - pos.begin;
+  pos.n = left < kChunk ? static_cast<int>(left) : kChunk;
+  return pos;
+}
+
+template <typename S, int N>
+struct alignas(16) Pack {
+  S v[N];
+};
+
+// Runs f(x) for every element of a chunk, x[d] being element i of list d
+// converted to opmath; lists whose bit is set in WMASK are stored back
+// (rounded to the storage type). p[d] already points at the chunk start.
+template <typename scalar_t, int DEPTH, unsigned WMASK, typename F>
+__device__ __forceinline__ void for_each_element(scalar_t* const (&p)[DEPTH], int n, F&& f) {
+  using T = at::opmath_type<scalar_t>;
+  constexpr int kVec = 16 / sizeof(scalar_t);
+  using P = Pack<scalar_t, kVec>;
+  bool aligned = true;
+#pragma unroll
+  for (int d = 0; d < DEPTH; ++d) aligned = aligned && (reinterpret_cast<uintptr_t>(p[d]) % 16 == 0);
+  int tail = 0;
+  if (aligned) {
+    const int nvec = n / kVec;
+    for (int iv = threadIdx.x; iv < nvec; iv += blockDim.x) {
+      P pk[DEPTH];
+#pragma unroll
+      for (int d = 0; d < DEPTH; ++d) pk[d] = reinterpret_cast<const P*>(p[d])[iv];
+#pragma unroll
+      for (int e = 0; e < kVec; ++e) {
+        T x[DEPTH];
+#pragma unroll
+        for (int d = 0; d < DEPTH; ++d) x[d] = static_cast<T>(pk[d].v[e]);
+        f(x);
+#pragma unroll
+        for (int d = 0; d < DEPTH; ++d)
+          if ((WMASK >> d) & 1u) pk[d].v[e] = static_cast<scalar_t>(x[d]);
+      }
+#pragma unroll
+      for (int d = 0; d < DEPTH; ++d)
+        if ((WMASK >> d) & 1u) reinterpret_cast<P*>(p[d])[iv] = pk[d];
+    }
+    tail = nvec * kVec;
+  }
+  for (int i = tail + static_cast<int>(threadIdx.x); i < n; i += blockDim.x) {
+    T x[DEPTH];
+#pragma unroll
+    for (int d = 0; d < DEPTH; ++d) x[d] = static_cast<T>(p[d][i]);
+    f(x);
+#pragma unroll
+    for (int d = 0; d < DEPTH; ++d)
+      if ((WMASK >> d) & 1u) p[d][i] = static_cast<scalar_t>(x[d]);
+  }
+}
+
+// ------------------------------------------------- device scalar arguments
+
+// A 1-element tensor read by the kernels (lr, grad_norm, grad_scale,
+// found_inf). ptr == nullptr: not given.
+enum ScalarKind : int { kSF32 = 0, kSF64, kSF16, kSBF16, kSU8, kSI32, kSI64 };
+
+struct ScalarRef {
+  const void* ptr;
+  int kind;
+};
+
+inline ScalarRef scalar_ref(const char* op, const char* name, const std::optional<at::Tensor>& t) {
+  ScalarRef r{nullptr, kSF32};
+  if (!t.has_value() || !t->defined()) return r;
+  switch (t->scalar_type()) {
+    case at::kFloat: r.kind = kSF32; break;
+    case at::kDouble: r.kind = kSF64; break;
+    case at::kHalf: r.kind = kSF16; break;
+    case at::kBFloat16: r.kind = kSBF16; break;
+    case at::kBool:
+    case at::kByte: r.kind = kSU8; break;
+    case at::kInt: r.kind = kSI32; break;
+    case at::kLong: r.kind = kSI64; break;
+    default:
+      TORCH_CHECK(false, op, ": ", name, " has unsupported dtype ", t->scalar_type());
+  }
+  r.ptr = t->data_ptr();
+  return r;
+}
+
+__device__ __forceinline__ double load_scalar(const ScalarRef& r) {
+  switch (r.kind) {
+    case kSF32: return static_cast<double>(*static_cast<const float*>(r.ptr));
+    case kSF64: return *static_cast<const double*>(r.ptr);
+    case kSF16: return static_cast<double>(static_cast<float>(*static_cast<const c10::Half*>(r.ptr)));
+    case kSBF16:
+      return static_cast<double>(static_cast<float>(*static_cast<const c10::BFloat16*>(r.ptr)));
+    case kSU8: return static_cast<double>(*static_cast<const uint8_t*>(r.ptr));
+    case kSI32: return static_cast<double>(*static_cast<const int32_t*>(r.ptr));
+    default: return static_cast<double>(*static_cast<const int64_t*>(r.ptr));
+  }
+}
+
+// Gradient preprocessing inputs shared by the update kernels.
+struct PrepArgs {
+  ScalarRef grad_norm, grad_scale, found_inf;
+  float max_norm;
+  int clip;            // grad_norm given and max_norm > 0
+  int skip_nonfinite;
+};
+
+struct Prep {
+  float inv_scale;
+  float coef;
+  bool skip;
+};
+
+// The skip decision and the unscale/clip factors, read on the device.
+__device__ __forceinline__ Prep read_prep(const PrepArgs& a) {
+  Prep r{1.0f, 1.0f, false};
+  if (a.found_inf.ptr != nullptr && load_scalar(a.found_inf) != 0.0) r.skip = true;
+  if (a.grad_norm.ptr != nullptr) {
+    const float gn = static_cast<float>(load_scalar(a.grad_norm));
+    if (a.skip_nonfinite && !fused_wd::is_finite(gn)) r.skip = true;
+    if (a.clip) r.coef = fused_wd::clip_coef(gn, a.max_norm);
+  }
+  if (a.grad_scale.ptr != nullptr) r.inv_scale = 1.0f / static_cast<float>(load_scalar(a.grad_scale));
+  return r;
+}
+
+// Host: checks grad_norm / grad_scale / found_inf (1 element, on `device`)
+// and packs them.
+inline PrepArgs make_prep_args(const char* op, const at::Device& device,
+                               const std::optional<at::Tensor>& grad_norm, double max_norm,
+                               const std::optional<at::Tensor>& grad_scale,
+                               const std::optional<at::Tensor>& found_inf, bool skip_nonfinite) {
+  check_scalar_tensor(op, "grad_norm", grad_norm, device, false);
+  check_scalar_tensor(op, "grad_scale", grad_scale, device, false);
+  check_scalar_tensor(op, "found_inf", found_inf, device, false);
+  PrepArgs a;
+  a.grad_norm = scalar_ref(op, "grad_norm", grad_norm);
+  a.grad_scale = scalar_ref(op, "grad_scale", grad_scale);
+  a.found_inf = scalar_ref(op, "found_inf", found_inf);
+  a.max_norm = static_cast<float>(max_norm);
+  a.clip = a.grad_norm.ptr != nullptr && max_norm > 0.0;
+  a.skip_nonfinite = skip_nonfinite ? 1 : 0;
+  return a;
+}
+
+// Host: the learning rate. A CUDA lr_tensor is read by the kernels (its
+// reference is returned); a CPU one is read here (no device sync).
+inline ScalarRef lr_ref(const char* op, const at::Device& device,
+                        const std::optional<at::Tensor>& lr_tensor, double* lr) {
+  check_scalar_tensor(op, "lr_tensor", lr_tensor, device, true);
+  if (lr_tensor.has_value() && lr_tensor->defined() && lr_tensor->device().is_cpu()) {
+    *lr = lr_tensor->item<double>();
+    return ScalarRef{nullptr, kSF64};
+  }
+  return scalar_ref(op, "lr_tensor", lr_tensor);
+}
+
+// ------------------------------------------------------------ step counters
+
+constexpr int kStepsPerLaunch = 384;
+
+struct StepTable {
+  void* step[kStepsPerLaunch];
+  int n;
+  uint8_t is_double[kStepsPerLaunch];
+};
+
+static_assert(sizeof(StepTable) + sizeof(PrepArgs) <= 4000, "step table too large");
+
+// Host: increments the counters `steps` (float32 or float64, 1 element,
+// on the current device) on `stream`, conditioned on the skip decision of
+// `prep`. Called after every update kernel of the op was queued on that
+// stream, so no block of an update kernel can see a counter already advanced
+// (every block of a tensor reads the same step).
+void increment_steps(at::TensorList steps, const PrepArgs& prep, cudaStream_t stream);
+
+}  // namespace cuda
+}  // namespace fused_wd

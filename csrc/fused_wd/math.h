@@ -1,0 +1,202 @@
+// The per-element math of fused_wd: the one place where the Adam and SGD
+// update rules, weight decay, clipping and gradient unscaling are written.
+// Included by the CPU kernels (once per instruction set) and by the CUDA
+// kernels. No torch headers: plain C++ that nvcc and g++ both compile.
+//
+// `T` is always the compute ("opmath") type: float for fp32/fp16/bf16
+// storage, double for fp64. Per-tensor scalars are prepared once (on the
+// host for the CPU, inside the kernel for CUDA) by the make_* functions below,
+// which do their own arithmetic in double exactly as torch.optim does in
+// Python before casting to T, so that the element math matches
+// torch.optim.*(foreach=False) to the rounding of T.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+
+#if defined(__CUDACC__) || defined(__HIPCC__)
+#define FWD_HD __host__ __device__ __forceinline__
+#else
+#define FWD_HD inline __attribute__((always_inline))
+#endif
+
+// Each CPU instruction-set translation unit defines FUSED_WD_ISA to its own
+// name before including this header, so the (identical) template code it
+// instantiates with its own target flags gets distinct symbols and can never
+// be merged by the linker with code built for another instruction set.
+#ifndef FUSED_WD_ISA
+#define FUSED_WD_ISA generic
+#endif
+
+namespace fused_wd {
+
+// Weight decay as the kernels see it. The Python layer maps the user-facing
+// modes onto these: "l2" -> kL2, "decoupled" and "independent" -> kScaleParam
+// (they differ only in the factor, computed by decay_factor below), and any
+// mode with weight_decay == 0 -> kNone (torch skips the decay entirely then).
+enum DecayKind : int { kNone = 0, kL2 = 1, kScaleParam = 2 };
+
+// User-facing decay modes, as passed through the op schemas.
+enum DecayMode : int { kModeL2 = 0, kModeDecoupled = 1, kModeIndependent = 2 };
+
+template <typename T>
+struct GradPrep {
+  T inv_scale;  // 1 / grad_scale, or 1
+  T coef;       // clip coefficient (or 1), negated under maximize
+};
+
+template <typename T>
+struct AdamScalars {
+  GradPrep<T> gp;
+  T wd;             // kL2: g += wd * p
+  T decay;          // kScaleParam: p *= decay
+  T w1, one_minus_w1;  // lerp weight (1 - beta1) and 1 - that
+  bool lerp_low;
+  T beta2, one_minus_beta2;
+  T bc2_sqrt;       // sqrt(1 - beta2^t)
+  T neg_step_size;  // -lr / (1 - beta1^t)
+  T eps;
+};
+
+template <typename T>
+struct SgdScalars {
+  GradPrep<T> gp;
+  T wd;
+  T decay;
+  T momentum;
+  T one_minus_dampening;
+  T neg_lr;
+};
+
+inline namespace FUSED_WD_ISA {
+
+// Clip coefficient of torch.nn.utils.clip_grad_norm_, in float32 like torch:
+// c = min(1, max_norm / (norm + 1e-6)).
+FWD_HD float clip_coef(float total_norm, float max_norm) {
+  float c = max_norm / (total_norm + 1e-6f);
+  return c < 1.0f ? c : 1.0f;
+}
+
+FWD_HD bool is_finite(float x) { return x - x == 0.0f; }
+
+// Weight-decay kind the kernel runs, from the user mode and strength.
+FWD_HD int decay_kind(int mode, double weight_decay) {
+  if (weight_decay == 0.0) return kNone;
+  return mode == kModeL2 ? kL2 : kScaleParam;
+}
+
+// p *= decay_factor for decoupled (1 - lr*wd) and independent
+// (1 - wd*lr/initial_lr) decay.
+FWD_HD double decay_factor(int mode, double lr, double weight_decay, double initial_lr) {
+  if (mode == kModeIndependent) return 1.0 - weight_decay * lr / initial_lr;
+  return 1.0 - lr * weight_decay;
+}
+
+// Gradient preprocessing shared by every optimizer: AMP unscale, clip and
+// maximize. g = (g * inv_scale) * coef; maximize negates coef, which gives
+// exactly -(g * inv_scale * coef).
+template <typename T>
+FWD_HD GradPrep<T> make_grad_prep(float inv_scale, float coef, bool maximize) {
+  GradPrep<T> gp;
+  gp.inv_scale = static_cast<T>(inv_scale);
+  gp.coef = static_cast<T>(maximize ? -coef : coef);
+  return gp;
+}
+
+template <typename T>
+FWD_HD T prep_grad(T g, const GradPrep<T>& gp) {
+  return (g * gp.inv_scale) * gp.coef;
+}
+
+// torch.lerp's formula: start + w*(end-start) for |w| < 0.5, otherwise
+// end - (end-start)*(1-w).
+template <typename T>
+FWD_HD T lerp(T start, T end, T w, T one_minus_w, bool low) {
+  return low ? start + w * (end - start) : end - (end - start) * one_minus_w;
+}
+
+FWD_HD float fsqrt(float x) { return sqrtf(x); }
+FWD_HD double fsqrt(double x) { return sqrt(x); }
+
+template <typename T>
+FWD_HD T nan_max(T a, T b) {
+  // torch.maximum: NaN if either is NaN.
+  return (a != a || a > b) ? a : b;
+}
+
+// ---------------------------------------------------------------- Adam
+
+// Scalars for one tensor at (already incremented) step t. lr may come from a
+// tensor; everything is computed in double as torch.optim does in Python.
+template <typename T>
+FWD_HD AdamScalars<T> make_adam_scalars(double lr, double beta1, double beta2, double eps,
+                                        double weight_decay, int mode, double initial_lr,
+                                        double t, GradPrep<T> gp) {
+  AdamScalars<T> s;
+  s.gp = gp;
+  s.wd = static_cast<T>(weight_decay);
+  s.decay = static_cast<T>(decay_factor(mode, lr, weight_decay, initial_lr));
+  const double w1 = 1.0 - beta1;
+  s.w1 = static_cast<T>(w1);
+  s.one_minus_w1 = static_cast<T>(1) - s.w1;
+  s.lerp_low = (w1 < 0 ? -w1 : w1) < 0.5;
+  s.beta2 = static_cast<T>(beta2);
+  s.one_minus_beta2 = static_cast<T>(1.0 - beta2);
+  const double bc1 = 1.0 - pow(beta1, t);
+  const double bc2 = 1.0 - pow(beta2, t);
+  s.bc2_sqrt = static_cast<T>(sqrt(bc2));
+  s.neg_step_size = static_cast<T>(-(lr / bc1));
+  s.eps = static_cast<T>(eps);
+  return s;
+}
+
+// One element of Adam/AdamW: the whole of DESIGN.md section 2 after the
+// skip decision. vmax is read and written only when AMSGRAD.
+template <typename T, bool AMSGRAD, int DECAY>
+FWD_HD void adam_element(T& p, T g, T& m, T& v, T& vmax, const AdamScalars<T>& s) {
+  g = prep_grad(g, s.gp);
+  if (DECAY == kL2) g = g + s.wd * p;
+  if (DECAY == kScaleParam) p = p * s.decay;
+  m = lerp(m, g, s.w1, s.one_minus_w1, s.lerp_low);
+  v = v * s.beta2 + s.one_minus_beta2 * g * g;
+  T vv = v;
+  if (AMSGRAD) {
+    vmax = nan_max(vmax, v);
+    vv = vmax;
+  }
+  const T denom = fsqrt(vv) / s.bc2_sqrt + s.eps;
+  p = p + s.neg_step_size * (m / denom);
+}
+
+// ---------------------------------------------------------------- SGD
+
+template <typename T>
+FWD_HD SgdScalars<T> make_sgd_scalars(double lr, double momentum, double dampening,
+                                      double weight_decay, int mode, double initial_lr,
+                                      GradPrep<T> gp) {
+  SgdScalars<T> s;
+  s.gp = gp;
+  s.wd = static_cast<T>(weight_decay);
+  s.decay = static_cast<T>(decay_factor(mode, lr, weight_decay, initial_lr));
+  s.momentum = static_cast<T>(momentum);
+  s.one_minus_dampening = static_cast<T>(1.0 - dampening);
+  s.neg_lr = static_cast<T>(-lr);
+  return s;
+}
+
+// One element of SGD. MOMENTUM: buf is read (unless first) and written.
+// `first` is true on the step that creates the momentum buffer (buf = g).
+template <typename T, int DECAY, bool MOMENTUM, bool NESTEROV>
+FWD_HD void sgd_element(T& p, T g, T& buf, bool first, const SgdScalars<T>& s) {
+  g = prep_grad(g, s.gp);
+  if (DECAY == kL2) g = g + s.wd * p;
+  if (DECAY == kScaleParam) p = p * s.decay;
+  if (MOMENTUM) {
+    buf = first ? g : buf * s.momentum + s.one_minus_dampening * g;
+    g = NESTEROV ? g + s.momentum * buf : buf;
+  }
+  p = p + s.neg_lr * g;
+}
+
+}  // namespace FUSED_WD_ISA
+}  // namespace fused_wd
