@@ -1,0 +1,162 @@
+"""Parity of fused_wd.Adam/AdamW/SGD with torch.optim (preceded by
+torch.nn.utils.clip_grad_norm_ when clipping) over several steps, comparing
+params and every state tensor, across the option matrix and dtypes."""
+import math
+
+import pytest
+import torch
+
+import fused_wd
+from conftest import DEVICES, TOL, clone_leaves, make_grads, make_params
+
+DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
+CLIPS = [None, (0.5, 2.0), (0.05, math.inf)]
+NONE_GRAD = {1: (1, 3)}  # param 1 has no grad on steps 1 and 3
+
+
+def torch_kwargs(dtype):
+    # torch's for-loop path computes fp16/bf16 in the storage dtype, its fused
+    # path in fp32 like fused_wd: compare low precision with the fused one.
+    return dict(foreach=False) if dtype in (torch.float32, torch.float64) else dict(fused=True)
+
+
+def assign_grads(params, grads, step):
+    for i, (p, g) in enumerate(zip(params, grads)):
+        p.grad = None if step in NONE_GRAD.get(i, ()) else g.clone()
+
+
+def run_pair(make_torch, make_fused, dtype, device, clip, steps=5, seed=0):
+    ps = make_params(dtype, device, seed)
+    a, b = clone_leaves(ps), clone_leaves(ps)
+    oa, ob = make_torch(a), make_fused(b)
+    for s in range(steps):
+        gs = make_grads(ps, s, seed)
+        assign_grads(a, gs, s)
+        assign_grads(b, gs, s)
+        if clip is not None:
+            # (torch refuses the inf norm of an empty tensor; it adds nothing)
+            torch.nn.utils.clip_grad_norm_([p for p in a if p.numel()], clip[0], clip[1])
+        oa.step()
+        ob.step()
+    return a, b, oa, ob
+
+
+# The global norm is a float32 value (the contract of multi_tensor_norm), so
+# with clipping fp64 runs agree with torch's fp64 clip to float32 rounding.
+FP64_CLIPPED = dict(rtol=1e-6, atol=1e-8)
+
+
+def assert_same_state(a, b, oa, ob, dtype, clipped=False, tol=None):
+    if tol is None:
+        tol = FP64_CLIPPED if clipped and dtype == torch.float64 else TOL[dtype]
+    for x, y in zip(a, b):
+        torch.testing.assert_close(y, x, **tol)
+    for x, y in zip(a, b):
+        sa, sb = oa.state[x], ob.state[y]
+        assert set(sa) == set(sb), (set(sa), set(sb))
+        for k in sa:
+            if sa[k] is None:
+                assert sb[k] is None
+                continue
+            assert sb[k].shape == sa[k].shape and sb[k].dtype == sa[k].dtype, k
+            torch.testing.assert_close(sb[k].cpu(), sa[k].cpu(), **tol, msg=lambda m: f"state {k}: {m}")
+
+
+def clip_kwargs(clip):
+    return {} if clip is None else dict(max_grad_norm=clip[0], norm_type=clip[1])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("clip", CLIPS, ids=["noclip", "clip2", "clipinf"])
+@pytest.mark.parametrize("amsgrad", [False, True])
+@pytest.mark.parametrize("maximize", [False, True])
+@pytest.mark.parametrize("weight_decay", [0.0, 0.1])
+@pytest.mark.parametrize("kind", ["Adam", "AdamW", "Adam-decoupled"])
+def test_adam_parity(kind, weight_decay, maximize, amsgrad, clip, dtype, device):
+    hp = dict(lr=0.01, betas=(0.8, 0.95), eps=1e-6, weight_decay=weight_decay, amsgrad=amsgrad,
+              maximize=maximize)
+    if kind == "Adam":
+        mk_t = lambda p: torch.optim.Adam(p, **hp, **torch_kwargs(dtype))  # noqa: E731
+        mk_f = lambda p: fused_wd.Adam(p, **hp, **clip_kwargs(clip))  # noqa: E731
+    elif kind == "AdamW":
+        mk_t = lambda p: torch.optim.AdamW(p, **hp, **torch_kwargs(dtype))  # noqa: E731
+        mk_f = lambda p: fused_wd.AdamW(p, **hp, **clip_kwargs(clip))  # noqa: E731
+    else:
+        mk_t = lambda p: torch.optim.AdamW(p, **hp, **torch_kwargs(dtype))  # noqa: E731
+        mk_f = lambda p: fused_wd.Adam(p, **hp, weight_decay_mode="decoupled", **clip_kwargs(clip))  # noqa: E731
+    a, b, oa, ob = run_pair(mk_t, mk_f, dtype, device, clip)
+    assert_same_state(a, b, oa, ob, dtype, clip is not None)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("clip", CLIPS, ids=["noclip", "clip2", "clipinf"])
+@pytest.mark.parametrize("momentum,dampening,nesterov",
+                         [(0.0, 0.0, False), (0.9, 0.0, False), (0.9, 0.1, False), (0.9, 0.0, True)])
+@pytest.mark.parametrize("maximize", [False, True])
+@pytest.mark.parametrize("weight_decay", [0.0, 0.05])
+def test_sgd_parity(weight_decay, maximize, momentum, dampening, nesterov, clip, dtype, device):
+    hp = dict(lr=0.05, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
+              nesterov=nesterov, maximize=maximize)
+    a, b, oa, ob = run_pair(lambda p: torch.optim.SGD(p, **hp, **torch_kwargs(dtype)),
+                            lambda p: fused_wd.SGD(p, **hp, **clip_kwargs(clip)), dtype, device, clip)
+    assert_same_state(a, b, oa, ob, dtype, clip is not None)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_parity_is_not_vacuous(device):
+    """The comparison fails for a wrong formula: AdamW vs Adam (decay placed
+    differently) and a missing clip must both be caught."""
+    hp = dict(lr=0.01, weight_decay=0.1)
+    a, b, oa, ob = run_pair(lambda p: torch.optim.AdamW(p, **hp, foreach=False),
+                            lambda p: fused_wd.Adam(p, **hp), torch.float32, device, None)
+    with pytest.raises(AssertionError):
+        assert_same_state(a, b, oa, ob, torch.float32)
+    a, b, oa, ob = run_pair(lambda p: torch.optim.SGD(p, lr=0.1, foreach=False),
+                            lambda p: fused_wd.SGD(p, lr=0.1), torch.float32, device, (0.5, 2.0))
+    with pytest.raises(AssertionError):
+        assert_same_state(a, b, oa, ob, torch.float32)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("mode", ["l2", "decoupled", "independent"])
+@pytest.mark.parametrize("cls", ["Adam", "AdamW", "SGD"])
+def test_matches_reference(cls, mode, dtype, device):
+    """Every decay mode (independent has no torch counterpart) against
+    fused_wd.reference, which computes in fp32 and rounds once like the
+    kernels: tight tolerances also for fp16/bf16."""
+    hp = dict(lr=0.02, weight_decay=0.1, weight_decay_mode=mode, max_grad_norm=0.5)
+    if cls == "SGD":
+        hp.update(momentum=0.9, dampening=0.1)
+    a, b, oa, ob = run_pair(lambda p: getattr(fused_wd.reference, cls)(p, **hp),
+                            lambda p: getattr(fused_wd, cls)(p, **hp), dtype, device, None)
+    tol = TOL[dtype]
+    if dtype in (torch.float16, torch.bfloat16):
+        # the same fp32 math and one rounding to storage: one ulp apart at most
+        tol = dict(rtol=torch.finfo(dtype).eps, atol=1e-5)
+    assert_same_state(a, b, oa, ob, dtype, tol=tol)
+
+
+def test_independent_decay_uses_initial_lr():
+    """independent: p *= 1 - wd * lr / initial_lr; with a scheduler that
+    halves lr, the decay halves; with lr = initial_lr it equals decoupled
+    decay with wd / lr."""
+    p = torch.nn.Parameter(torch.ones(4))
+    opt = fused_wd.SGD([p], lr=0.5, weight_decay=0.1, weight_decay_mode="independent")
+    p.grad = torch.zeros(4)
+    opt.step()
+    torch.testing.assert_close(p.detach(), torch.full((4,), 0.9))
+    opt.param_groups[0]["lr"] = 0.25
+    opt.step()
+    torch.testing.assert_close(p.detach(), torch.full((4,), 0.9 * 0.95))
+
+
+def test_reference_matches_torch():
+    """The oracle itself agrees with torch.optim."""
+    hp = dict(lr=0.01, weight_decay=0.1, amsgrad=True)
+    a, b, oa, ob = run_pair(lambda p: torch.optim.AdamW(p, **hp, foreach=False),
+                            lambda p: fused_wd.reference.AdamW(p, **hp, max_grad_norm=0.5),
+                            torch.float32, "cpu", (0.5, 2.0))
+    assert_same_state(a, b, oa, ob, torch.float32)
