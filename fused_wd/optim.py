@@ -238,10 +238,10 @@ class _FusedOptimizer(Optimizer):
             skip_nonfinite=bool(group["skip_nonfinite"]),
         )
 
-    def _call(self, op, gi, *args, **kwargs):
+    def _call(self, op_name, gi, *args):
         _ext.require()
         try:
-            op(*args, **kwargs)
+            getattr(torch.ops.fused_wd, op_name)(*args)
         except RuntimeError as e:
             raise RuntimeError(f"fused_wd.{type(self).__name__}, param group {gi}: {e}") from e
 
@@ -301,7 +301,7 @@ class _AdamBase(_FusedOptimizer):
     def _update(self, group, lists, kw, gi):
         params, grads, exp_avgs, exp_avg_sqs, max_sqs, steps = lists
         beta1, beta2 = group["betas"]
-        self._call(torch.ops.fused_wd.adam_, gi, params, grads, exp_avgs, exp_avg_sqs, max_sqs,
+        self._call("adam_", gi, params, grads, exp_avgs, exp_avg_sqs, max_sqs,
                    steps, kw["lr"], kw["lr_tensor"], _scalar(beta1, "beta1"),
                    _scalar(beta2, "beta2"), _scalar(group["eps"], "eps"), kw["weight_decay"],
                    kw["decay_mode"], kw["initial_lr"], bool(group["amsgrad"]), kw["maximize"],
@@ -382,7 +382,7 @@ class SGD(_FusedOptimizer):
 
     def _update(self, group, lists, kw, gi):
         params, grads, bufs, is_new = lists
-        self._call(torch.ops.fused_wd.sgd_, gi, params, grads, bufs, is_new, kw["lr"],
+        self._call("sgd_", gi, params, grads, bufs, is_new, kw["lr"],
                    kw["lr_tensor"], _scalar(group["momentum"], "momentum"),
                    _scalar(group["dampening"], "dampening"), bool(group["nesterov"]),
                    kw["weight_decay"], kw["decay_mode"], kw["initial_lr"], kw["maximize"],

@@ -1,0 +1,482 @@
+"""Checkpoints, determinism, GradScaler, schedulers, torch.compile, opcheck,
+clipping and the param-group helper."""
+import copy
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import fused_wd
+from conftest import DEVICES, TOL, clone_leaves, make_grads, make_params
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def train(opt, params, steps, start=0, seed=0):
+    for s in range(start, start + steps):
+        for p, g in zip(params, make_grads(params, s, seed)):
+            p.grad = g
+        opt.step()
+
+
+def bits_equal(xs, ys):
+    return all(torch.equal(x, y) for x, y in zip(xs, ys))
+
+
+# ------------------------------------------------------------ checkpoints
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("pair", [("AdamW", dict(amsgrad=True)), ("Adam", {}),
+                                  ("SGD", dict(momentum=0.9))], ids=lambda p: p[0] if isinstance(p, tuple) else p)
+@pytest.mark.parametrize("direction", ["torch->fused", "fused->torch"])
+def test_state_dict_interchange(pair, direction, device):
+    """Train 3 steps with one library, load its state_dict into the other,
+    train 3 more: the same as 6 steps with torch alone."""
+    name, extra = pair
+    hp = dict(lr=0.01, weight_decay=0.05, **extra)
+    ps = make_params(torch.float32, device)
+    ref = clone_leaves(ps)
+    opt_ref = getattr(torch.optim, name)(ref, **hp, foreach=False)
+    train(opt_ref, ref, 6)
+
+    first, second = (torch.optim, fused_wd) if direction == "torch->fused" else (fused_wd, torch.optim)
+    kw = lambda lib: dict(foreach=False) if lib is torch.optim else {}  # noqa: E731
+    a = clone_leaves(ps)
+    opt_a = getattr(first, name)(a, **hp, **kw(first))
+    train(opt_a, a, 3)
+    sd = copy.deepcopy(opt_a.state_dict())
+    b = [x.detach().clone().requires_grad_(True) for x in a]
+    opt_b = getattr(second, name)(b, **hp, **kw(second))
+    opt_b.load_state_dict(sd)
+    train(opt_b, b, 3, start=3)
+    for x, y in zip(ref, b):
+        torch.testing.assert_close(y, x, **TOL[torch.float32])
+    for k, v in opt_b.state[b[0]].items():
+        torch.testing.assert_close(v.cpu(), opt_ref.state[ref[0]][k].cpu(), **TOL[torch.float32])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("cls", ["AdamW", "SGD"])
+def test_bitwise_resume(cls, device):
+    hp = dict(lr=0.01, weight_decay=0.1, max_grad_norm=0.5)
+    if cls == "SGD":
+        hp["momentum"] = 0.9
+    ps = make_params(torch.float32, device)
+    a = clone_leaves(ps)
+    opt_a = getattr(fused_wd, cls)(a, **hp)
+    train(opt_a, a, 3)
+    sd = copy.deepcopy(opt_a.state_dict())
+    saved = [x.detach().clone() for x in a]
+    train(opt_a, a, 4, start=3)
+    b = [x.clone().requires_grad_(True) for x in saved]
+    opt_b = getattr(fused_wd, cls)(b, **hp)
+    opt_b.load_state_dict(sd)
+    train(opt_b, b, 4, start=3)
+    assert bits_equal(a, b)
+    for x, y in zip(a, b):
+        for k in opt_a.state[x]:
+            assert torch.equal(opt_a.state[x][k], opt_b.state[y][k]), k
+
+
+def test_state_keys_and_layout_match_torch():
+    p = torch.nn.Parameter(torch.randn(3, 4))
+    q = torch.nn.Parameter(torch.randn(3, 4))
+    for ours, theirs in [(fused_wd.AdamW([p], amsgrad=True), torch.optim.AdamW([q], amsgrad=True)),
+                         (fused_wd.SGD([p], momentum=0.9), torch.optim.SGD([q], momentum=0.9))]:
+        p.grad, q.grad = torch.ones(3, 4), torch.ones(3, 4)
+        ours.step()
+        theirs.step()
+        so, st = ours.state[p], theirs.state[q]
+        assert set(so) == set(st)
+        for k in st:
+            assert so[k].shape == st[k].shape and so[k].dtype == st[k].dtype, k
+        # every torch group key is present
+        assert set(theirs.param_groups[0]) <= set(ours.param_groups[0])
+
+
+# ------------------------------------------------------------ determinism
+
+def test_bitwise_deterministic_across_runs_and_threads():
+    ps = make_params(torch.float32, "cpu", shapes=[(300, 700), (70001,), (5,)])
+    results = []
+    old = torch.get_num_threads()
+    try:
+        for threads in (1, 2, 1):
+            torch.set_num_threads(threads)
+            a = clone_leaves(ps)
+            opt = fused_wd.AdamW(a, lr=0.01, max_grad_norm=1.0)
+            train(opt, a, 3)
+            results.append(([x.detach().clone() for x in a], opt.last_grad_norm.clone()))
+    finally:
+        torch.set_num_threads(old)
+    for params, norm in results[1:]:
+        assert bits_equal(params, results[0][0])
+        assert torch.equal(norm, results[0][1])
+
+
+def test_norm_accurate_and_order_fixed():
+    g = torch.Generator().manual_seed(3)
+    ts = [torch.randn(n, generator=g) for n in (1, 65535, 65536, 65537, 200003)]
+    ref = torch.linalg.vector_norm(torch.cat(ts).double())
+    n2 = fused_wd.multi_tensor_norm(ts, 2.0)
+    assert n2.dtype == torch.float32 and n2.dim() == 0
+    assert abs(n2.item() - ref.item()) <= 1e-6 * ref.item()
+    ninf = fused_wd.multi_tensor_norm(ts, math.inf)
+    assert ninf.item() == max(t.abs().max().item() for t in ts)
+    mixed = [ts[0].double(), ts[1].half(), ts[2].bfloat16(), ts[3]]
+    ref = torch.linalg.vector_norm(torch.cat([t.double() for t in mixed]))
+    assert abs(fused_wd.multi_tensor_norm(mixed).item() - ref.item()) <= 1e-6 * ref.item()
+    bad = [ts[0].clone(), ts[1].clone()]
+    bad[1][7] = float("nan")
+    assert fused_wd.multi_tensor_norm(bad, math.inf).isnan()
+    assert fused_wd.multi_tensor_norm(bad, 2.0).isnan()
+    bad[1][7] = float("inf")
+    assert fused_wd.multi_tensor_norm(bad, math.inf).isinf()
+
+
+ISA_SCRIPT = r"""
+import sys, torch, fused_wd
+sys.path.insert(0, sys.argv[1])
+from conftest import make_params, make_grads
+print(fused_wd._ext.C.cpu_isa())
+for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
+    ps = make_params(dtype, "cpu", shapes=[(129, 33), (1000,), (7,)])
+    a = [p.clone().requires_grad_(True) for p in ps]
+    opt = fused_wd.AdamW(a, lr=0.01, max_grad_norm=1.0, amsgrad=True)
+    for s in range(3):
+        for p, g in zip(a, make_grads(a, s)):
+            p.grad = g
+        opt.step()
+    for p in a:
+        print(dtype, p.detach().double().flatten().tolist()[:50], opt.last_grad_norm.item())
+"""
+
+
+def test_instruction_sets_give_identical_bits():
+    """The base, AVX2 and AVX-512 kernels agree bit for bit (no FMA
+    contraction; reductions in a fixed lane order)."""
+    outs = {}
+    for isa in ("base", "avx2", "avx512"):
+        env = dict(os.environ, FUSED_WD_CPU_ISA=isa)
+        r = subprocess.run([sys.executable, "-c", ISA_SCRIPT, os.path.dirname(__file__)],
+                           env=env, capture_output=True, text=True, timeout=120)
+        if r.returncode != 0 and "lacks" in r.stderr:
+            continue
+        assert r.returncode == 0, r.stderr
+        lines = r.stdout.splitlines()
+        assert lines[0] == isa
+        outs[isa] = lines[1:]
+    assert "base" in outs and len(outs) >= 2 or len(outs) == 1
+    first = next(iter(outs.values()))
+    for isa, out in outs.items():
+        assert out == first, isa
+
+
+def test_bad_isa_env_is_a_clear_error():
+    env = dict(os.environ, FUSED_WD_CPU_ISA="sse9")
+    r = subprocess.run([sys.executable, "-c", "import fused_wd; fused_wd._ext.C.cpu_isa()"],
+                       env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0 and "FUSED_WD_CPU_ISA must be" in r.stderr
+
+
+# ------------------------------------------------------------ AMP
+
+def _amp_run(opt_factory, inject_inf_at=None, steps=4):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
+    opt = opt_factory(model.parameters())
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10)
+    x, y = torch.randn(32, 8), torch.randn(32, 4)
+    for s in range(steps):
+        opt.zero_grad()
+        loss = torch.nn.functional.mse_loss(model(x), y)
+        scaler.scale(loss).backward()
+        if s == inject_inf_at:
+            next(model.parameters()).grad[0, 0] = float("inf")
+        scaler.step(opt)
+        scaler.update()
+    return model, opt, scaler
+
+
+@pytest.mark.parametrize("clip", [None, 0.1])
+def test_grad_scaler_matches_torch(clip):
+    def theirs(ps):
+        return torch.optim.AdamW(ps, lr=0.01, fused=True)
+
+    def ours(ps):
+        return fused_wd.AdamW(ps, lr=0.01, max_grad_norm=clip)
+
+    if clip is not None:
+        # torch needs an explicit unscale + clip; we fuse both
+        def run_torch():
+            torch.manual_seed(0)
+            model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
+            opt = theirs(model.parameters())
+            scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10)
+            x, y = torch.randn(32, 8), torch.randn(32, 4)
+            for _ in range(4):
+                opt.zero_grad()
+                scaler.scale(torch.nn.functional.mse_loss(model(x), y)).backward()
+                scaler.unscale_(opt)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+                scaler.step(opt)
+                scaler.update()
+            return model
+        m_t = run_torch()
+    else:
+        m_t, _, _ = _amp_run(theirs)
+    m_f, opt_f, _ = _amp_run(ours)
+    for a, b in zip(m_t.parameters(), m_f.parameters()):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+    assert not hasattr(opt_f, "grad_scale")  # GradScaler cleaned up after itself
+
+
+def test_grad_scaler_found_inf_skips_step_on_device():
+    m_a, opt_a, sc_a = _amp_run(lambda ps: fused_wd.AdamW(ps, lr=0.01), inject_inf_at=2, steps=3)
+    m_b, opt_b, _ = _amp_run(lambda ps: fused_wd.AdamW(ps, lr=0.01), steps=2)
+    # the skipped third step changed nothing, steps did not advance
+    for a, b in zip(m_a.parameters(), m_b.parameters()):
+        assert torch.equal(a, b)
+        assert opt_a.state[a]["step"].item() == 2
+    assert sc_a.get_scale() == 2.0 ** 9
+
+
+@pytest.mark.parametrize("cls", ["AdamW", "SGD"])
+def test_nonfinite_norm_skips_bitwise(cls):
+    kw = dict(lr=0.1, max_grad_norm=1.0, **(dict(momentum=0.9) if cls == "SGD" else {}))
+    ps = make_params(torch.float32, "cpu")
+    a = clone_leaves(ps)
+    opt = getattr(fused_wd, cls)(a, **kw)
+    train(opt, a, 2)
+    before = [x.detach().clone() for x in a]
+    state_before = copy.deepcopy(opt.state_dict()["state"])
+    for p, g in zip(a, make_grads(a, 5)):
+        p.grad = g
+    a[0].grad[3, 3] = float("nan")
+    opt.step()
+    assert opt.last_grad_norm.isnan()
+    assert bits_equal(a, before)
+    for k, st in opt.state_dict()["state"].items():
+        for name, v in st.items():
+            assert torch.equal(v, state_before[k][name]), name
+    # with skip_nonfinite=False the NaN goes through, as with torch
+    opt.param_groups[0]["skip_nonfinite"] = False
+    opt.step()
+    assert a[0].isnan().any()
+
+
+# ------------------------------------------------------------ schedulers, lr, groups
+
+@pytest.mark.parametrize("lr_kind", ["float", "tensor"])
+def test_scheduler_and_tensor_lr(lr_kind):
+    ps = make_params(torch.float32, "cpu")
+    lr = 0.05 if lr_kind == "float" else torch.tensor(0.05)
+    a, b = clone_leaves(ps), clone_leaves(ps)
+    oa = torch.optim.AdamW(a, lr=lr if lr_kind == "float" else lr.clone(), foreach=False)
+    ob = fused_wd.AdamW(b, lr=lr)
+    sa = torch.optim.lr_scheduler.OneCycleLR(oa, max_lr=0.1, total_steps=10)
+    sb = torch.optim.lr_scheduler.OneCycleLR(ob, max_lr=0.1, total_steps=10)
+    for s in range(6):
+        for p, q, g in zip(a, b, make_grads(ps, s)):
+            p.grad, q.grad = g.clone(), g.clone()
+        oa.step()
+        ob.step()
+        sa.step()
+        sb.step()
+    for x, y in zip(a, b):
+        torch.testing.assert_close(y, x, **TOL[torch.float32])
+
+
+def test_user_changes_lr_between_steps():
+    p = torch.nn.Parameter(torch.zeros(3))
+    opt = fused_wd.SGD([p], lr=1.0)
+    p.grad = torch.ones(3)
+    opt.step()
+    opt.param_groups[0]["lr"] = 0.5
+    opt.step()
+    opt.param_groups[0]["lr"] = torch.tensor(0.25)
+    opt.step()
+    torch.testing.assert_close(p.detach(), torch.full((3,), -1.75))
+
+
+def test_param_groups_differ_and_clip_is_global():
+    ps = make_params(torch.float32, "cpu", shapes=[(20, 10), (10,), (5, 5)])
+    a, b = clone_leaves(ps), clone_leaves(ps)
+    oa = torch.optim.AdamW([{"params": a[:2], "lr": 0.01}, {"params": a[2:], "lr": 0.1, "weight_decay": 0.0}],
+                           weight_decay=0.2, foreach=False)
+    ob = fused_wd.AdamW([{"params": b[:2], "lr": 0.01}, {"params": b[2:], "lr": 0.1, "weight_decay": 0.0}],
+                        weight_decay=0.2, max_grad_norm=0.3)
+    for s in range(4):
+        gs = make_grads(ps, s)
+        for p, q, g in zip(a, b, gs):
+            p.grad, q.grad = g.clone(), g.clone()
+        torch.nn.utils.clip_grad_norm_(a, 0.3)
+        oa.step()
+        ob.step()
+    for x, y in zip(a, b):
+        torch.testing.assert_close(y, x, **TOL[torch.float32])
+
+
+def test_closure_runs_with_grad_enabled():
+    p = torch.nn.Parameter(torch.tensor([1.0, 2.0]))
+    opt = fused_wd.Adam([p], lr=0.1)
+
+    def closure():
+        assert torch.is_grad_enabled()
+        opt.zero_grad()
+        loss = (p ** 2).sum()
+        loss.backward()
+        return loss
+
+    loss = opt.step(closure)
+    assert loss.item() == 5.0 and opt.state[p]["step"].item() == 1
+
+
+def test_exception_in_closure_leaves_state_consistent():
+    p = torch.nn.Parameter(torch.ones(3))
+    opt = fused_wd.AdamW([p], lr=0.1)
+    p.grad = torch.ones(3)
+    opt.step()
+    before = copy.deepcopy(opt.state_dict())
+    with pytest.raises(KeyError):
+        opt.step(lambda: (_ for _ in ()).throw(KeyError("boom")))
+    after = opt.state_dict()
+    assert torch.equal(before["state"][0]["exp_avg"], after["state"][0]["exp_avg"])
+    assert before["state"][0]["step"].item() == after["state"][0]["step"].item() == 1
+
+
+# ------------------------------------------------------------ compile, opcheck
+
+def test_compiled_model_trains_with_fused_optimizer():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.GELU(), torch.nn.Linear(32, 1))
+    ref = copy.deepcopy(model)
+    compiled = torch.compile(model, backend="aot_eager")
+    opt = fused_wd.AdamW(model.parameters(), lr=0.01, max_grad_norm=1.0)
+    opt_ref = torch.optim.AdamW(ref.parameters(), lr=0.01, foreach=False)
+    x, y = torch.randn(64, 16), torch.randn(64, 1)
+    for _ in range(5):
+        for m, o, clip in ((compiled, opt, False), (ref, opt_ref, True)):
+            o.zero_grad()
+            torch.nn.functional.mse_loss(m(x), y).backward()
+            if clip:
+                torch.nn.utils.clip_grad_norm_(ref.parameters(), 1.0)
+            o.step()
+    for a, b in zip(ref.parameters(), model.parameters()):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
+
+
+def test_compiled_step_traces_the_ops():
+    """The fake kernels let dynamo/aot trace through the custom ops."""
+    ps = clone_leaves(make_params(torch.float32, "cpu", shapes=[(4, 4), (3,)]))
+    opt = fused_wd.AdamW(ps, lr=0.01, max_grad_norm=1.0)
+    for p, g in zip(ps, make_grads(ps, 0)):
+        p.grad = g
+    opt.step()
+    eager = copy.deepcopy(opt)
+    step = torch.compile(opt.step, backend="aot_eager", fullgraph=False)
+    step()
+    eager.step()
+    for a, b in zip(ps, eager.param_groups[0]["params"]):
+        torch.testing.assert_close(a, b)
+
+
+def _opcheck_samples(device, dtype):
+    ps = make_params(dtype, device, shapes=[(5, 3), (4,)])
+    gs = make_grads(ps, 0)
+    z = [torch.zeros_like(p) for p in ps]
+    steps = [torch.zeros((), device=device) for _ in ps]
+    norm = torch.tensor(3.0, device=device)
+    return ps, gs, z, steps, norm
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_opcheck(device, dtype):
+    ps, gs, z, steps, norm = _opcheck_samples(device, dtype)
+    ops = torch.ops.fused_wd
+    torch.library.opcheck(ops.multi_tensor_norm.default, (gs, 2.0))
+    torch.library.opcheck(ops.multi_tensor_norm.default, (gs, math.inf))
+    torch.library.opcheck(ops.clip_.default, ([g.clone() for g in gs], norm, 1.0))
+    torch.library.opcheck(ops.adam_.default, (
+        [p.clone() for p in ps], gs, [t.clone() for t in z], [t.clone() for t in z],
+        [t.clone() for t in z], [s.clone() for s in steps], 0.01, None, 0.9, 0.999, 1e-8, 0.1, 1,
+        0.01, True, False, norm, 1.0, None, None, True))
+    torch.library.opcheck(ops.sgd_.default, (
+        [p.clone() for p in ps], gs, [t.clone() for t in z], [True, False], 0.01, None, 0.9, 0.0,
+        True, 0.1, 0, 0.01, False, norm, 1.0, None, None, True))
+
+
+# ------------------------------------------------------------ clip_grad_norm_
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("norm_type", [2.0, math.inf, 1.0])
+def test_clip_grad_norm_matches_torch(norm_type, device):
+    ps = make_params(torch.float32, device, shapes=[(30, 20), (7,), ()])
+    a, b = clone_leaves(ps), clone_leaves(ps)
+    for p, q, g in zip(a, b, make_grads(ps, 0)):
+        p.grad, q.grad = g.clone(), g.clone()
+    na = torch.nn.utils.clip_grad_norm_(a, 0.5, norm_type)
+    nb = fused_wd.clip_grad_norm_(b, 0.5, norm_type)
+    torch.testing.assert_close(nb, na)
+    for p, q in zip(a, b):
+        torch.testing.assert_close(q.grad, p.grad)
+    assert not torch.equal(a[0].grad, make_grads(ps, 0)[0])  # it did clip
+
+
+def test_clip_grad_norm_nonfinite_error():
+    p = torch.nn.Parameter(torch.ones(3))
+    p.grad = torch.tensor([1.0, float("inf"), 0.0])
+    with pytest.raises(RuntimeError, match="non-finite"):
+        fused_wd.clip_grad_norm_([p], 1.0, error_if_nonfinite=True)
+    assert fused_wd.clip_grad_norm_([], 1.0).item() == 0.0
+
+
+def test_fused_clip_does_not_rewrite_grad():
+    p = torch.nn.Parameter(torch.ones(3))
+    p.grad = torch.full((3,), 10.0)
+    opt = fused_wd.SGD([p], lr=1.0, max_grad_norm=1.0)
+    opt.step()
+    assert torch.equal(p.grad, torch.full((3,), 10.0))
+    torch.testing.assert_close(opt.last_grad_norm, torch.tensor(math.sqrt(300.0)))
+    torch.testing.assert_close(p.detach(), 1 - torch.full((3,), 1 / math.sqrt(3.0)), rtol=1e-5, atol=1e-6)
+
+
+# ------------------------------------------------------------ helpers, packaging
+
+def test_param_groups_for_decay():
+    model = torch.nn.Sequential(torch.nn.Embedding(10, 4), torch.nn.Linear(4, 4), torch.nn.LayerNorm(4),
+                                torch.nn.BatchNorm1d(4), torch.nn.Linear(4, 2, bias=False))
+    model[4].weight.requires_grad_(False)
+    decay, no_decay = fused_wd.param_groups_for_decay(model, 0.1)
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    ids = lambda ps: {id(p) for p in ps}  # noqa: E731
+    assert ids(decay["params"]) == {id(model[0].weight), id(model[1].weight)}
+    assert ids(no_decay["params"]) == {id(model[1].bias), id(model[2].weight), id(model[2].bias),
+                                       id(model[3].weight), id(model[3].bias)}
+    opt = fused_wd.AdamW(fused_wd.param_groups_for_decay(model, 0.1), lr=1e-3)
+    assert len(opt.param_groups) == 2
+
+
+def test_info_command():
+    r = subprocess.run([sys.executable, "-m", "fused_wd", "info"], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "backends compiled: cpu" in r.stdout and torch.__version__ in r.stdout
+
+
+def test_missing_extension_is_a_clear_message():
+    code = ("import sys, warnings; sys.modules['fused_wd._C'] = None\n"
+            "with warnings.catch_warnings(record=True) as w:\n"
+            "    warnings.simplefilter('always'); import fused_wd\n"
+            "print(w[0].message)\n"
+            "import torch\n"
+            "p = torch.nn.Parameter(torch.ones(2)); p.grad = torch.ones(2)\n"
+            "try:\n    fused_wd.AdamW([p]).step()\nexcept RuntimeError as e:\n    print('ERR', e)\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "could not be loaded" in r.stdout and "pip install --no-build-isolation" in r.stdout
+    assert "ERR fused_wd: the compiled extension" in r.stdout
