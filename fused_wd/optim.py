@@ -125,6 +125,9 @@ class _FusedOptimizer(Optimizer):
         if group["weight_decay_mode"] == "independent":
             lr = group["lr"]
             group.setdefault("initial_lr", lr.clone() if isinstance(lr, torch.Tensor) else lr)
+            if _scalar(group["initial_lr"], "initial_lr") == 0.0:
+                raise ValueError("weight_decay_mode='independent' divides by the initial lr, "
+                                 "which is 0 here; give a nonzero lr")
 
     # ------------------------------------------------------------------ step
 

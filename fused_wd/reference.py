@@ -20,8 +20,10 @@ class _Reference:
 
     def _norm(self, grads, norm_type):
         # Per-tensor norms in float64, then the norm of the norms.
-        norms = [torch.linalg.vector_norm(g.double(), norm_type) for g in grads]
         device = grads[0].device
+        norms = [torch.linalg.vector_norm(g.double(), norm_type) for g in grads if g.numel()]
+        if not norms:
+            return torch.zeros((), dtype=torch.float32, device=device)
         return torch.linalg.vector_norm(torch.stack([n.to(device) for n in norms]), norm_type).float()
 
     @staticmethod

@@ -1,0 +1,204 @@
+"""End-to-end: training steps per second of a small GPT built in code, on random tokens.
+
+Each contender trains its own copy of the same model (same initial weights,
+same batches): forward, backward, then the optimizer part that differs:
+
+- torch AdamW (torch's default for this device: for-loop on CPU, foreach on
+  GPU) after ``torch.nn.utils.clip_grad_norm_``;
+- torch AdamW(fused=True) after ``clip_grad_norm_``;
+- ``fused_wd.AdamW(max_grad_norm=...)``: clipping inside the step.
+
+Rounds are interleaved like the optimizer tables; the median over rounds is
+reported, with the time of the optimizer part measured inside the same loop.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import statistics
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .bandwidth import sync
+from .impls import import_fused_wd, torch_default_variant
+
+
+@dataclass
+class E2EConfig:
+    vocab: int = 4096
+    d_model: int = 256
+    n_layer: int = 4
+    n_head: int = 4
+    seq: int = 64
+    batch: int = 4
+    steps: int = 3      # steps per timed round
+    repeats: int = 5
+    warmup: int = 2
+    max_grad_norm: float = 1.0
+    lr: float = 3e-4
+    weight_decay: float = 0.1
+
+
+PRESETS = {
+    "tiny": E2EConfig(vocab=256, d_model=32, n_layer=2, n_head=2, seq=16, batch=2, steps=2, repeats=2, warmup=1),
+    "cpu": E2EConfig(),
+    "quick": E2EConfig(steps=2, repeats=3, warmup=1),
+    "gpu": E2EConfig(vocab=32000, d_model=768, n_layer=6, n_head=12, seq=256, batch=8, steps=10, repeats=5,
+                     warmup=3),
+}
+
+
+class Block(nn.Module):
+    def __init__(self, d: int, n_head: int):
+        super().__init__()
+        self.n_head = n_head
+        self.ln1 = nn.LayerNorm(d)
+        self.qkv = nn.Linear(d, 3 * d)
+        self.proj = nn.Linear(d, d)
+        self.ln2 = nn.LayerNorm(d)
+        self.fc = nn.Linear(d, 4 * d)
+        self.out = nn.Linear(4 * d, d)
+
+    def forward(self, x):
+        b, t, d = x.shape
+        q, k, v = self.qkv(self.ln1(x)).split(d, dim=2)
+        q, k, v = (z.view(b, t, self.n_head, d // self.n_head).transpose(1, 2) for z in (q, k, v))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        x = x + self.proj(y.transpose(1, 2).reshape(b, t, d))
+        return x + self.out(F.gelu(self.fc(self.ln2(x))))
+
+
+class TinyGPT(nn.Module):
+    def __init__(self, cfg: E2EConfig):
+        super().__init__()
+        self.tok = nn.Embedding(cfg.vocab, cfg.d_model)
+        self.pos = nn.Embedding(cfg.seq, cfg.d_model)
+        self.blocks = nn.ModuleList(Block(cfg.d_model, cfg.n_head) for _ in range(cfg.n_layer))
+        self.ln_f = nn.LayerNorm(cfg.d_model)
+        self.head = nn.Linear(cfg.d_model, cfg.vocab, bias=False)
+
+    def forward(self, idx):
+        pos = torch.arange(idx.shape[1], device=idx.device)
+        x = self.tok(idx) + self.pos(pos)
+        for blk in self.blocks:
+            x = blk(x)
+        return self.head(self.ln_f(x))
+
+
+def _contenders(model: nn.Module, cfg: E2EConfig, device: torch.device):
+    """name -> (label, make(model) -> optimizer part callable)."""
+    out = {}
+    default = torch_default_variant(device.type)
+    kw = dict(lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+    def torch_make(extra):
+        def make(m):
+            params = [p for p in m.parameters()]
+            opt = torch.optim.AdamW(params, **kw, **extra)
+
+            def opt_part():
+                torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+                opt.step()
+            return opt, opt_part
+        return make
+
+    out["torch-default"] = (f"torch AdamW (default: {default}) + clip_grad_norm_", torch_make({}))
+    out["torch-fused"] = ("torch AdamW(fused=True) + clip_grad_norm_", torch_make({"fused": True}))
+    fw = import_fused_wd()
+    if fw is not None:
+        def fw_make(m):
+            opt = fw.AdamW(m.parameters(), **kw, max_grad_norm=cfg.max_grad_norm)
+            return opt, opt.step
+        out["fused_wd"] = ("fused_wd.AdamW(max_grad_norm=...)", fw_make)
+    return out
+
+
+def run_e2e(device: torch.device, cfg: E2EConfig, progress=None, seed: int = 0) -> dict:
+    torch.manual_seed(seed)
+    base = TinyGPT(cfg).to(device)
+    nparams = sum(p.numel() for p in base.parameters())
+    gen = torch.Generator(device=device)
+    gen.manual_seed(seed + 1)
+    n_batches = 4
+    data = torch.randint(0, cfg.vocab, (n_batches, cfg.batch, cfg.seq + 1), generator=gen, device=device)
+
+    runners = []
+    for name, (label, make) in _contenders(base, cfg, device).items():
+        m = copy.deepcopy(base)
+        opt, opt_part = make(m)
+        runners.append({"name": name, "label": label, "model": m, "opt": opt, "opt_part": opt_part,
+                        "step_s": [], "opt_s": [], "i": 0, "loss": math.nan})
+
+    def train_steps(r, k, timed_opt):
+        m = r["model"]
+        opt_t = 0.0
+        for _ in range(k):
+            batch = data[r["i"] % n_batches]
+            r["i"] += 1
+            logits = m(batch[:, :-1])
+            loss = F.cross_entropy(logits.reshape(-1, cfg.vocab), batch[:, 1:].reshape(-1))
+            for p in m.parameters():
+                p.grad = None
+            loss.backward()
+            if timed_opt:
+                sync(device)
+                t0 = time.perf_counter()
+            r["opt_part"]()
+            if timed_opt:
+                sync(device)
+                opt_t += time.perf_counter() - t0
+        r["loss"] = float(loss.detach())
+        return opt_t
+
+    for r in runners:
+        if progress:
+            progress.set(f"end-to-end: warm up {r['name']}")
+        train_steps(r, cfg.warmup, False)
+    if progress:
+        progress.update(1)
+    timed_opt = device.type == "cpu"  # on GPU the extra syncs would distort the loop
+    for rep in range(cfg.repeats):
+        if progress:
+            progress.set(f"end-to-end: round {rep + 1}/{cfg.repeats}")
+        k = rep % len(runners)
+        for r in runners[k:] + runners[:k]:
+            sync(device)
+            t0 = time.perf_counter()
+            ot = train_steps(r, cfg.steps, timed_opt)
+            sync(device)
+            r["step_s"].append((time.perf_counter() - t0) / cfg.steps)
+            if timed_opt:
+                r["opt_s"].append(ot / cfg.steps)
+        if progress:
+            progress.update(1)
+
+    rows = {}
+    for r in runners:
+        med = statistics.median(r["step_s"])
+        rows[r["name"]] = {
+            "label": r["label"], "median_step_s": med, "min_step_s": min(r["step_s"]),
+            "max_step_s": max(r["step_s"]), "steps_per_s": 1.0 / med,
+            "opt_median_s": statistics.median(r["opt_s"]) if r["opt_s"] else None,
+            "final_loss": r["loss"], "step_s": r["step_s"],
+        }
+    ref = rows.get("torch-default", {}).get("median_step_s")
+    for name, row in rows.items():
+        if ref:
+            row["speedup_vs_torch_default"] = ref / row["median_step_s"]
+        if "torch-fused" in rows:
+            row["speedup_vs_torch_fused"] = rows["torch-fused"]["median_step_s"] / row["median_step_s"]
+    return {
+        "model": f"GPT, d={cfg.d_model}, {cfg.n_layer} layers, {cfg.n_head} heads, vocab {cfg.vocab}, "
+                 f"seq {cfg.seq}, batch {cfg.batch}",
+        "nparams": nparams, "config": cfg.__dict__.copy(), "device": str(device),
+        "fused_wd_available": import_fused_wd() is not None,
+        "rows": rows, "steps_total": cfg.warmup + cfg.repeats * cfg.steps,
+    }
+
+
+def units(cfg: E2EConfig) -> int:
+    return 1 + cfg.repeats
