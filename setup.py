@@ -2,8 +2,7 @@
 installed torch is a CUDA build and a CUDA toolkit is found.
 
 FUSED_WD_CUDA=1 forces the CUDA build (and fails if it cannot happen),
-FUSED_WD_CUDA=0 skips it. FUSED_WD_SANITIZE=1 builds the CPU kernels with
-AddressSanitizer and UndefinedBehaviorSanitizer (debug builds).
+FUSED_WD_CUDA=0 skips it.
 """
 import glob
 import os
@@ -49,10 +48,6 @@ def extension():
            "-fno-math-errno",
            f'-DFUSED_WD_TORCH_VERSION="{torch.__version__}"']
     ldflags = ["-fopenmp"]
-    if os.environ.get("FUSED_WD_SANITIZE") == "1":
-        cxx = [f for f in cxx if f != "-O3"] + ["-O1", "-g", "-fsanitize=address,undefined",
-                                                 "-fno-omit-frame-pointer"]
-        ldflags += ["-fsanitize=address,undefined"]
     args = {"cxx": cxx}
     include_dirs = [os.path.join(ROOT, "csrc")]
     cls = cpp_extension.CppExtension
