@@ -226,10 +226,13 @@ class _FusedOptimizer(Optimizer):
             lr_tensor = lr if lr.device == device or lr.device.type == "cpu" else lr.to(device)
             lr = 0.0
         mode = group["weight_decay_mode"]
-        initial_lr = group.get("initial_lr", self.defaults["lr"])
-        initial_lr = _scalar(initial_lr, "initial_lr")
-        if mode == "independent" and initial_lr == 0.0:
-            raise ValueError("weight_decay_mode='independent' needs a nonzero initial_lr")
+        initial_lr = 1.0  # read by the kernels in "independent" mode only
+        if mode == "independent":
+            # a tensor initial_lr (set by a scheduler for a tensor lr) is read
+            # on the host here: one sync per step in this mode alone
+            initial_lr = _scalar(group.get("initial_lr", self.defaults["lr"]), "initial_lr")
+            if initial_lr == 0.0:
+                raise ValueError("weight_decay_mode='independent' needs a nonzero initial_lr")
         clip = group["max_grad_norm"] is not None and norm is not None
         return dict(
             lr=float(lr), lr_tensor=lr_tensor,

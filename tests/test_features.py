@@ -433,6 +433,12 @@ def test_clip_grad_norm_nonfinite_error():
     with pytest.raises(RuntimeError, match="non-finite"):
         fused_wd.clip_grad_norm_([p], 1.0, error_if_nonfinite=True)
     assert fused_wd.clip_grad_norm_([], 1.0).item() == 0.0
+    # a NaN norm scales every grad by NaN, as torch does
+    a, b = torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(3))
+    a.grad, b.grad = torch.tensor([1.0, float("nan"), 2.0]), torch.tensor([1.0, float("nan"), 2.0])
+    torch.nn.utils.clip_grad_norm_([a], 1.0)
+    fused_wd.clip_grad_norm_([b], 1.0)
+    assert a.grad.isnan().all() and b.grad.isnan().all()
 
 
 def test_fused_clip_does_not_rewrite_grad():

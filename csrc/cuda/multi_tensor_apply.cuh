@@ -233,7 +233,8 @@ __device__ __forceinline__ Prep read_prep(const PrepArgs& a) {
     if (a.skip_nonfinite && !fused_wd::is_finite(gn)) r.skip = true;
     if (a.clip) r.coef = fused_wd::clip_coef(gn, a.max_norm);
   }
-  if (a.grad_scale.ptr != nullptr) r.inv_scale = 1.0f / static_cast<float>(load_scalar(a.grad_scale));
+  // 1 / scale in double, rounded once (as GradScaler computes inv_scale)
+  if (a.grad_scale.ptr != nullptr) r.inv_scale = static_cast<float>(1.0 / load_scalar(a.grad_scale));
   return r;
 }
 
