@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
@@ -41,8 +41,22 @@ class Impl:
     # (device_type, optim, dtype) -> None if usable, else a one-line reason
     check: Callable[[str, str, torch.dtype], Optional[str]]
     make: Callable
-    install_hint: str = ""
-    notes: list = field(default_factory=list)
+    # arithmetic done in the storage dtype for bf16/fp16 params (torch's for-loop and foreach)
+    half_math: bool = False
+
+    def prepare(self, device: torch.device, optim: str, dtype: torch.dtype) -> str | None:
+        """Build/load whatever the implementation compiles on first use (DeepSpeed's JIT ops) on a
+        tiny tensor, before anything is timed. Returns an error line or None."""
+        if self.check(device.type, optim, dtype):
+            return None
+        try:
+            p = torch.nn.Parameter(torch.zeros(64, device=device, dtype=dtype))
+            p.grad = torch.zeros_like(p)
+            _, step = self.make([p], optim, True, Hyper())
+            step()
+        except Exception as e:  # noqa: BLE001
+            return f"{type(e).__name__}: {e}".splitlines()[0][:200]
+        return None
 
 
 def _clip_then(params, hp, clip, opt):
@@ -122,8 +136,17 @@ def _make_fused_wd(params, optim, clip, hp):
 
 
 def _check_fused_wd(dev, optim, dtype):
-    if import_fused_wd() is None:
+    mod = import_fused_wd()
+    if mod is None:
         return f"fused_wd not importable ({fused_wd_error()}); build it: pip install --no-build-isolation -e ."
+    backends = getattr(mod, "backends", None)
+    try:
+        have = backends() if callable(backends) else None
+    except Exception:  # noqa: BLE001
+        have = None
+    if have is not None and dev not in have:
+        return (f"fused_wd was built without {dev} kernels (backends: {', '.join(have) or 'none'}); "
+                "rebuild: pip install --no-build-isolation -e .")
     return None
 
 
@@ -229,8 +252,10 @@ IMPLS: dict[str, Impl] = {
     for i in [
         Impl("fused_wd", "fused_wd", "fused_wd", _check_fused_wd, _make_fused_wd),
         Impl("torch-fused", "torch fused", "torch", _check_torch("fused"), _make_torch("fused")),
-        Impl("torch-foreach", "torch foreach", "torch", _check_torch("foreach"), _make_torch("foreach")),
-        Impl("torch-forloop", "torch for-loop", "torch", _check_torch("forloop"), _make_torch("forloop")),
+        Impl("torch-foreach", "torch foreach", "torch", _check_torch("foreach"), _make_torch("foreach"),
+             half_math=True),
+        Impl("torch-forloop", "torch for-loop", "torch", _check_torch("forloop"), _make_torch("forloop"),
+             half_math=True),
         Impl("reference", "fused_wd.reference", "reference", _check_reference, _make_reference),
         Impl("deepspeed", "DeepSpeed Adam", "peer", _check_deepspeed, _make_deepspeed),
         Impl("apex", "apex Fused*", "peer", _check_apex, _make_apex),

@@ -43,6 +43,7 @@ DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 # below these; a wrong formula (bias correction, decay mode, clip factor) is
 # far above them. Half-precision storage rounds every step, hence the looser value.
 TOLERANCE = {torch.float64: 1e-6, torch.float32: 1e-3, torch.bfloat16: 0.25, torch.float16: 0.1}
+HALF_MATH_TOLERANCE = 1.0  # torch's for-loop/foreach do their arithmetic in bf16/fp16
 
 
 @dataclass
@@ -71,6 +72,7 @@ class RunOpts:
     warmup: int = 3
     min_repeat_s: float = 0.02   # each timed repeat runs iters steps to last at least this long
     max_iters: int = 50
+    fixed_iters: int | None = None  # steps per timed round; None = calibrate from the warm-up
     check: bool = True
     seed: int = 0
     mem_fraction: float = 0.6    # of the free RAM / GPU memory at the start of the case
@@ -314,6 +316,8 @@ class CaseRunner:
                 self._drop(c)
         self._progress(k=1)
         running = [c for c in live if c.error is None]
+        if self.iters is None and opts.fixed_iters:
+            self.iters = max(1, int(opts.fixed_iters))
         if self.iters is None:
             fastest = min((c.warm_s for c in running), default=opts.min_repeat_s)
             fastest = max(fastest, 1e-7)
@@ -362,6 +366,8 @@ class CaseRunner:
                     max_move = max(max_move, (of - q0.float()).abs().max().item())
         err = max_diff / max_move if max_move > 0 else (0.0 if max_diff == 0 else math.inf)
         tol = TOLERANCE.get(self.case.dtype, 1e-3)
+        if self.case.dtype in (torch.bfloat16, torch.float16) and IMPLS[c.name].half_math:
+            tol = HALF_MATH_TOLERANCE
         c.check = {"max_abs_diff": max_diff, "max_update": max_move, "rel_err": err, "tol": tol,
                    "ok": bool(finite and err <= tol), "oracle": self.oracle_name,
                    "steps": c.steps_done}

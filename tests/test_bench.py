@@ -1,0 +1,264 @@
+"""The benchmark suite: CLI end to end on a tiny preset, report format, presets,
+the floor, the correctness flag and the memory probe. Fast on a 2-core CPU."""
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from fused_wd.bench import cli, report
+from fused_wd.bench.bandwidth import StreamProbe, floor_bytes_per_param
+from fused_wd.bench.impls import IMPLS, Hyper, Impl, resolve
+from fused_wd.bench.presets import PRESETS, get_shapes, numel, parse_count, scale_shapes
+from fused_wd.bench.progress import Progress
+from fused_wd.bench.runner import DTYPES, Case, RunOpts, run_case
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FAST = ["--repeats", "2", "--warmup", "1", "--iters", "2", "--bw-mib", "32", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    rc = cli.main(["--preset", "tiny", "--optim", "adamw,sgd", "--clip", "on", "--e2e", "tiny",
+                   "--out", str(out)] + FAST)
+    assert rc == 0
+    with open(out / "results.json") as f:
+        res = json.load(f)
+    return out, res
+
+
+def test_cli_writes_all_outputs(tiny_run):
+    out, res = tiny_run
+    assert (out / "report.md").stat().st_size > 0
+    assert (out / "results.json").stat().st_size > 0
+    from fused_wd.bench.plot import have_matplotlib
+    if not have_matplotlib():
+        assert any("matplotlib" in n for n in res["notices"])
+    else:
+        png = (out / "bandwidth.png").read_bytes()
+        assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+        assert res["plot"] == "bandwidth.png"
+
+
+def test_json_content(tiny_run):
+    _, res = tiny_run
+    env = res["env"]
+    for key in ("device", "device_name", "cpu_model", "torch", "git_commit", "date", "command", "fused_wd"):
+        assert key in env
+    assert env["torch"] == torch.__version__
+    assert res["bandwidth"]["median_gbps"] > 0
+    assert [(c["optim"], c["clip"]) for c in res["cases"]] == [("adamw", True), ("sgd", True)]
+    for case in res["cases"]:
+        assert case["nparams"] == numel(PRESETS["tiny"].shapes)
+        assert case["bytes_per_param"] == {"adamw": 32, "sgd": 24}[case["optim"]]
+        assert case["bw_probe_gbps"] > 0 and case["iters"] == 2
+        impls = case["impls"]
+        assert set(impls) == set(IMPLS)
+        timed = {n: r for n, r in impls.items() if "median_s" in r}
+        assert {"torch-fused", "torch-foreach", "torch-forloop"} <= set(timed)
+        for n, r in timed.items():
+            assert len(r["times_s"]) == 2
+            assert r["min_s"] <= r["median_s"] <= r["max_s"]
+            assert r["gbps"] == pytest.approx(case["bytes_per_param"] * case["nparams"] / r["median_s"] / 1e9)
+            assert r["check"]["ok"], (n, r["check"])
+            # every implementation ran the same number of steps as the oracle
+            assert r["steps"] == 1 + 1 + 2 * 2
+        assert impls["torch-fused"]["speedup"]["torch-foreach"] == pytest.approx(
+            impls["torch-foreach"]["median_s"] / impls["torch-fused"]["median_s"])
+        if IMPLS["fused_wd"].check("cpu", case["optim"], torch.float32) is None:
+            assert "median_s" in impls["fused_wd"]
+            assert case["oracle"] == "reference"
+    e2e = res["e2e"]
+    assert {"torch-default", "torch-fused"} <= set(e2e["rows"])
+    for r in e2e["rows"].values():
+        assert r["steps_per_s"] > 0 and math.isfinite(r["final_loss"])
+
+
+def test_markdown_report(tiny_run):
+    out, res = tiny_run
+    md = (out / "report.md").read_text()
+    assert md.startswith("# fused_wd benchmark")
+    assert "Command: `python -m fused_wd.bench --preset tiny" in md
+    assert "| implementation" in md and "median ms" in md and "% BW" in md and "x torch-fused" in md
+    assert "## End to end" in md and "steps/s" in md
+    assert "![achieved bandwidth" in md or "matplotlib" in md
+    assert "MISMATCH" not in md.split("## How to read this")[0]
+    # every markdown table row has the header's column count
+    for block in md.split("\n\n"):
+        lines = [ln for ln in block.splitlines() if ln.startswith("|")]
+        if lines:
+            assert len({ln.count("|") for ln in lines}) == 1, block
+
+
+def _fake_result(ok=True):
+    case = {
+        "title": "adamw + clip, fp32, tiny shapes, 100 params in 2 tensors", "preset": "tiny", "nparams": 100,
+        "ntensors": 2, "optim": "adamw", "clip": True, "dtype": "fp32", "device": "cpu", "bytes_per_param": 32,
+        "mode": "interleaved", "repeats": 3, "warmup": 1, "iters": 5, "oracle": "reference",
+        "bw_probe_gbps": 10.0, "floor_s": 3.2e-7, "baselines": ["torch-fused"], "max_grad_norm": 1.0,
+        "others_cpu": 0.5,
+        "impls": {
+            "fused_wd": {"status": "ok", "times_s": [1e-3, 2e-3, 3e-3], "median_s": 2e-3, "min_s": 1e-3,
+                         "max_s": 3e-3, "gbps": 1.6e-3, "pct_bw": 0.016, "speedup": {"torch-fused": 2.0},
+                         "extra_peak_bytes": 0, "launches": None,
+                         "check": {"rel_err": 1e-7 if ok else 0.5, "ok": ok, "oracle": "reference"}},
+            "torch-fused": {"status": "ok", "times_s": [4e-3] * 3, "median_s": 4e-3, "min_s": 4e-3, "max_s": 4e-3,
+                            "gbps": 8e-4, "pct_bw": 0.008, "speedup": {"fused_wd": 0.5},
+                            "extra_peak_bytes": 2**20, "check": {"rel_err": float("inf"), "ok": False}},
+            "deepspeed": {"status": "unavailable", "note": "not installed: pip install deepspeed"},
+        },
+    }
+    env = {"device": "cpu", "device_name": "Test CPU", "torch_threads": 2, "torch": "2.x", "torch_cuda": None,
+           "fused_wd": "0.1.0", "git_commit": "abc", "git_dirty": False, "fused_wd_backends": ["cpu"],
+           "date": "2026-01-01T00:00:00", "command": "python -m fused_wd.bench", "torch_default_optim": "forloop"}
+    return {"env": env, "cases": [case], "notices": ["apex: GPU only"],
+            "bandwidth": {"median_gbps": 10.0, "method": "test"}, "load": {"others_cpu": 0.5}}
+
+
+def test_report_format_flags_mismatch_and_disturbance():
+    md = report.render_text(_fake_result(ok=False), markdown=True)
+    body = md.split("## adamw + clip")[1]
+    row = next(ln for ln in body.splitlines() if ln.startswith("| fused_wd "))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[1:5] == ["2.00", "1.00-3.00", "0.0", "0%"]
+    assert cells[5] == "2.00"  # x torch-fused
+    assert cells[6] == "0.0"   # extra MB
+    assert "MISMATCH" in cells[-1]
+    assert "MISMATCH" in next(ln for ln in md.splitlines() if ln.startswith("| torch fused"))
+    assert "deepspeed: not installed: pip install deepspeed" in md
+    assert "timings disturbed" in md
+    text = report.render_text(_fake_result(ok=False), markdown=False)
+    assert "MISMATCH: fused_wd disagrees" in text
+    md_ok = report.render_text(_fake_result(ok=True), markdown=True)
+    assert "ok 1e-07" in md_ok
+    js = json.loads(report.to_json(_fake_result()))  # inf is not valid JSON: encoded as a string
+    assert js["cases"][0]["impls"]["torch-fused"]["check"]["rel_err"] == "inf"
+    assert js["schema"] == report.SCHEMA
+
+
+def test_mismatch_is_flagged(monkeypatch):
+    """A deliberately wrong implementation (double learning rate) must fail the check."""
+    def make_wrong(params, optim, clip, hp):
+        opt = torch.optim.AdamW(params, lr=2 * hp.lr(optim), betas=hp.betas, eps=hp.eps,
+                                weight_decay=hp.weight_decay, foreach=False)
+        def step():
+            torch.nn.utils.clip_grad_norm_(params, hp.max_norm)
+            opt.step()
+        return opt, step
+    monkeypatch.setitem(IMPLS, "wrong", Impl("wrong", "wrong lr", "torch", lambda *a: None, make_wrong))
+    case = Case("tiny", get_shapes("tiny"), "adamw", True, torch.float32, torch.device("cpu"))
+    r = run_case(case, ["torch-fused", "wrong"], Hyper(), RunOpts(repeats=2, warmup=1, fixed_iters=2), None)
+    assert r["impls"]["torch-fused"]["check"]["ok"]
+    assert not r["impls"]["wrong"]["check"]["ok"]
+    assert r["impls"]["wrong"]["check"]["rel_err"] > 0.1
+    assert r["mode"] == "interleaved" and r["oracle"] in ("reference", "torch-forloop")
+
+
+def test_sequential_mode_when_memory_is_short(monkeypatch):
+    from fused_wd.bench import memory
+    case = Case("tiny", get_shapes("tiny"), "sgd", True, torch.float32, torch.device("cpu"))
+    nbytes = case.nparams * 4
+    # room for one implementation at a time, not for all of them together
+    monkeypatch.setattr(memory, "device_free_bytes", lambda dev: int(12 * nbytes / 0.6))
+    r = run_case(case, ["torch-fused", "torch-foreach"], Hyper(), RunOpts(repeats=2, warmup=1, fixed_iters=1), None)
+    assert r["mode"] == "sequential"
+    for n in ("torch-fused", "torch-foreach"):
+        assert r["impls"][n]["check"]["ok"] and r["impls"][n]["steps"] == 1 + 1 + 2
+    monkeypatch.setattr(memory, "device_free_bytes", lambda dev: nbytes)
+    r = run_case(case, ["torch-fused"], Hyper(), RunOpts(repeats=1, warmup=1), None)
+    assert "needs about" in r["skipped"]
+
+
+def test_presets_and_scaling():
+    assert len(PRESETS["gpt2-124m"].shapes) == 148
+    assert 123e6 < PRESETS["gpt2-124m"].numel < 125e6
+    assert 1.0e9 < PRESETS["llama-1b"].numel < 1.2e9
+    assert len(PRESETS["many-small"].shapes) >= 1000
+    assert len(PRESETS["cpu-50m"].shapes) == 160 and 49e6 < PRESETS["cpu-50m"].numel < 52e6
+    for preset in ("gpt2-124m", "llama-1b", "many-small"):
+        for target in (10**6, 3 * 10**7):
+            s = scale_shapes(PRESETS[preset].shapes, target)
+            assert len(s) == len(PRESETS[preset].shapes)
+            assert abs(numel(s) - target) / target < 0.05, (preset, target, numel(s))
+    s = get_shapes("gpt2-124m", 10**7)
+    assert s[0][0] / s[0][1] == pytest.approx(50257 / 768, rel=0.05)  # proportions kept
+    assert parse_count("50M") == 50_000_000 and parse_count("1.5B") == 1_500_000_000
+    assert parse_count("2e6") == 2_000_000 and parse_count("124000000") == 124_000_000
+    with pytest.raises(ValueError):
+        parse_count("fifty")
+
+
+def test_floor_bytes():
+    assert floor_bytes_per_param("adamw", False, 4) == 28
+    assert floor_bytes_per_param("adamw", True, 4) == 32
+    assert floor_bytes_per_param("adam", True, 4) == 32
+    assert floor_bytes_per_param("sgd", False, 4) == 20
+    assert floor_bytes_per_param("sgd", True, 4) == 24
+    assert floor_bytes_per_param("adamw", True, 2) == 16
+    assert floor_bytes_per_param("sgd", True, 2) == 12
+
+
+def test_impl_selection():
+    assert resolve("all") == list(IMPLS)
+    assert resolve("torch-fused,fused_wd") == ["fused_wd", "torch-fused"]
+    assert resolve("torch") == ["torch-fused", "torch-foreach", "torch-forloop"]
+    with pytest.raises(ValueError):
+        resolve("nope")
+    assert "GPU only" in IMPLS["apex"].check("cpu", "adamw", torch.float32)
+    assert IMPLS["deepspeed"].check("cpu", "sgd", torch.float32)  # no SGD in DeepSpeed
+
+
+def test_bandwidth_probe():
+    p = StreamProbe(torch.device("cpu"), 16 << 20)
+    m = p.measure(reps=3)
+    assert m["median_gbps"] > 0 and len(m["samples"]) == 3
+    assert "mul_" in m["method"]
+
+
+def test_memory_probe_sees_a_temporary():
+    from fused_wd.bench import memory
+    if not memory.cpu_supported():
+        pytest.skip("no /proc/self/clear_refs")
+    keep = []
+    extra = memory.extra_peak_bytes(lambda: keep.append(torch.ones(8 << 20)), torch.device("cpu"))  # 32 MiB
+    assert extra >= 28 << 20
+    extra = memory.extra_peak_bytes(lambda: None, torch.device("cpu"))
+    assert extra < 8 << 20
+
+
+def test_progress_text_fallback():
+    import io
+    buf = io.StringIO()
+    p = Progress(4, stream=buf)
+    p._tqdm = None
+    p.set("x")
+    p.update(2)
+    p.write("hello")
+    p.close()
+    assert "hello" in buf.getvalue()
+
+
+def test_wait_quiet_returns():
+    from fused_wd.bench import sysload
+    assert sysload.wait_quiet(0.0, window_s=0.1) in (True, False, None)
+
+
+def test_module_entry_point_help_and_list():
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    r = subprocess.run([sys.executable, "-m", "fused_wd.bench", "--help"], capture_output=True, text=True,
+                       env=env, cwd=ROOT, timeout=120)
+    assert r.returncode == 0 and "--preset" in r.stdout and "--sweep" in r.stdout
+    assert cli.main(["--list"]) == 0
+    assert cli.main(["--impl", "nope"]) == 2
+
+
+def test_bf16_case_runs():
+    case = Case("tiny", get_shapes("tiny"), "adamw", True, DTYPES["bf16"], torch.device("cpu"))
+    r = run_case(case, ["torch-fused", "torch-forloop"], Hyper(), RunOpts(repeats=1, warmup=1, fixed_iters=2), None)
+    assert r["bytes_per_param"] == 16
+    for n in ("torch-fused", "torch-forloop"):
+        assert r["impls"][n]["check"]["ok"], r["impls"][n]["check"]
