@@ -72,9 +72,11 @@ inline namespace FUSED_WD_ISA {
 
 // Clip coefficient of torch.nn.utils.clip_grad_norm_, in float32 like torch:
 // c = min(1, max_norm / (norm + 1e-6)).
-// A NaN norm gives a NaN coefficient, as torch's clamp(max=1) does.
+// torch evaluates max_norm / tensor as reciprocal(tensor) * max_norm; so do
+// we, to get its bits. A NaN norm gives a NaN coefficient, as torch's
+// clamp(max=1) does.
 FWD_HD float clip_coef(float total_norm, float max_norm) {
-  float c = max_norm / (total_norm + 1e-6f);
+  const float c = (1.0f / (total_norm + 1e-6f)) * max_norm;
   return (c < 1.0f || c != c) ? c : 1.0f;
 }
 
