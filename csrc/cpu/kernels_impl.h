@@ -18,7 +18,9 @@ namespace FUSED_WD_ISA {
 namespace {
 
 constexpr int64_t kBlock = 256;
-constexpr int kLanes = 16;
+// 64 independent accumulators: enough dependency chains to keep the vector
+// adders busy (the norm is then bound by memory, not by add latency).
+constexpr int kLanes = 64;
 
 // ------------------------------------------------------------ conversions
 
