@@ -18,6 +18,7 @@ import torch
 from torch.optim import Optimizer
 
 from fused_wd import _ext
+from fused_wd import distributed as _dist
 from fused_wd._ops import multi_tensor_norm
 
 DECAY_MODES = {"l2": 0, "decoupled": 1, "independent": 2}
@@ -77,10 +78,16 @@ def _real(t):
     return torch.view_as_real(t) if t.is_complex() else t
 
 
+def _local_real(t):
+    """What the kernels get of a DTensor (FSDP2): its local shard, real."""
+    return _real(_dist.local(t))
+
+
 class _FusedOptimizer(Optimizer):
     """What Adam, AdamW and SGD share: argument handling, state checks, the
     global norm and the per-(group, device) dispatch. Subclasses provide
-    `_init_group` (state, lazily, with torch's keys) and `_update`."""
+    `_init_group` (state, lazily, with torch's keys; `view` maps each param,
+    grad and state to what the kernels get) and `_update`."""
 
     _step_supports_amp_scaling = True
     _default_mode = "l2"
@@ -172,18 +179,23 @@ class _FusedOptimizer(Optimizer):
                 f"{p.dtype}, device {p.device} (the parameter changed after its state was created, "
                 "or a checkpoint of another model was loaded)")
 
-    def _global_norm(self, per_group, grad_scale):
-        """The pre-clip global norm over the grads of every group, unscaled."""
+    def _global_norm(self, per_group, grad_scale, sharded=False):
+        """The pre-clip global norm over the grads of every group, unscaled;
+        across ranks when `sharded` (DTensors: one local pass, one all-reduce)."""
         clipping = [g for g in self.param_groups if g["max_grad_norm"] is not None]
         if not clipping:
             return None
         norm_types = {g["norm_type"] for g in clipping}
         if len(norm_types) > 1:
             raise ValueError(f"param groups that clip must share one norm_type, got {sorted(norm_types)}")
-        grads = [_real(g) for pairs in per_group for _, g in pairs]
-        if not grads:
+        if sharded:
+            grads = [g for pairs in per_group for _, g in pairs]
+            norm = _dist.global_norm(grads, norm_types.pop(), self._norm, _real) if grads else None
+        else:
+            grads = [_real(g) for pairs in per_group for _, g in pairs]
+            norm = self._norm(grads, norm_types.pop()) if grads else None
+        if norm is None:
             return None
-        norm = self._norm(grads, norm_types.pop())
         if grad_scale is not None:
             norm = norm / grad_scale.to(norm.device, non_blocking=True).reshape(())
         return norm
@@ -201,7 +213,10 @@ class _FusedOptimizer(Optimizer):
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
         per_group = [self._grads_of(group, gi) for gi, group in enumerate(self.param_groups)]
-        norm = self._global_norm(per_group, grad_scale)
+        # DTensor params (FSDP2): the kernels get local shards; one isinstance
+        # per param is all the plain (single process, DDP) path pays
+        sharded = _dist.refresh() and _dist.any_dtensor(p for pairs in per_group for p, _ in pairs)
+        norm = self._global_norm(per_group, grad_scale, sharded)
         if norm is not None:
             self.last_grad_norm = norm
         for gi, (group, pairs) in enumerate(zip(self.param_groups, per_group)):
@@ -211,7 +226,11 @@ class _FusedOptimizer(Optimizer):
             for p, g in pairs:
                 by_device.setdefault(p.device, []).append((p, g))
             for device, dev_pairs in by_device.items():
-                lists = self._init_group(group, dev_pairs, gi)
+                if sharded:
+                    _dist.check_layouts(type(self).__name__, dev_pairs, self.state, gi)
+                    lists = self._init_group(group, dev_pairs, gi, _local_real)
+                else:
+                    lists = self._init_group(group, dev_pairs, gi)
                 kw = self._common_kwargs(group, device, norm, grad_scale, found_inf)
                 self._update(group, lists, kw, gi)
         return loss
@@ -283,7 +302,7 @@ class _AdamBase(_FusedOptimizer):
             group.setdefault("capturable", False)
             group.setdefault("decoupled_weight_decay", group["weight_decay_mode"] != "l2")
 
-    def _init_group(self, group, pairs, gi):
+    def _init_group(self, group, pairs, gi, view=_real):
         params, grads, exp_avgs, exp_avg_sqs, max_sqs, steps = [], [], [], [], [], []
         amsgrad = group["amsgrad"]
         for p, g in pairs:
@@ -295,13 +314,13 @@ class _AdamBase(_FusedOptimizer):
             if amsgrad and "max_exp_avg_sq" not in state:
                 state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             steps.append(self._step_tensor(state, p))
-            params.append(_real(p))
-            grads.append(_real(g))
+            params.append(view(p))
+            grads.append(view(g))
             for name, out in (("exp_avg", exp_avgs), ("exp_avg_sq", exp_avg_sqs)) + (
                     (("max_exp_avg_sq", max_sqs),) if amsgrad else ()):
                 s = state[name]
                 self._check_state(name, s, p, gi)
-                out.append(_real(s))
+                out.append(view(s))
         return params, grads, exp_avgs, exp_avg_sqs, max_sqs, steps
 
     def _update(self, group, lists, kw, gi):
@@ -365,12 +384,12 @@ class SGD(_FusedOptimizer):
         for group in self.param_groups:
             group.setdefault("nesterov", False)
 
-    def _init_group(self, group, pairs, gi):
+    def _init_group(self, group, pairs, gi, view=_real):
         params, grads, bufs, is_new = [], [], [], []
         momentum = _scalar(group["momentum"], "momentum")
         for p, g in pairs:
-            params.append(_real(p))
-            grads.append(_real(g))
+            params.append(view(p))
+            grads.append(view(g))
             if momentum == 0.0:
                 continue
             state = self.state[p]
@@ -383,7 +402,7 @@ class SGD(_FusedOptimizer):
                 buf = torch.zeros_like(p, memory_format=torch.preserve_format)
                 state["momentum_buffer"] = buf
             self._check_state("momentum_buffer", buf, p, gi)
-            bufs.append(_real(buf))
+            bufs.append(view(buf))
         return params, grads, bufs, is_new
 
     def _update(self, group, lists, kw, gi):
