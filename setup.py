@@ -2,7 +2,8 @@
 installed torch is a CUDA build and a CUDA toolkit is found.
 
 FUSED_WD_CUDA=1 forces the CUDA build (and fails if it cannot happen),
-FUSED_WD_CUDA=0 skips it.
+FUSED_WD_CUDA=0 skips it. FUSED_WD_SANITIZE=1 builds the CPU code with
+AddressSanitizer and UndefinedBehaviorSanitizer (see scripts/sanitize.sh).
 """
 import glob
 import os
@@ -48,6 +49,11 @@ def extension():
            "-fno-math-errno",
            f'-DFUSED_WD_TORCH_VERSION="{torch.__version__}"']
     ldflags = ["-fopenmp"]
+    if os.environ.get("FUSED_WD_SANITIZE") == "1":
+        san = ["-fsanitize=address,undefined", "-fno-sanitize-recover=undefined"]
+        cxx[0] = "-O1"
+        cxx += san + ["-g", "-fno-omit-frame-pointer"]
+        ldflags += san
     args = {"cxx": cxx}
     include_dirs = [os.path.join(ROOT, "csrc")]
     cls = cpp_extension.CppExtension
