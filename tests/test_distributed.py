@@ -187,6 +187,18 @@ def scenario_hsdp_2x2(rank, world, out):
     return _fsdp_run(rank, world, "adamw_l2", (2, 2), ("replicate", "shard"))
 
 
+def scenario_clip_grad_norm(rank, world, out):
+    """fused_wd.clip_grad_norm_ on FSDP2 grads: the global norm and clipped
+    grads of the whole model."""
+    from torch.distributed.device_mesh import init_device_mesh
+    model = _fsdp_model(init_device_mesh("cpu", (world,)))
+    x, y = batch(0)
+    loss_of(model, _shard_rows(x, rank, world), _shard_rows(y, rank, world)).backward()
+    with counting_collectives() as calls:
+        norm = fused_wd.clip_grad_norm_(model.parameters(), 0.05)
+    return dict(norm=norm, grads=_full([p.grad for p in model.parameters()]), counts=list(calls))
+
+
 def scenario_ddp(rank, world, out):
     from torch.nn.parallel import DistributedDataParallel
     model = DistributedDataParallel(make_model())
@@ -435,7 +447,7 @@ class World:
         return res
 
 
-WORLD2 = ["fsdp_adamw_l2", "fsdp_adamw_inf", "fsdp_sgd", "ddp", "mixed", "nonfinite",
+WORLD2 = ["clip_grad_norm", "fsdp_adamw_l2", "fsdp_adamw_inf", "fsdp_sgd", "ddp", "mixed", "nonfinite",
           "hsdp_2x1", "hsdp_1x2", "dcp", "refused"]
 
 
@@ -471,6 +483,16 @@ def test_fsdp2_matches_torch_optim_and_clip_grad_norm(world2, cfg_name):
     _check_against_reference(res, cfg_name, ["all_reduce"])
     assert res[0]["placements"] == [("S(0)",)] * 6
     assert res[0]["state_types"] == ["DTensor"]
+
+
+def test_clip_grad_norm_on_fsdp2_grads(world2):
+    model = make_model()
+    loss_of(model, *batch(0)).backward()
+    ref = torch.nn.utils.clip_grad_norm_(model.parameters(), 0.05)
+    for r in world2.result("clip_grad_norm"):
+        torch.testing.assert_close(r["norm"], ref, rtol=1e-6, atol=0)
+        _close(r["grads"], [p.grad for p in model.parameters()])
+        assert r["counts"] == ["all_reduce"]
 
 
 def test_ddp_matches_with_no_collective_in_the_step(world2):
