@@ -734,3 +734,28 @@ def test_opcheck_cuda(dtype):
         norm, 1.0, scale, found, True))
     torch.library.opcheck(ops.sgd_.default, (
         p, g, [], [], 1e-2, None, 0.0, 0.0, False, 0.0, 0, 1e-2, False, None, 0.0, None, None, False))
+
+
+def test_cpu_checkpoint_into_cuda_optimizer():
+    """A CPU checkpoint loaded into a CUDA optimizer: state moves to the GPU
+    (torch's load_state_dict; the step counter on first use) and training
+    continues as it would have on the CPU."""
+    torch.manual_seed(0)
+    p_cpu = torch.nn.Parameter(torch.randn(257))
+    opt_cpu = fused_wd.AdamW([p_cpu], lr=0.01, max_grad_norm=1.0)
+    grads = [torch.randn(257) for _ in range(4)]
+    for g in grads[:2]:
+        p_cpu.grad = g.clone()
+        opt_cpu.step()
+    sd = copy.deepcopy(opt_cpu.state_dict())
+    p = torch.nn.Parameter(p_cpu.detach().clone().cuda())
+    opt = fused_wd.AdamW([p], lr=0.01, max_grad_norm=1.0)
+    opt.load_state_dict(sd)
+    for g in grads[2:]:
+        p_cpu.grad = g.clone()
+        opt_cpu.step()
+        p.grad = g.cuda()
+        opt.step()
+    for k, v in opt.state[p].items():
+        assert v.device.type == "cuda", k
+    torch.testing.assert_close(p.detach().cpu(), p_cpu.detach(), rtol=1e-5, atol=1e-6)

@@ -486,3 +486,39 @@ def test_missing_extension_is_a_clear_message():
     assert r.returncode == 0, r.stderr
     assert "could not be loaded" in r.stdout and "pip install --no-build-isolation" in r.stdout
     assert "ERR fused_wd: the compiled extension" in r.stdout
+
+
+def test_extension_built_for_another_torch_is_named():
+    code = ("import importlib, warnings, torch, fused_wd, fused_wd._C as C, fused_wd._ext as ext\n"
+            "C.torch_version = '2.0.0+old'\n"
+            "with warnings.catch_warnings(record=True) as w:\n"
+            "    warnings.simplefilter('always'); importlib.reload(ext)\n"
+            "print(w[0].message)\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "built against torch 2.0.0+old" in r.stdout and torch.__version__ in r.stdout
+    assert "pip install --no-build-isolation" in r.stdout
+
+
+@pytest.mark.parametrize("cls", ["Adam", "AdamW"])
+def test_bias_correction_past_2_pow_24_steps(cls):
+    """A float32 step counter stops advancing at 2^24 (as torch's does), but
+    the bias corrections it feeds stay correct: the update matches float64
+    math at the true step count."""
+    p = torch.nn.Parameter(torch.randn(64, dtype=torch.float32))
+    opt = getattr(fused_wd, cls)([p], lr=1e-3, betas=(0.9, 0.9999999), weight_decay=0.0)
+    g = torch.randn(64)
+    p.grad = g.clone()
+    opt.step()
+    st = opt.state[p]
+    st["step"].fill_(2.0 ** 24)
+    m0, v0 = st["exp_avg"].clone().double(), st["exp_avg_sq"].clone().double()
+    p0 = p.detach().clone().double()
+    opt.step()
+    assert st["step"].item() == 2.0 ** 24  # float32 cannot count further
+    t = 2.0 ** 24 + 1  # the true step
+    b1, b2 = 0.9, 0.9999999
+    m = b1 * m0 + (1 - b1) * g.double()
+    v = b2 * v0 + (1 - b2) * g.double() ** 2
+    expect = p0 - 1e-3 / (1 - b1 ** t) * m / ((v / (1 - b2 ** t)).sqrt() + 1e-8)
+    torch.testing.assert_close(p.detach().double(), expect, rtol=1e-6, atol=1e-7)
