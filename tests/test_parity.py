@@ -14,10 +14,42 @@ CLIPS = [None, (0.5, 2.0), (0.05, math.inf)]
 NONE_GRAD = {1: (1, 3)}  # param 1 has no grad on steps 1 and 3
 
 
-def torch_kwargs(dtype):
+def _torch_fused_sgd_ok():
+    """torch 2.13's fused CPU SGD gives wrong fp16/bf16 results (2.14 is
+    right): probe it once, with and without momentum, against the math."""
+    g = torch.Generator().manual_seed(0)
+    p0 = torch.randn(64, generator=g).bfloat16()
+    grads = [torch.randn(64, generator=g).bfloat16() for _ in range(2)]
+    for momentum in (0.0, 0.9):
+        p = p0.clone().requires_grad_(True)
+        opt = torch.optim.SGD([p], lr=0.5, momentum=momentum, fused=True)
+        want, buf = p0.float(), None
+        for gr in grads:
+            p.grad = gr.clone()
+            opt.step()
+            buf = gr.float() if buf is None else (buf * momentum + gr.float()).bfloat16().float()
+            want = (want - 0.5 * (buf if momentum else gr.float())).bfloat16().float()
+        if not torch.allclose(p.detach().float(), want, rtol=1e-2, atol=1e-2):
+            return False
+    return True
+
+
+TORCH_FUSED_SGD_OK = _torch_fused_sgd_ok()
+
+
+def torch_kwargs(dtype, sgd=False, single_op=False):
     # torch's for-loop path computes fp16/bf16 in the storage dtype, its fused
-    # path in fp32 like fused_wd: compare low precision with the fused one.
-    return dict(foreach=False) if dtype in (torch.float32, torch.float64) else dict(fused=True)
+    # path in fp32 like fused_wd: compare low precision with the fused one,
+    # or with the for-loop where its update is one op (computed in fp32,
+    # rounded once) when torch's fused SGD is broken.
+    if dtype in (torch.float32, torch.float64):
+        return dict(foreach=False)
+    if sgd and not TORCH_FUSED_SGD_OK:
+        if not single_op:
+            pytest.skip("this torch's fused CPU SGD is wrong for fp16/bf16; "
+                        "test_matches_reference covers the case")
+        return dict(foreach=False)
+    return dict(fused=True)
 
 
 def assign_grads(params, grads, step):
@@ -99,7 +131,8 @@ def test_adam_parity(kind, weight_decay, maximize, amsgrad, clip, dtype, device)
 def test_sgd_parity(weight_decay, maximize, momentum, dampening, nesterov, clip, dtype, device):
     hp = dict(lr=0.05, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
               nesterov=nesterov, maximize=maximize)
-    a, b, oa, ob = run_pair(lambda p: torch.optim.SGD(p, **hp, **torch_kwargs(dtype)),
+    kw = torch_kwargs(dtype, sgd=True, single_op=momentum == 0.0 and weight_decay == 0.0)
+    a, b, oa, ob = run_pair(lambda p: torch.optim.SGD(p, **hp, **kw),
                             lambda p: fused_wd.SGD(p, **hp, **clip_kwargs(clip)), dtype, device, clip)
     assert_same_state(a, b, oa, ob, dtype, clip is not None)
 
