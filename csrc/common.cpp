@@ -127,4 +127,20 @@ std::vector<std::vector<int64_t>> group_by_dtype(at::TensorList tensors) {
   return groups;
 }
 
+std::vector<std::vector<int64_t>> group_by_dtypes(at::TensorList a, at::TensorList b) {
+  std::vector<std::pair<at::ScalarType, at::ScalarType>> keys;
+  std::vector<std::vector<int64_t>> groups;
+  for (size_t i = 0; i < a.size(); ++i) {
+    const auto k = std::make_pair(a[i].scalar_type(), b.empty() ? a[i].scalar_type() : b[i].scalar_type());
+    size_t g = 0;
+    while (g < keys.size() && keys[g] != k) ++g;
+    if (g == keys.size()) {
+      keys.push_back(k);
+      groups.emplace_back();
+    }
+    groups[g].push_back(static_cast<int64_t>(i));
+  }
+  return groups;
+}
+
 }  // namespace fused_wd

@@ -56,4 +56,8 @@ DenseLists make_dense(const std::vector<ListSpec>& lists);
 // Tensor indices grouped by dtype, in first-seen order (deterministic).
 std::vector<std::vector<int64_t>> group_by_dtype(at::TensorList tensors);
 
+// Indices grouped by the pair (dtype of a[i], dtype of b[i]) (b may be
+// empty: a's dtype twice), in first-seen order.
+std::vector<std::vector<int64_t>> group_by_dtypes(at::TensorList a, at::TensorList b);
+
 }  // namespace fused_wd
