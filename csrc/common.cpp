@@ -29,9 +29,21 @@ void check_lists(const char* op, const std::vector<ListSpec>& lists, c10::Device
                   "; one call takes tensors of one device");
       TORCH_CHECK(t.device().type() == device_type, op, ": ", l.name, "[", i, "] is on ",
                   t.device(), ", not a ", device_type, " tensor");
-      TORCH_CHECK(t.scalar_type() == p.scalar_type(), op, ": ", l.name, "[", i, "] has dtype ",
-                  t.scalar_type(), " but ", lists[0].name, "[", i, "] has dtype ",
-                  p.scalar_type());
+      const auto pt = p.scalar_type(), tt = t.scalar_type();
+      const bool low = pt == at::kHalf || pt == at::kBFloat16;
+      if (l.dtype_rule == kDtypeMaster) {
+        TORCH_CHECK(low && tt == at::kFloat, op, ": ", l.name, "[", i, "] has dtype ", tt,
+                    " and ", lists[0].name, "[", i, "] has dtype ", pt,
+                    "; master weights are float32 copies of float16/bfloat16 params");
+      } else if (l.dtype_rule == kDtypeState) {
+        TORCH_CHECK(tt == pt || ((low || pt == at::kFloat) && (tt == at::kFloat || tt == at::kBFloat16)),
+                    op, ": ", l.name, "[", i, "] has dtype ", tt, " but ", lists[0].name, "[", i,
+                    "] has dtype ", pt, " (states have the param's dtype, or float32/bfloat16 "
+                    "for float32/float16/bfloat16 params)");
+      } else {
+        TORCH_CHECK(tt == pt, op, ": ", l.name, "[", i, "] has dtype ", tt, " but ",
+                    lists[0].name, "[", i, "] has dtype ", pt);
+      }
       TORCH_CHECK(t.sizes() == p.sizes(), op, ": ", l.name, "[", i, "] has shape ", t.sizes(),
                   " but ", lists[0].name, "[", i, "] has shape ", p.sizes());
       TORCH_CHECK(!t.is_complex(), op, ": ", l.name, "[", i,
@@ -39,6 +51,22 @@ void check_lists(const char* op, const std::vector<ListSpec>& lists, c10::Device
       TORCH_CHECK(at::isFloatingType(t.scalar_type()), op, ": ", l.name, "[", i,
                   "] has dtype ", t.scalar_type(), "; only floating point tensors are supported");
     }
+  }
+}
+
+void check_same_state_dtype(const char* op, const std::vector<ListSpec>& lists) {
+  const ListSpec* first = nullptr;
+  for (const auto& l : lists) {
+    if (l.dtype_rule != kDtypeState || l.tensors.empty()) continue;
+    if (first == nullptr) {
+      first = &l;
+      continue;
+    }
+    for (size_t i = 0; i < l.tensors.size() && i < first->tensors.size(); ++i)
+      TORCH_CHECK(l.tensors[i].scalar_type() == first->tensors[i].scalar_type(), op, ": ", l.name,
+                  "[", i, "] has dtype ", l.tensors[i].scalar_type(), " but ", first->name, "[",
+                  i, "] has dtype ", first->tensors[i].scalar_type(),
+                  "; the states of one param share one dtype");
   }
 }
 
@@ -92,6 +120,22 @@ std::vector<std::vector<int64_t>> group_by_dtype(at::TensorList tensors) {
     while (g < types.size() && types[g] != st) ++g;
     if (g == types.size()) {
       types.push_back(st);
+      groups.emplace_back();
+    }
+    groups[g].push_back(static_cast<int64_t>(i));
+  }
+  return groups;
+}
+
+std::vector<std::vector<int64_t>> group_by_dtypes(at::TensorList a, at::TensorList b) {
+  std::vector<std::pair<at::ScalarType, at::ScalarType>> keys;
+  std::vector<std::vector<int64_t>> groups;
+  for (size_t i = 0; i < a.size(); ++i) {
+    const auto k = std::make_pair(a[i].scalar_type(), b.empty() ? a[i].scalar_type() : b[i].scalar_type());
+    size_t g = 0;
+    while (g < keys.size() && keys[g] != k) ++g;
+    if (g == keys.size()) {
+      keys.push_back(k);
       groups.emplace_back();
     }
     groups[g].push_back(static_cast<int64_t>(i));

@@ -11,6 +11,13 @@
 
 namespace fused_wd {
 
+// Which dtypes a list may have, relative to the params.
+enum DtypeRule : int {
+  kDtypeSame = 0,    // the param's dtype
+  kDtypeState = 1,   // the param's dtype, or float32/bfloat16 for fp32/fp16/bf16 params
+  kDtypeMaster = 2,  // float32, for fp16/bf16 params (fp32 master weights)
+};
+
 // The lists of one step: lists[0] is the params, the others have one tensor
 // per param (or are empty, when `optional`). mutated[k]: list k is written.
 struct ListSpec {
@@ -18,7 +25,12 @@ struct ListSpec {
   at::TensorList tensors;
   bool mutated;
   bool optional;
+  int dtype_rule = kDtypeSame;
 };
+
+// Optimizer states of one param (exp_avg, exp_avg_sq, ...) share one dtype:
+// checks that the non-empty lists `names`/`lists` agree at every index.
+void check_same_state_dtype(const char* op, const std::vector<ListSpec>& lists);
 
 // Checks lengths, devices, layouts (strided only: sparse grads are refused),
 // dtypes and shapes of every list against the params. `device_type` is the
@@ -43,5 +55,9 @@ DenseLists make_dense(const std::vector<ListSpec>& lists);
 
 // Tensor indices grouped by dtype, in first-seen order (deterministic).
 std::vector<std::vector<int64_t>> group_by_dtype(at::TensorList tensors);
+
+// Indices grouped by the pair (dtype of a[i], dtype of b[i]) (b may be
+// empty: a's dtype twice), in first-seen order.
+std::vector<std::vector<int64_t>> group_by_dtypes(at::TensorList a, at::TensorList b);
 
 }  // namespace fused_wd

@@ -19,13 +19,15 @@ if _ext.C is not None:
     @torch.library.register_fake("fused_wd::adam_")
     def _adam_fake(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, lr,
                    lr_tensor, beta1, beta2, eps, weight_decay, decay_mode, initial_lr, amsgrad,
-                   maximize, grad_norm, max_norm, grad_scale, found_inf, skip_nonfinite):
+                   maximize, grad_norm, max_norm, grad_scale, found_inf, skip_nonfinite,
+                   master_params, stochastic_rounding=False, sr_seed=0, sr_ids=()):
         return None
 
     @torch.library.register_fake("fused_wd::sgd_")
     def _sgd_fake(params, grads, momentum_buffers, buffer_is_new, lr, lr_tensor, momentum,
                   dampening, nesterov, weight_decay, decay_mode, initial_lr, maximize, grad_norm,
-                  max_norm, grad_scale, found_inf, skip_nonfinite):
+                  max_norm, grad_scale, found_inf, skip_nonfinite, master_params,
+                  state_steps, stochastic_rounding=False, sr_seed=0, sr_ids=()):
         return None
 
 

@@ -8,6 +8,19 @@ Extra keyword-only options (per param group, in `defaults`):
   weight_decay_mode     "l2" | "decoupled" | "independent" (None: the class default)
   skip_nonfinite=True   skip the whole step when the global norm is not finite
 
+Mixed precision (per param group; see the README's "Mixed precision"):
+  master_weights=False  fp16/bf16 params get an fp32 master copy, state key
+                        "master_param"; the kernel updates the master and
+                        writes the rounded param in the same pass
+  state_dtype=None      dtype of the moments / momentum buffer: None = like
+                        torch (the param's dtype; fp32 with master weights),
+                        or torch.float32 / torch.bfloat16 (math stays fp32)
+  stochastic_rounding=False  bf16 params without master weights are rounded
+                        stochastically (counter-based RNG keyed by sr_seed,
+                        param index, step and element: bitwise reproducible)
+  sr_seed=None          the seed (None: torch.initial_seed()); kept in the
+                        param groups, so in the state_dict
+
 Clipping does not rewrite p.grad: the clipped gradient only exists inside
 the kernel. `last_grad_norm` holds the pre-clip global norm (a 0-dim tensor,
 unscaled when a GradScaler drives the step).
@@ -22,7 +35,11 @@ from fused_wd import distributed as _dist
 from fused_wd._ops import multi_tensor_norm
 
 DECAY_MODES = {"l2": 0, "decoupled": 1, "independent": 2}
-_EXTRA = ("max_grad_norm", "norm_type", "weight_decay_mode", "skip_nonfinite")
+_EXTRA = ("max_grad_norm", "norm_type", "weight_decay_mode", "skip_nonfinite", "master_weights",
+          "state_dtype", "stochastic_rounding", "sr_seed")
+_LOW = (torch.float16, torch.bfloat16)
+_STATE_DTYPES = (None, torch.float32, torch.bfloat16)
+MASTER_KEY = "master_param"
 
 
 def _scalar(x, name):
@@ -56,6 +73,22 @@ def _check_lr(lr):
         return
     if not 0.0 <= _scalar(lr, "lr"):
         raise ValueError(f"Invalid learning rate: {lr}")
+
+
+def _check_mixed(master_weights, state_dtype, stochastic_rounding, sr_seed):
+    for name, v in (("master_weights", master_weights), ("stochastic_rounding", stochastic_rounding)):
+        if not isinstance(v, bool):
+            raise ValueError(f"{name} must be a bool, got {v!r}")
+    if state_dtype not in _STATE_DTYPES:
+        raise ValueError(f"state_dtype must be None, torch.float32 or torch.bfloat16, got {state_dtype!r}")
+    if sr_seed is None:
+        # the default generator's seed: reproducible under torch.manual_seed,
+        # and reading it draws nothing from the user's random stream
+        sr_seed = torch.initial_seed() % (1 << 62)
+    if not isinstance(sr_seed, int) or isinstance(sr_seed, bool) or not 0 <= sr_seed < (1 << 63):
+        raise ValueError(f"sr_seed must be an int in [0, 2**63), got {sr_seed!r}")
+    return dict(master_weights=master_weights, state_dtype=state_dtype,
+                stochastic_rounding=stochastic_rounding, sr_seed=sr_seed)
 
 
 def _check_extras(max_grad_norm, norm_type, weight_decay_mode, skip_nonfinite, default_mode):
@@ -102,7 +135,10 @@ class _FusedOptimizer(Optimizer):
         super().__setstate__(state)
         for group in self.param_groups:
             for key in _EXTRA:
-                group.setdefault(key, self.defaults.get(key))
+                group.setdefault(key, self.defaults.get(key, False if key in (
+                    "master_weights", "stochastic_rounding") else None))
+            if group["sr_seed"] is None:
+                group["sr_seed"] = torch.initial_seed() % (1 << 62)
             group.setdefault("maximize", False)
             group.setdefault("foreach", None)
             group.setdefault("fused", None)
@@ -127,6 +163,10 @@ class _FusedOptimizer(Optimizer):
             raise ValueError(f"weight_decay_mode must be one of {sorted(DECAY_MODES)}, got {mode!r}")
         if "norm_type" in param_group:
             param_group["norm_type"] = _norm_type(param_group["norm_type"])
+        mixed = {k: param_group.get(k, self.defaults.get(k)) for k in
+                 ("master_weights", "state_dtype", "stochastic_rounding", "sr_seed")}
+        param_group.update(_check_mixed(**mixed))
+        self._param_ids = None
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         if group["weight_decay_mode"] == "independent":
@@ -171,13 +211,98 @@ class _FusedOptimizer(Optimizer):
         return step
 
     @staticmethod
-    def _check_state(name, s, p, gi):
-        if s.shape != p.shape or s.dtype != p.dtype or s.device != p.device:
+    def _check_state(name, s, p, gi, dtype=None):
+        dtype = p.dtype if dtype is None else dtype
+        if s.shape != p.shape or s.dtype != dtype or s.device != p.device:
             raise RuntimeError(
                 f"param group {gi}: optimizer state '{name}' has shape {tuple(s.shape)}, dtype "
                 f"{s.dtype}, device {s.device}, but its parameter has shape {tuple(p.shape)}, dtype "
                 f"{p.dtype}, device {p.device} (the parameter changed after its state was created, "
                 "or a checkpoint of another model was loaded)")
+
+    # ------------------------------------------------------- mixed precision
+
+    @staticmethod
+    def _uses_master(group, p):
+        return bool(group["master_weights"]) and p.dtype in _LOW
+
+    def _state_dtype(self, group, p):
+        """The dtype of p's moments / momentum buffer."""
+        if p.dtype not in _LOW + (torch.float32,):
+            return p.dtype  # fp64 and complex params keep torch's layout
+        if group["state_dtype"] is not None:
+            return group["state_dtype"]
+        return torch.float32 if self._uses_master(group, p) else p.dtype
+
+    def _state_like(self, group, state, name, p):
+        """state[name], created as zeros or converted to the dtype the group
+        wants (e.g. bf16 moments of a torch checkpoint, loaded with
+        master_weights=True, become fp32)."""
+        want = self._state_dtype(group, p)
+        s = state.get(name)
+        if s is None:
+            s = torch.zeros_like(p, dtype=want, memory_format=torch.preserve_format)
+            state[name] = s
+        elif s.dtype != want and s.dtype == p.dtype and s.shape == p.shape:
+            # torch's layout (the param's dtype), the group wants another
+            s = s.to(dtype=want)
+            state[name] = s
+        return s
+
+    def _master(self, group, state, p):
+        """The fp32 master copy of p (None when p has none); a missing one (a
+        fresh state, or a torch.optim checkpoint) is initialized from p."""
+        if not self._uses_master(group, p):
+            return None
+        mp = state.get(MASTER_KEY)
+        if mp is None or mp.dtype != torch.float32:
+            src = p if mp is None else mp
+            mp = torch.empty_like(p, dtype=torch.float32, memory_format=torch.preserve_format)
+            mp.copy_(src)
+            state[MASTER_KEY] = mp
+        self._check_state(MASTER_KEY, mp, p, None, torch.float32)
+        return mp
+
+    def _sr_id(self, p):
+        """The index of p in the optimizer (state_dict order): the param part
+        of the stochastic-rounding key."""
+        ids = getattr(self, "_param_ids", None)
+        if ids is None:
+            ids = {}
+            for group in self.param_groups:
+                for q in group["params"]:
+                    ids.setdefault(id(q), len(ids))
+            self._param_ids = ids
+        return ids[id(p)]
+
+    @staticmethod
+    def _split_master(n, masters):
+        """Index sets of one op call each: params without and with a master."""
+        with_m = [i for i in range(n) if masters[i] is not None]
+        without = [i for i in range(n) if masters[i] is None]
+        return [(idx, bool(with_m) and idx is with_m) for idx in (without, with_m) if idx]
+
+    def load_state_dict(self, state_dict):
+        """torch.optim's, except that floating state keeps the dtype it was
+        saved with (torch casts it to the param's dtype, which would round
+        an fp32 master or fp32 moments of a bf16 param); `_init_group` then
+        converts to the dtype each group wants."""
+        super().load_state_dict(state_dict)
+        saved = state_dict["state"]
+        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        params = [(p, g) for g in self.param_groups for p in g["params"]]
+        for idx, (p, group) in zip(saved_ids, params):
+            st, cur = saved.get(idx), self.state.get(p)
+            if not st or cur is None:
+                continue
+            for k, v in st.items():
+                if k == "step" or not isinstance(v, torch.Tensor) or not v.is_floating_point():
+                    continue
+                want = torch.float32 if k == MASTER_KEY else self._state_dtype(group, p)
+                c = cur.get(k)
+                if isinstance(c, torch.Tensor) and c.dtype != v.dtype and v.dtype == want:
+                    cur[k] = v.to(device=c.device, copy=True)
+        self._param_ids = None
 
     def _global_norm(self, per_group, grad_scale, sharded=False):
         """The pre-clip global norm over the grads of every group, unscaled;
@@ -275,7 +400,8 @@ class _AdamBase(_FusedOptimizer):
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
                  amsgrad=False, *, foreach=None, maximize=False, capturable=False,
                  differentiable=False, fused=None, decoupled_weight_decay=False,
-                 max_grad_norm=None, norm_type=2.0, weight_decay_mode=None, skip_nonfinite=True):
+                 max_grad_norm=None, norm_type=2.0, weight_decay_mode=None, skip_nonfinite=True,
+                 master_weights=False, state_dtype=None, stochastic_rounding=False, sr_seed=None):
         _check_lr(lr)
         if not 0.0 <= _scalar(eps, "eps"):
             raise ValueError(f"Invalid epsilon value: {eps}")
@@ -292,7 +418,8 @@ class _AdamBase(_FusedOptimizer):
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
                         maximize=maximize, foreach=foreach, capturable=capturable,
                         differentiable=differentiable, fused=fused,
-                        decoupled_weight_decay=extras["weight_decay_mode"] != "l2", **extras)
+                        decoupled_weight_decay=extras["weight_decay_mode"] != "l2", **extras,
+                        **_check_mixed(master_weights, state_dtype, stochastic_rounding, sr_seed))
         super().__init__(params, defaults)
 
     def __setstate__(self, state):
@@ -303,35 +430,48 @@ class _AdamBase(_FusedOptimizer):
             group.setdefault("decoupled_weight_decay", group["weight_decay_mode"] != "l2")
 
     def _init_group(self, group, pairs, gi, view=_real):
+        """Lists for adam_: params, grads, exp_avgs, exp_avg_sqs, max_sqs,
+        steps, then masters (an fp32 master or None per param) and sr_ids."""
         params, grads, exp_avgs, exp_avg_sqs, max_sqs, steps = [], [], [], [], [], []
+        masters, sr_ids = [], []
         amsgrad = group["amsgrad"]
         for p, g in pairs:
             state = self.state[p]
             if len(state) == 0 or "exp_avg" not in state:
                 state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
-                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            if amsgrad and "max_exp_avg_sq" not in state:
-                state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            names = ("exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if amsgrad else ())
+            for name in names:
+                self._state_like(group, state, name, p)
             steps.append(self._step_tensor(state, p))
             params.append(view(p))
             grads.append(view(g))
+            mp = self._master(group, state, p)
+            masters.append(None if mp is None else view(mp))
+            sr_ids.append(self._sr_id(p) if group["stochastic_rounding"] else 0)
+            want = self._state_dtype(group, p)
             for name, out in (("exp_avg", exp_avgs), ("exp_avg_sq", exp_avg_sqs)) + (
                     (("max_exp_avg_sq", max_sqs),) if amsgrad else ()):
                 s = state[name]
-                self._check_state(name, s, p, gi)
+                self._check_state(name, s, p, gi, want)
                 out.append(view(s))
-        return params, grads, exp_avgs, exp_avg_sqs, max_sqs, steps
+        return params, grads, exp_avgs, exp_avg_sqs, max_sqs, steps, masters, sr_ids
 
     def _update(self, group, lists, kw, gi):
-        params, grads, exp_avgs, exp_avg_sqs, max_sqs, steps = lists
+        params, grads, exp_avgs, exp_avg_sqs, max_sqs, steps, masters, sr_ids = lists
         beta1, beta2 = group["betas"]
-        self._call("adam_", gi, params, grads, exp_avgs, exp_avg_sqs, max_sqs,
-                   steps, kw["lr"], kw["lr_tensor"], _scalar(beta1, "beta1"),
-                   _scalar(beta2, "beta2"), _scalar(group["eps"], "eps"), kw["weight_decay"],
-                   kw["decay_mode"], kw["initial_lr"], bool(group["amsgrad"]), kw["maximize"],
-                   kw["grad_norm"], kw["max_norm"], kw["grad_scale"], kw["found_inf"],
-                   kw["skip_nonfinite"])
+        amsgrad = bool(group["amsgrad"])
+        for idx, master in self._split_master(len(params), masters):
+            def pick(xs):
+                return xs if len(idx) == len(xs) else [xs[i] for i in idx]
+            sr = bool(group["stochastic_rounding"]) and not master
+            self._call("adam_", gi, pick(params), pick(grads), pick(exp_avgs), pick(exp_avg_sqs),
+                       pick(max_sqs) if amsgrad else [],
+                       pick(steps), kw["lr"], kw["lr_tensor"], _scalar(beta1, "beta1"),
+                       _scalar(beta2, "beta2"), _scalar(group["eps"], "eps"), kw["weight_decay"],
+                       kw["decay_mode"], kw["initial_lr"], amsgrad, kw["maximize"],
+                       kw["grad_norm"], kw["max_norm"], kw["grad_scale"], kw["found_inf"],
+                       kw["skip_nonfinite"], pick(masters) if master else [], sr,
+                       int(group["sr_seed"]), pick(sr_ids) if sr else [])
 
 
 class Adam(_AdamBase):
@@ -348,12 +488,15 @@ class AdamW(_AdamBase):
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2,
                  amsgrad=False, *, maximize=False, foreach=None, capturable=False,
                  differentiable=False, fused=None, max_grad_norm=None, norm_type=2.0,
-                 weight_decay_mode=None, skip_nonfinite=True):
+                 weight_decay_mode=None, skip_nonfinite=True, master_weights=False,
+                 state_dtype=None, stochastic_rounding=False, sr_seed=None):
         super().__init__(params, lr, betas, eps, weight_decay, amsgrad, foreach=foreach,
                          maximize=maximize, capturable=capturable, differentiable=differentiable,
                          fused=fused, decoupled_weight_decay=False, max_grad_norm=max_grad_norm,
                          norm_type=norm_type, weight_decay_mode=weight_decay_mode,
-                         skip_nonfinite=skip_nonfinite)
+                         skip_nonfinite=skip_nonfinite, master_weights=master_weights,
+                         state_dtype=state_dtype, stochastic_rounding=stochastic_rounding,
+                         sr_seed=sr_seed)
 
 
 class SGD(_FusedOptimizer):
@@ -364,7 +507,8 @@ class SGD(_FusedOptimizer):
     def __init__(self, params, lr=1e-3, momentum=0.0, dampening=0.0, weight_decay=0.0,
                  nesterov=False, *, maximize=False, foreach=None, differentiable=False,
                  fused=None, max_grad_norm=None, norm_type=2.0, weight_decay_mode=None,
-                 skip_nonfinite=True):
+                 skip_nonfinite=True, master_weights=False, state_dtype=None,
+                 stochastic_rounding=False, sr_seed=None):
         _check_lr(lr)
         if _scalar(momentum, "momentum") < 0.0:
             raise ValueError(f"Invalid momentum value: {momentum}")
@@ -376,7 +520,8 @@ class SGD(_FusedOptimizer):
                                self._default_mode)
         defaults = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
                         nesterov=nesterov, maximize=maximize, foreach=foreach,
-                        differentiable=differentiable, fused=fused, **extras)
+                        differentiable=differentiable, fused=fused, **extras,
+                        **_check_mixed(master_weights, state_dtype, stochastic_rounding, sr_seed))
         super().__init__(params, defaults)
 
     def __setstate__(self, state):
@@ -385,31 +530,44 @@ class SGD(_FusedOptimizer):
             group.setdefault("nesterov", False)
 
     def _init_group(self, group, pairs, gi, view=_real):
-        params, grads, bufs, is_new = [], [], [], []
+        """Lists for sgd_: params, grads, bufs, is_new, then masters (fp32
+        master or None per param), sr_ids and steps (stochastic rounding
+        only: a per-param `step` counter, the step of the rounding's key)."""
+        params, grads, bufs, is_new, masters, sr_ids, steps = [], [], [], [], [], [], []
         momentum = _scalar(group["momentum"], "momentum")
+        sr = bool(group["stochastic_rounding"])
         for p, g in pairs:
             params.append(view(p))
             grads.append(view(g))
+            state = self.state[p]
+            mp = self._master(group, state, p)
+            masters.append(None if mp is None else view(mp))
+            if sr:
+                sr_ids.append(self._sr_id(p))
+                steps.append(self._step_tensor(state, p))
             if momentum == 0.0:
                 continue
-            state = self.state[p]
             buf = state.get("momentum_buffer")
             is_new.append(buf is None)
-            if buf is None:
-                # Zeros, not empty: if this first step is skipped on the device
-                # (found_inf, non-finite norm) the next step decays a zero
-                # buffer, which with dampening == 0 equals starting from g.
-                buf = torch.zeros_like(p, memory_format=torch.preserve_format)
-                state["momentum_buffer"] = buf
-            self._check_state("momentum_buffer", buf, p, gi)
+            # Zeros, not empty: if this first step is skipped on the device
+            # (found_inf, non-finite norm) the next step decays a zero
+            # buffer, which with dampening == 0 equals starting from g.
+            buf = self._state_like(group, state, "momentum_buffer", p)
+            self._check_state("momentum_buffer", buf, p, gi, self._state_dtype(group, p))
             bufs.append(view(buf))
-        return params, grads, bufs, is_new
+        return params, grads, bufs, is_new, masters, sr_ids, steps
 
     def _update(self, group, lists, kw, gi):
-        params, grads, bufs, is_new = lists
-        self._call("sgd_", gi, params, grads, bufs, is_new, kw["lr"],
-                   kw["lr_tensor"], _scalar(group["momentum"], "momentum"),
-                   _scalar(group["dampening"], "dampening"), bool(group["nesterov"]),
-                   kw["weight_decay"], kw["decay_mode"], kw["initial_lr"], kw["maximize"],
-                   kw["grad_norm"], kw["max_norm"], kw["grad_scale"], kw["found_inf"],
-                   kw["skip_nonfinite"])
+        params, grads, bufs, is_new, masters, sr_ids, steps = lists
+        for idx, master in self._split_master(len(params), masters):
+            def pick(xs):
+                return xs if len(idx) == len(xs) or not xs else [xs[i] for i in idx]
+            sr = bool(group["stochastic_rounding"]) and not master
+            self._call("sgd_", gi, pick(params), pick(grads), pick(bufs), pick(is_new), kw["lr"],
+                       kw["lr_tensor"], _scalar(group["momentum"], "momentum"),
+                       _scalar(group["dampening"], "dampening"), bool(group["nesterov"]),
+                       kw["weight_decay"], kw["decay_mode"], kw["initial_lr"], kw["maximize"],
+                       kw["grad_norm"], kw["max_norm"], kw["grad_scale"], kw["found_inf"],
+                       kw["skip_nonfinite"], pick(masters) if master else [],
+                       pick(steps) if sr else [], sr, int(group["sr_seed"]),
+                       pick(sr_ids) if sr else [])

@@ -65,7 +65,9 @@ class _Reference:
 
 class _ReferenceAdam(_Reference):
     def _update(self, group, lists, kw, gi):
-        params, grads, exp_avgs, exp_avg_sqs, max_sqs, steps = lists
+        params, grads, exp_avgs, exp_avg_sqs, max_sqs, steps, masters, _ = lists
+        if group["stochastic_rounding"]:
+            raise NotImplementedError("fused_wd.reference does not do stochastic rounding")
         skip, inv_scale, coef = self._prep(kw)
         if skip:
             return
@@ -74,7 +76,9 @@ class _ReferenceAdam(_Reference):
         eps = float(group["eps"])
         for i, (p_, g_, m_, v_, step) in enumerate(zip(params, grads, exp_avgs, exp_avg_sqs, steps)):
             dt = _opmath(p_)
-            p, m, v = p_.to(dt), m_.to(dt), v_.to(dt)
+            # with a master copy the update runs on it; p_ is its rounding
+            src = p_ if masters[i] is None else masters[i]
+            p, m, v = src.to(dt), m_.to(dt), v_.to(dt)
             g = self._grad(g_, inv_scale, coef, kw["maximize"], dt)
             p, g = self._decay(p, g, kw, lr)
             step += 1
@@ -91,6 +95,8 @@ class _ReferenceAdam(_Reference):
             bias_correction2 = 1.0 - beta2 ** t
             denom = v_hat.sqrt() / (bias_correction2 ** 0.5) + eps
             p = p - (lr / bias_correction1) * (m / denom)
+            if masters[i] is not None:
+                masters[i].copy_(p)
             p_.copy_(p)
             m_.copy_(m)
             v_.copy_(v)
@@ -98,7 +104,9 @@ class _ReferenceAdam(_Reference):
 
 class _ReferenceSGD(_Reference):
     def _update(self, group, lists, kw, gi):
-        params, grads, bufs, is_new = lists
+        params, grads, bufs, is_new, masters = lists[:5]
+        if group["stochastic_rounding"]:
+            raise NotImplementedError("fused_wd.reference does not do stochastic rounding")
         skip, inv_scale, coef = self._prep(kw)
         if skip:
             return
@@ -107,7 +115,7 @@ class _ReferenceSGD(_Reference):
         dampening = float(group["dampening"])
         for i, (p_, g_) in enumerate(zip(params, grads)):
             dt = _opmath(p_)
-            p = p_.to(dt)
+            p = (p_ if masters[i] is None else masters[i]).to(dt)
             g = self._grad(g_, inv_scale, coef, kw["maximize"], dt)
             p, g = self._decay(p, g, kw, lr)
             if momentum != 0:
@@ -118,6 +126,8 @@ class _ReferenceSGD(_Reference):
                 bufs[i].copy_(buf)
                 g = g + momentum * buf if group["nesterov"] else buf
             p = p - lr * g
+            if masters[i] is not None:
+                masters[i].copy_(p)
             p_.copy_(p)
 
 

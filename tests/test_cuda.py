@@ -236,11 +236,11 @@ def test_op_matches_cpu_backend(dtype):
         norm = torch.tensor(7.5, device=dev)
         scale = torch.tensor(3.0, device=dev)
         ops.adam_(p, g, m, v, vm, steps, 0.01, None, 0.9, 0.99, 1e-8, 0.1, 1, 0.01, True, False,
-                  norm, 1.0, scale, None, True)
+                  norm, 1.0, scale, None, True, [])
         b = [torch.randn_like(x, dtype=torch.float64).to(dtype).to(dev) for x in ps]
         p2 = [x.clone() for x in p]
         ops.sgd_(p2, g, b, [False, True, False, True], 0.01, None, 0.9, 0.1, False, 0.1, 0, 0.01,
-                 True, norm, 1.0, scale, None, True)
+                 True, norm, 1.0, scale, None, True, [], [])
         results[dev] = (p, m, v, vm, steps, b, p2)
     for xs, ys in zip(results["cpu"], results[DEV]):
         for x, y in zip(xs, ys):
@@ -260,7 +260,8 @@ def _adam_args(n=3, dtype=torch.float32, **over):
     kw = dict(params=p, grads=g, exp_avgs=m, exp_avg_sqs=v, max_exp_avg_sqs=[], state_steps=steps,
               lr=1e-2, lr_tensor=None, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0,
               decay_mode=1, initial_lr=1e-2, amsgrad=False, maximize=False, grad_norm=None,
-              max_norm=0.0, grad_scale=None, found_inf=None, skip_nonfinite=True)
+              max_norm=0.0, grad_scale=None, found_inf=None, skip_nonfinite=True,
+              master_params=[])
     kw.update(over)
     return kw
 
@@ -725,15 +726,15 @@ def test_opcheck_cuda(dtype):
     found = torch.zeros((), device=DEV)
     torch.library.opcheck(ops.adam_.default, (
         p, g, z(), z(), z(), steps, 1e-3, None, 0.9, 0.999, 1e-8, 0.01, 1, 1e-3, True, False,
-        norm, 1.0, scale, found, True))
+        norm, 1.0, scale, found, True, []))
     torch.library.opcheck(ops.adam_.default, (
         p, g, z(), z(), [], steps, 0.0, torch.tensor(1e-3, device=DEV), 0.9, 0.999, 1e-8, 0.01, 0,
-        1e-3, False, True, None, 0.0, None, None, True))
+        1e-3, False, True, None, 0.0, None, None, True, []))
     torch.library.opcheck(ops.sgd_.default, (
         p, g, z(), [True, False, True], 1e-2, None, 0.9, 0.0, True, 0.01, 0, 1e-2, False,
-        norm, 1.0, scale, found, True))
+        norm, 1.0, scale, found, True, [], []))
     torch.library.opcheck(ops.sgd_.default, (
-        p, g, [], [], 1e-2, None, 0.0, 0.0, False, 0.0, 0, 1e-2, False, None, 0.0, None, None, False))
+        p, g, [], [], 1e-2, None, 0.0, 0.0, False, 0.0, 0, 1e-2, False, None, 0.0, None, None, False, [], []))
 
 
 def test_cpu_checkpoint_into_cuda_optimizer():

@@ -404,10 +404,10 @@ def test_opcheck(device, dtype):
     torch.library.opcheck(ops.adam_.default, (
         [p.clone() for p in ps], gs, [t.clone() for t in z], [t.clone() for t in z],
         [t.clone() for t in z], [s.clone() for s in steps], 0.01, None, 0.9, 0.999, 1e-8, 0.1, 1,
-        0.01, True, False, norm, 1.0, None, None, True))
+        0.01, True, False, norm, 1.0, None, None, True, []))
     torch.library.opcheck(ops.sgd_.default, (
         [p.clone() for p in ps], gs, [t.clone() for t in z], [True, False], 0.01, None, 0.9, 0.0,
-        True, 0.1, 0, 0.01, False, norm, 1.0, None, None, True))
+        True, 0.1, 0, 0.01, False, norm, 1.0, None, None, True, [], []))
 
 
 # ------------------------------------------------------------ clip_grad_norm_

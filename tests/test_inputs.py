@@ -180,12 +180,12 @@ def test_ops_check_their_arguments():
     p = [torch.ones(3)]
     with pytest.raises(RuntimeError, match=r"grads\[0\] has shape"):
         ops.sgd_(p, [torch.ones(4)], [], [], 0.1, None, 0.0, 0.0, False, 0.0, 0, 0.1, False,
-                 None, 0.0, None, None, True)
+                 None, 0.0, None, None, True, [], [])
     with pytest.raises(RuntimeError, match="norm_type must be 2.0 or inf"):
         ops.multi_tensor_norm(p, 1.0)
     with pytest.raises(RuntimeError, match="state_steps"):
         ops.adam_(p, p, [torch.zeros(3)], [torch.zeros(3)], [], [], 0.1, None, 0.9, 0.99, 1e-8,
-                  0.0, 0, 0.1, False, False, None, 0.0, None, None, True)
+                  0.0, 0, 0.1, False, False, None, 0.0, None, None, True, [])
 
 
 # ------------------------------------------------------------ property test

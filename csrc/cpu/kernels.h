@@ -32,12 +32,35 @@ struct SgdModes {
   bool momentum, nesterov, first;
 };
 
+// Mixed precision (the layouts the homogeneous entries above do not cover):
+// param/grad of storage `param`, states (m, v, vmax; SGD: buf in m) of
+// storage `state`, optionally an fp32 master copy; math in float. The param
+// is written as the master (or the updated value) rounded to nearest, or
+// stochastically (`sr`, bf16 params only) with the bits of
+// sr_bits(sr_key, element index).
+struct MixedPtrs {
+  void* p;
+  const void* g;
+  void* master;  // null: none
+  void* m;
+  void* v;
+  void* vmax;
+};
+
+struct MixedLayout {
+  Storage param, state;
+  bool sr;
+  uint64_t sr_key;
+};
+
 struct KernelTable {
   const char* isa;
   void (*adam_f32)(Storage, const AdamPtrs&, int64_t, int64_t, const AdamScalars<float>&, bool amsgrad, int decay);
   void (*adam_f64)(const AdamPtrs&, int64_t, int64_t, const AdamScalars<double>&, bool amsgrad, int decay);
   void (*sgd_f32)(Storage, const SgdPtrs&, int64_t, int64_t, const SgdScalars<float>&, SgdModes);
   void (*sgd_f64)(const SgdPtrs&, int64_t, int64_t, const SgdScalars<double>&, SgdModes);
+  void (*adam_mixed)(const MixedLayout&, const MixedPtrs&, int64_t, int64_t, const AdamScalars<float>&, bool amsgrad, int decay);
+  void (*sgd_mixed)(const MixedLayout&, const MixedPtrs&, int64_t, int64_t, const SgdScalars<float>&, SgdModes);
   // Sum of squares in double, in an order fixed by [begin, end) alone.
   double (*sumsq)(Storage, const void*, int64_t, int64_t);
   // max |x|, NaN if any element is NaN.

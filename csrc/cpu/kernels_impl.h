@@ -266,6 +266,106 @@ void sgd_f64(const SgdPtrs& ptr, int64_t b, int64_t e, const SgdScalars<double>&
   sgd_dispatch<Storage::kF64>(ptr, b, e, s, md);
 }
 
+// ------------------------------------------------------------ mixed precision
+
+// Block conversions chosen at run time (one switch per block of kBlock
+// elements): the mixed layouts are many, the element loops are the
+// homogeneous float ones above.
+void load_float(Storage st, const void* src, int64_t off, float* __restrict dst, int64_t n) {
+  switch (st) {
+    case Storage::kBF16: return Io<Storage::kBF16>::load(static_cast<const uint16_t*>(src) + off, dst, n);
+    case Storage::kF16: return Io<Storage::kF16>::load(static_cast<const uint16_t*>(src) + off, dst, n);
+    default: std::memcpy(dst, static_cast<const float*>(src) + off, n * sizeof(float)); return;
+  }
+}
+
+void store_float(Storage st, const float* __restrict src, void* dst, int64_t off, int64_t n) {
+  switch (st) {
+    case Storage::kBF16: return Io<Storage::kBF16>::store(src, static_cast<uint16_t*>(dst) + off, n);
+    case Storage::kF16: return Io<Storage::kF16>::store(src, static_cast<uint16_t*>(dst) + off, n);
+    default: std::memcpy(static_cast<float*>(dst) + off, src, n * sizeof(float)); return;
+  }
+}
+
+void store_bf16_stochastic(const float* __restrict src, uint16_t* __restrict dst, int64_t n,
+                           uint64_t key, int64_t first) {
+  for (int64_t i = 0; i < n; ++i)
+    dst[i] = bf16_bits_stochastic(src[i], sr_bits(key, static_cast<uint64_t>(first + i)));
+}
+
+// Runs body(p, g, s0, s1, s2, n) on float blocks; states s_k exist when
+// their pointer does.
+template <typename Body>
+void run_mixed(const MixedLayout& L, const MixedPtrs& P, int64_t begin, int64_t end, Body body) {
+  alignas(64) float pt[kBlock], gt[kBlock], st[3][kBlock];
+  void* const sp[3] = {P.m, P.v, P.vmax};
+  for (int64_t b = begin; b < end; b += kBlock) {
+    const int64_t n = end - b < kBlock ? end - b : kBlock;
+    if (P.master) std::memcpy(pt, static_cast<const float*>(P.master) + b, n * sizeof(float));
+    else load_float(L.param, P.p, b, pt, n);
+    load_float(L.param, P.g, b, gt, n);
+    for (int k = 0; k < 3; ++k)
+      if (sp[k]) load_float(L.state, sp[k], b, st[k], n);
+    body(pt, gt, st[0], st[1], st[2], n);
+    if (P.master) std::memcpy(static_cast<float*>(P.master) + b, pt, n * sizeof(float));
+    if (L.sr && !P.master && L.param == Storage::kBF16)
+      store_bf16_stochastic(pt, static_cast<uint16_t*>(P.p) + b, n, L.sr_key, b);
+    else
+      store_float(L.param, pt, P.p, b, n);
+    for (int k = 0; k < 3; ++k)
+      if (sp[k]) store_float(L.state, st[k], sp[k], b, n);
+  }
+}
+
+template <bool AMS, int DECAY>
+void adam_mixed_typed(const MixedLayout& L, const MixedPtrs& P, int64_t b, int64_t e,
+                      const AdamScalars<float>& s) {
+  MixedPtrs q = P;
+  if (!AMS) q.vmax = nullptr;
+  run_mixed(L, q, b, e, [&](float* p, const float* g, float* m, float* v, float* vm, int64_t n) {
+    adam_loop<float, AMS, DECAY>(p, g, m, v, vm, n, s);
+  });
+}
+
+void adam_mixed(const MixedLayout& L, const MixedPtrs& P, int64_t b, int64_t e,
+                const AdamScalars<float>& s, bool ams, int decay) {
+#define FWD_ADAM_CASE(A, D) \
+  if (ams == A && decay == D) return adam_mixed_typed<A, D>(L, P, b, e, s);
+  FWD_ADAM_CASE(false, kNone)
+  FWD_ADAM_CASE(false, kL2)
+  FWD_ADAM_CASE(false, kScaleParam)
+  FWD_ADAM_CASE(true, kNone)
+  FWD_ADAM_CASE(true, kL2)
+  FWD_ADAM_CASE(true, kScaleParam)
+#undef FWD_ADAM_CASE
+}
+
+template <int DECAY, bool MOM, bool NEST>
+void sgd_mixed_typed(const MixedLayout& L, const MixedPtrs& P, int64_t b, int64_t e,
+                     const SgdScalars<float>& s, bool first) {
+  MixedPtrs q = P;
+  q.v = q.vmax = nullptr;
+  if (!MOM) q.m = nullptr;
+  run_mixed(L, q, b, e, [&](float* p, const float* g, float* buf, float*, float*, int64_t n) {
+    sgd_loop<float, DECAY, MOM, NEST>(p, g, buf, n, first, s);
+  });
+}
+
+template <int DECAY>
+void sgd_mixed_mom(const MixedLayout& L, const MixedPtrs& P, int64_t b, int64_t e,
+                   const SgdScalars<float>& s, SgdModes md) {
+  if (!md.momentum) return sgd_mixed_typed<DECAY, false, false>(L, P, b, e, s, md.first);
+  if (md.nesterov) return sgd_mixed_typed<DECAY, true, true>(L, P, b, e, s, md.first);
+  return sgd_mixed_typed<DECAY, true, false>(L, P, b, e, s, md.first);
+}
+
+void sgd_mixed(const MixedLayout& L, const MixedPtrs& P, int64_t b, int64_t e,
+               const SgdScalars<float>& s, SgdModes md) {
+  if (md.decay == kL2) return sgd_mixed_mom<kL2>(L, P, b, e, s, md);
+  if (md.decay == kScaleParam) return sgd_mixed_mom<kScaleParam>(L, P, b, e, s, md);
+  return sgd_mixed_mom<kNone>(L, P, b, e, s, md);
+}
+
 // ------------------------------------------------------------ reductions
 
 // Runs `f(x, n)` over opmath blocks of [begin, end) of read-only storage.
@@ -372,6 +472,7 @@ void scale(Storage st, void* x, int64_t b, int64_t e, double coef) {
 KernelTable FWD_TABLE_FN() {
   namespace k = FUSED_WD_ISA;
   return KernelTable{FWD_ISA_NAME, k::adam_f32, k::adam_f64, k::sgd_f32, k::sgd_f64,
+                     k::adam_mixed, k::sgd_mixed,
                      k::sumsq, k::absmax, k::scale};
 }
 

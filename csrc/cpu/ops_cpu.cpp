@@ -126,6 +126,26 @@ void check_step_scalars(const char* op, at::TensorList params,
   check_scalar_tensor(op, "found_inf", found_inf, cpu, true);
 }
 
+// stochastic_rounding needs one id per param.
+void check_sr(const char* op, at::TensorList params, bool sr, at::IntArrayRef ids) {
+  TORCH_CHECK(!sr || ids.size() == params.size(), op, ": stochastic_rounding needs one sr_ids "
+              "entry per param, got ", ids.size(), " for ", params.size());
+}
+
+// The layout of entry i: storages, and stochastic rounding (bf16 params
+// only) keyed by step t.
+MixedLayout mixed_layout(const at::Tensor& p, const at::Tensor& state, bool sr, int64_t seed,
+                         at::IntArrayRef ids, size_t i, double t) {
+  MixedLayout L;
+  L.param = storage_of(p.scalar_type());
+  L.state = storage_of(state.scalar_type());
+  L.sr = sr && p.scalar_type() == at::kBFloat16;
+  L.sr_key = L.sr ? sr_key(static_cast<uint64_t>(seed), static_cast<uint64_t>(ids[i]),
+                           static_cast<uint64_t>(t))
+                  : 0;
+  return L;
+}
+
 // ------------------------------------------------------------------ norm
 
 at::Tensor multi_tensor_norm(at::TensorList tensors, double norm_type) {
@@ -187,17 +207,21 @@ void adam_(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
            double initial_lr, bool amsgrad, bool maximize,
            const std::optional<at::Tensor>& grad_norm, double max_norm,
            const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
-           bool skip_nonfinite) {
+           bool skip_nonfinite, at::TensorList master_params, bool stochastic_rounding,
+           int64_t sr_seed, at::IntArrayRef sr_ids) {
   const char* op = "fused_wd.adam_";
   TORCH_CHECK(decay_mode >= 0 && decay_mode <= 2, op, ": decay_mode must be 0, 1 or 2");
   TORCH_CHECK(!amsgrad || max_exp_avg_sqs.size() == params.size(), op,
               ": amsgrad needs one max_exp_avg_sq per param");
   const std::vector<ListSpec> lists = {{"params", params, true, false},
                                        {"grads", grads, false, false},
-                                       {"exp_avgs", exp_avgs, true, false},
-                                       {"exp_avg_sqs", exp_avg_sqs, true, false},
-                                       {"max_exp_avg_sqs", max_exp_avg_sqs, true, true}};
+                                       {"exp_avgs", exp_avgs, true, false, kDtypeState},
+                                       {"exp_avg_sqs", exp_avg_sqs, true, false, kDtypeState},
+                                       {"max_exp_avg_sqs", max_exp_avg_sqs, true, true, kDtypeState},
+                                       {"master_params", master_params, true, true, kDtypeMaster}};
   check_lists(op, lists, c10::DeviceType::CPU);
+  check_same_state_dtype(op, lists);
+  check_sr(op, params, stochastic_rounding, sr_ids);
   TORCH_CHECK(state_steps.size() == params.size(), op, ": state_steps has ", state_steps.size(),
               " tensors but params has ", params.size());
   for (size_t i = 0; i < state_steps.size(); ++i)
@@ -228,10 +252,25 @@ void adam_(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
   const auto& M = d.dense[2];
   const auto& V = d.dense[3];
   const auto& VM = d.dense[4];
+  const auto& MP = d.dense[5];
+  const bool master = !MP.empty();
+  std::vector<MixedLayout> layouts(params.size());
+  std::vector<char> mixed(params.size());
+  for (size_t i = 0; i < params.size(); ++i) {
+    layouts[i] = mixed_layout(P[i], M[i], stochastic_rounding, sr_seed, sr_ids, i,
+                              state_steps[i].item<double>() + 1.0);
+    mixed[i] = master || layouts[i].sr || layouts[i].state != layouts[i].param;
+  }
   const auto items = make_items(P);
   const KernelTable& k = table();
   parallel_items(items, [&](const Item& it) {
     const int64_t i = it.tensor;
+    if (mixed[i]) {
+      const MixedPtrs mp{ptr(P[i]), ptr(G[i]), master ? ptr(MP[i]) : nullptr,
+                         ptr(M[i]), ptr(V[i]), ams ? ptr(VM[i]) : nullptr};
+      k.adam_mixed(layouts[i], mp, it.begin, it.end, sf[i], ams, decay);
+      return;
+    }
     const AdamPtrs ptrs{ptr(P[i]), ptr(G[i]), ptr(M[i]), ptr(V[i]), ams ? ptr(VM[i]) : nullptr};
     const Storage st = storage_of(P[i].scalar_type());
     if (st == Storage::kF64)
@@ -251,7 +290,8 @@ void sgd_(at::TensorList params, at::TensorList grads, at::TensorList momentum_b
           int64_t decay_mode, double initial_lr, bool maximize,
           const std::optional<at::Tensor>& grad_norm, double max_norm,
           const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
-          bool skip_nonfinite) {
+          bool skip_nonfinite, at::TensorList master_params, at::TensorList state_steps,
+          bool stochastic_rounding, int64_t sr_seed, at::IntArrayRef sr_ids) {
   const char* op = "fused_wd.sgd_";
   TORCH_CHECK(decay_mode >= 0 && decay_mode <= 2, op, ": decay_mode must be 0, 1 or 2");
   const bool mom = momentum != 0.0;
@@ -261,8 +301,15 @@ void sgd_(at::TensorList params, at::TensorList grads, at::TensorList momentum_b
               ": buffer_is_new needs one flag per param");
   const std::vector<ListSpec> lists = {{"params", params, true, false},
                                        {"grads", grads, false, false},
-                                       {"momentum_buffers", momentum_buffers, true, true}};
+                                       {"momentum_buffers", momentum_buffers, true, true, kDtypeState},
+                                       {"master_params", master_params, true, true, kDtypeMaster}};
   check_lists(op, lists, c10::DeviceType::CPU);
+  check_sr(op, params, stochastic_rounding, sr_ids);
+  TORCH_CHECK(!stochastic_rounding || state_steps.size() == params.size(), op,
+              ": stochastic_rounding needs one state_steps counter per param");
+  for (size_t i = 0; i < state_steps.size(); ++i)
+    TORCH_CHECK(state_steps[i].numel() == 1 && state_steps[i].device().is_cpu(), op,
+                ": state_steps[", i, "] must be a one-element CPU tensor");
   check_step_scalars(op, params, lr_tensor, grad_norm, grad_scale, found_inf);
   const StepPrep sp = step_prep(grad_norm, max_norm, grad_scale, found_inf, skip_nonfinite);
   if (sp.skip || params.empty()) return;
@@ -277,12 +324,27 @@ void sgd_(at::TensorList params, at::TensorList grads, at::TensorList momentum_b
   const auto& P = d.dense[0];
   const auto& G = d.dense[1];
   const auto& B = d.dense[2];
+  const auto& MP = d.dense[3];
+  const bool master = !MP.empty();
+  std::vector<MixedLayout> layouts(params.size());
+  std::vector<char> mixed(params.size());
+  for (size_t i = 0; i < params.size(); ++i) {
+    const double t = stochastic_rounding ? state_steps[i].item<double>() + 1.0 : 0.0;
+    layouts[i] = mixed_layout(P[i], mom ? B[i] : P[i], stochastic_rounding, sr_seed, sr_ids, i, t);
+    mixed[i] = master || layouts[i].sr || layouts[i].state != layouts[i].param;
+  }
   const auto items = make_items(P);
   const KernelTable& k = table();
   parallel_items(items, [&](const Item& it) {
     const int64_t i = it.tensor;
-    const SgdPtrs ptrs{ptr(P[i]), ptr(G[i]), mom ? ptr(B[i]) : nullptr};
     const SgdModes md{decay, mom, nesterov, mom && buffer_is_new.get(i)};
+    if (mixed[i]) {
+      const MixedPtrs mp{ptr(P[i]), ptr(G[i]), master ? ptr(MP[i]) : nullptr,
+                         mom ? ptr(B[i]) : nullptr, nullptr, nullptr};
+      k.sgd_mixed(layouts[i], mp, it.begin, it.end, sf, md);
+      return;
+    }
+    const SgdPtrs ptrs{ptr(P[i]), ptr(G[i]), mom ? ptr(B[i]) : nullptr};
     const Storage st = storage_of(P[i].scalar_type());
     if (st == Storage::kF64)
       k.sgd_f64(ptrs, it.begin, it.end, sd, md);
@@ -290,6 +352,8 @@ void sgd_(at::TensorList params, at::TensorList grads, at::TensorList momentum_b
       k.sgd_f32(st, ptrs, it.begin, it.end, sf, md);
   });
   d.write_back();
+  if (stochastic_rounding)
+    for (const auto& s : state_steps) s.add_(1);
 }
 
 }  // namespace

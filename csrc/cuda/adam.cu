@@ -119,6 +119,106 @@ void launch_adam(const std::vector<std::vector<at::Tensor>>& dense, const std::v
 
 static_assert(sizeof(ChunkTable<5>) + sizeof(AdamArgs) <= 4000, "adam kernel arguments too large");
 
+// ---------------------------------------------------- Adam, mixed precision
+
+// Runtime-selected decay (a uniform branch: one template per storage pair
+// and amsgrad keeps the instantiations few).
+template <bool AMSGRAD>
+__device__ __forceinline__ void adam_element_rt(int decay, float& p, float g, float& m, float& v,
+                                                float& vm, const AdamScalars<float>& s) {
+  switch (decay) {
+    case kL2: adam_element<float, AMSGRAD, kL2>(p, g, m, v, vm, s); break;
+    case kScaleParam: adam_element<float, AMSGRAD, kScaleParam>(p, g, m, v, vm, s); break;
+    default: adam_element<float, AMSGRAD, kNone>(p, g, m, v, vm, s); break;
+  }
+}
+
+struct MixedArgs {
+  uint64_t sr_seed;
+  int decay;
+  int master;  // pointer 5 is the fp32 master
+  int sr;      // stochastic rounding of bf16 params (no master)
+};
+
+// Table pointers: 0 param (PT), 1 grad (PT), 2 exp_avg, 3 exp_avg_sq,
+// 4 max_exp_avg_sq (ST; amsgrad), 5 master (float; when mx.master).
+// Element by element (coalesced, no 16-byte vectors: the lists have
+// different element sizes).
+template <typename PT, typename ST, bool AMSGRAD>
+__global__ void __launch_bounds__(kThreads)
+    adam_mixed_kernel(ChunkTable<6> tab, AdamArgs a, MixedArgs mx) {
+  __shared__ AdamScalars<float> sh_scalars;
+  __shared__ uint64_t sh_key;
+  __shared__ int sh_skip;
+  const ChunkPos pos = locate_chunk(tab);
+  if (threadIdx.x == 0) {
+    const Prep pr = read_prep(a.prep);
+    sh_skip = pr.skip ? 1 : 0;
+    if (!pr.skip) {
+      const void* sp = tab.step[pos.t];
+      const double t = tab.flag[pos.t] ? *static_cast<const double*>(sp) + 1.0
+                                       : static_cast<double>(*static_cast<const float*>(sp) + 1.0f);
+      const double lr = a.lr_tensor.ptr != nullptr ? load_scalar(a.lr_tensor) : a.lr;
+      const GradPrep<float> gp = make_grad_prep<float>(pr.inv_scale, pr.coef, a.maximize != 0);
+      sh_scalars = make_adam_scalars<float>(lr, a.beta1, a.beta2, a.eps, a.weight_decay,
+                                            a.decay_mode, a.initial_lr, t, gp);
+      sh_key = mx.sr ? sr_key(mx.sr_seed, tab.id[pos.t], static_cast<uint64_t>(t)) : 0;
+    }
+  }
+  __syncthreads();
+  if (sh_skip) return;
+  const AdamScalars<float> s = sh_scalars;
+  const uint64_t key = sh_key;
+  const int64_t b = pos.begin;
+  PT* P = static_cast<PT*>(tab.ptr[0][pos.t]) + b;
+  const PT* G = static_cast<const PT*>(tab.ptr[1][pos.t]) + b;
+  ST* M = static_cast<ST*>(tab.ptr[2][pos.t]) + b;
+  ST* V = static_cast<ST*>(tab.ptr[3][pos.t]) + b;
+  ST* VM = AMSGRAD ? static_cast<ST*>(tab.ptr[4][pos.t]) + b : nullptr;
+  float* MS = mx.master ? static_cast<float*>(tab.ptr[5][pos.t]) + b : nullptr;
+  const bool sr = mx.sr != 0;
+  for (int i = threadIdx.x; i < pos.n; i += blockDim.x) {
+    float p = MS ? MS[i] : static_cast<float>(P[i]);
+    float m = static_cast<float>(M[i]), v = static_cast<float>(V[i]);
+    float vm = AMSGRAD ? static_cast<float>(VM[i]) : 0.0f;
+    adam_element_rt<AMSGRAD>(mx.decay, p, static_cast<float>(G[i]), m, v, vm, s);
+    if (MS) MS[i] = p;
+    store_param<PT>(P + i, p, sr, key, static_cast<uint64_t>(b + i));
+    M[i] = static_cast<ST>(m);
+    V[i] = static_cast<ST>(v);
+    if (AMSGRAD) VM[i] = static_cast<ST>(vm);
+  }
+}
+
+static_assert(sizeof(ChunkTable<6>) + sizeof(AdamArgs) + sizeof(MixedArgs) <= 4000,
+              "adam mixed kernel arguments too large");
+
+// list indices into the dense lists: p, g, m, v, vmax (or -1), master (or -1)
+template <typename PT, typename ST, bool AMSGRAD>
+void launch_adam_mixed(const std::vector<std::vector<at::Tensor>>& dense, const int (&li)[6],
+                       const std::vector<int64_t>& idx, at::TensorList steps,
+                       at::IntArrayRef sr_ids, const AdamArgs& args, const MixedArgs& mx,
+                       cudaStream_t stream) {
+  for_each_table<6>(
+      static_cast<int64_t>(idx.size()),
+      [&](int64_t k) {
+        const int64_t i = idx[k];
+        Entry<6> e;
+        e.numel = dense[0][i].numel();
+        for (int d = 0; d < 6; ++d)
+          e.ptr[d] = (e.numel && li[d] >= 0) ? dense[li[d]][i].data_ptr() : nullptr;
+        e.step = steps[i].data_ptr();
+        e.flag = steps[i].scalar_type() == at::kDouble;
+        e.id = mx.sr ? static_cast<uint32_t>(sr_ids[i]) : 0u;
+        return e;
+      },
+      [&](const ChunkTable<6>& tab, int nchunks) {
+        adam_mixed_kernel<PT, ST, AMSGRAD><<<nchunks, kThreads, 0, stream>>>(tab, args, mx);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
+}
+
+
 void check_steps(const char* op, at::TensorList steps, at::TensorList params) {
   TORCH_CHECK(steps.size() == params.size(), op, ": state_steps has ", steps.size(),
               " tensors but params has ", params.size());
@@ -141,20 +241,32 @@ void adam_(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
            double eps, double weight_decay, int64_t decay_mode, double initial_lr, bool amsgrad,
            bool maximize, const std::optional<at::Tensor>& grad_norm, double max_norm,
            const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
-           bool skip_nonfinite) {
+           bool skip_nonfinite, at::TensorList master_params, bool stochastic_rounding,
+           int64_t sr_seed, at::IntArrayRef sr_ids) {
   const char* op = "fused_wd::adam_";
   TORCH_CHECK(decay_mode >= 0 && decay_mode <= 2, op, ": decay_mode must be 0, 1 or 2, got ",
               decay_mode);
   std::vector<ListSpec> specs = {{"params", params, true, false},
                                  {"grads", grads, false, false},
-                                 {"exp_avgs", exp_avgs, true, false},
-                                 {"exp_avg_sqs", exp_avg_sqs, true, false}};
+                                 {"exp_avgs", exp_avgs, true, false, kDtypeState},
+                                 {"exp_avg_sqs", exp_avg_sqs, true, false, kDtypeState}};
+  int li[6] = {0, 1, 2, 3, -1, -1};
   if (amsgrad) {
     TORCH_CHECK(max_exp_avg_sqs.size() == params.size(), op, ": amsgrad needs one max_exp_avg_sqs "
                 "tensor per param, got ", max_exp_avg_sqs.size(), " for ", params.size());
-    specs.push_back({"max_exp_avg_sqs", max_exp_avg_sqs, true, false});
+    li[4] = static_cast<int>(specs.size());
+    specs.push_back({"max_exp_avg_sqs", max_exp_avg_sqs, true, false, kDtypeState});
+  }
+  const bool master = !master_params.empty();
+  if (master) {
+    li[5] = static_cast<int>(specs.size());
+    specs.push_back({"master_params", master_params, true, false, kDtypeMaster});
   }
   check_lists(op, specs, c10::DeviceType::CUDA);
+  check_same_state_dtype(op, specs);
+  TORCH_CHECK(!stochastic_rounding || sr_ids.size() == params.size(), op,
+              ": stochastic_rounding needs one sr_ids entry per param, got ", sr_ids.size(),
+              " for ", params.size());
   if (params.empty()) return;
   check_steps(op, state_steps, params);
   const at::Device device = params[0].device();
@@ -176,9 +288,23 @@ void adam_(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
   const int kind = decay_kind(static_cast<int>(decay_mode), weight_decay);
 
   DenseLists dl = make_dense(specs);
-  for (const auto& idx : group_by_dtype(dl.dense[0])) {
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dl.dense[0][idx[0]].scalar_type(),
-                                    "fused_wd_adam", [&] {
+  for (const auto& idx : group_by_dtypes(dl.dense[0], dl.dense[2])) {
+    const at::ScalarType pt = dl.dense[0][idx[0]].scalar_type();
+    const at::ScalarType st = dl.dense[2][idx[0]].scalar_type();
+    const bool sr = stochastic_rounding && !master && pt == at::kBFloat16;
+    if (master || sr || st != pt) {
+      const MixedArgs mx{static_cast<uint64_t>(sr_seed), kind, master ? 1 : 0, sr ? 1 : 0};
+      dispatch_mixed(op, pt, st, [&](auto ptag, auto stag) {
+        using PT = typename decltype(ptag)::type;
+        using ST = typename decltype(stag)::type;
+        if (amsgrad)
+          launch_adam_mixed<PT, ST, true>(dl.dense, li, idx, state_steps, sr_ids, args, mx, stream);
+        else
+          launch_adam_mixed<PT, ST, false>(dl.dense, li, idx, state_steps, sr_ids, args, mx, stream);
+      });
+      continue;
+    }
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, pt, "fused_wd_adam", [&] {
       auto run = [&](auto ams, auto decay) {
         launch_adam<scalar_t, decltype(ams)::value, decltype(decay)::value>(dl.dense, idx, state_steps,
                                                                            args, stream);

@@ -28,6 +28,7 @@
 #include <cstdint>
 #include <cstring>
 #include <optional>
+#include <type_traits>
 
 #include "common.h"
 #include "fused_wd/math.h"
@@ -42,18 +43,20 @@ constexpr int kTableBytes = 3584;  // room for the table; the op's own
 
 template <int DEPTH>
 struct ChunkTable {
-  static constexpr int kPerTensor = 8 * DEPTH + 8 + 8 + 4 + 1;
+  static constexpr int kPerTensor = 8 * DEPTH + 8 + 8 + 4 + 4 + 1;
   static constexpr int kMax = (kTableBytes - 16) / kPerTensor;
   void* ptr[DEPTH][kMax];
   int64_t numel[kMax];
   void* step[kMax];     // Adam: the tensor's step counter (else unused)
   int chunk_start[kMax];
+  uint32_t id[kMax];    // stochastic rounding: the param's id in its key
   int ntensors;
   uint8_t flag[kMax];   // Adam: step counter is float64; SGD: buffer is new
 };
 
 static_assert(sizeof(ChunkTable<1>) <= kTableBytes, "table too large");
 static_assert(sizeof(ChunkTable<5>) <= kTableBytes, "table too large");
+static_assert(sizeof(ChunkTable<6>) <= kTableBytes, "table too large");
 
 // One entry as the host hands it to for_each_table.
 template <int DEPTH>
@@ -62,6 +65,7 @@ struct Entry {
   int64_t numel;
   void* step = nullptr;
   uint8_t flag = 0;
+  uint32_t id = 0;
 };
 
 // Packs entries 0..count-1 (from `get(k)`) into tables and calls
@@ -88,6 +92,7 @@ void for_each_table(int64_t count, Get&& get, Launch&& launch) {
     tab.numel[s] = e.numel;
     tab.step[s] = e.step;
     tab.flag[s] = e.flag;
+    tab.id[s] = e.id;
     tab.chunk_start[s] = static_cast<int>(chunks);
     chunks += nc;
   }
@@ -165,6 +170,50 @@ __device__ __forceinline__ void for_each_element(scalar_t* const (&p)[DEPTH], in
     for (int d = 0; d < DEPTH; ++d)
       if ((WMASK >> d) & 1u) p[d][i] = static_cast<scalar_t>(x[d]);
   }
+}
+
+// ------------------------------------------------- mixed precision
+
+// Storage types of the mixed-precision kernels (param / state), as tags.
+template <typename T>
+struct Tag {
+  using type = T;
+};
+
+// Calls f(Tag<PT>, Tag<ST>) for the supported (param, state) storage pairs:
+// state float32 or bfloat16 for float32/float16/bfloat16 params, or the
+// param's own float16. Only these are instantiated.
+template <typename F>
+void dispatch_mixed(const char* op, at::ScalarType pt, at::ScalarType st, F&& f) {
+  auto with_state = [&](auto ptag) {
+    using PT = typename decltype(ptag)::type;
+    if (st == at::kFloat) return f(ptag, Tag<float>{});
+    if (st == at::kBFloat16) return f(ptag, Tag<c10::BFloat16>{});
+    if constexpr (std::is_same<PT, c10::Half>::value)
+      if (st == at::kHalf) return f(ptag, Tag<c10::Half>{});
+    TORCH_CHECK(false, op, ": unsupported mixed-precision layout: params ", pt, ", states ", st);
+  };
+  switch (pt) {
+    case at::kFloat: return with_state(Tag<float>{});
+    case at::kHalf: return with_state(Tag<c10::Half>{});
+    case at::kBFloat16: return with_state(Tag<c10::BFloat16>{});
+    default:
+      TORCH_CHECK(false, op, ": mixed precision needs float32/float16/bfloat16 params, got ", pt);
+  }
+}
+
+// Stores the updated float param: stochastically rounded (bf16 storage, sr)
+// or rounded to nearest.
+template <typename PT>
+__device__ __forceinline__ void store_param(PT* dst, float x, bool sr, uint64_t key, uint64_t index) {
+  if constexpr (std::is_same<PT, c10::BFloat16>::value) {
+    if (sr) {
+      *dst = c10::BFloat16(fused_wd::bf16_bits_stochastic(x, fused_wd::sr_bits(key, index)),
+                           c10::BFloat16::from_bits());
+      return;
+    }
+  }
+  *dst = static_cast<PT>(x);
 }
 
 // ------------------------------------------------- device scalar arguments

@@ -20,7 +20,8 @@ void adam_(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
            double eps, double weight_decay, int64_t decay_mode, double initial_lr, bool amsgrad,
            bool maximize, const std::optional<at::Tensor>& grad_norm, double max_norm,
            const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
-           bool skip_nonfinite);
+           bool skip_nonfinite, at::TensorList master_params, bool stochastic_rounding,
+           int64_t sr_seed, at::IntArrayRef sr_ids);
 
 void sgd_(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
           const c10::List<bool>& buffer_is_new, double lr,
@@ -28,7 +29,8 @@ void sgd_(at::TensorList params, at::TensorList grads, at::TensorList momentum_b
           bool nesterov, double weight_decay, int64_t decay_mode, double initial_lr, bool maximize,
           const std::optional<at::Tensor>& grad_norm, double max_norm,
           const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
-          bool skip_nonfinite);
+          bool skip_nonfinite, at::TensorList master_params, at::TensorList state_steps,
+          bool stochastic_rounding, int64_t sr_seed, at::IntArrayRef sr_ids);
 
 }  // namespace cuda
 }  // namespace fused_wd

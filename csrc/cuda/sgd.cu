@@ -73,6 +73,107 @@ void launch_sgd(const std::vector<std::vector<at::Tensor>>& dense, const std::ve
       });
 }
 
+
+// ----------------------------------------------------- SGD, mixed precision
+
+struct SgdMixedArgs {
+  uint64_t sr_seed;
+  int decay;
+  int momentum, nesterov;
+  int master;  // pointer 3 is the fp32 master
+  int sr;      // stochastic rounding of bf16 params (no master); steps in the table
+};
+
+__device__ __forceinline__ void sgd_element_rt(const SgdMixedArgs& mx, float& p, float g,
+                                               float& buf, bool first, const SgdScalars<float>& s) {
+#define FWD_SGD_MOM(D)                                                    \
+  if (!mx.momentum) sgd_element<float, D, false, false>(p, g, buf, false, s); \
+  else if (mx.nesterov) sgd_element<float, D, true, true>(p, g, buf, first, s); \
+  else sgd_element<float, D, true, false>(p, g, buf, first, s);
+  switch (mx.decay) {
+    case kL2: FWD_SGD_MOM(kL2) break;
+    case kScaleParam: FWD_SGD_MOM(kScaleParam) break;
+    default: FWD_SGD_MOM(kNone) break;
+  }
+#undef FWD_SGD_MOM
+}
+
+// Table pointers: 0 param (PT), 1 grad (PT), 2 momentum buffer (ST; when
+// momentum), 3 master (float; when mx.master).
+template <typename PT, typename ST>
+__global__ void __launch_bounds__(kThreads)
+    sgd_mixed_kernel(ChunkTable<4> tab, SgdArgs a, SgdMixedArgs mx) {
+  __shared__ SgdScalars<float> sh_scalars;
+  __shared__ uint64_t sh_key;
+  __shared__ int sh_skip;
+  const ChunkPos pos = locate_chunk(tab);
+  if (threadIdx.x == 0) {
+    const Prep pr = read_prep(a.prep);
+    sh_skip = pr.skip ? 1 : 0;
+    if (!pr.skip) {
+      const double lr = a.lr_tensor.ptr != nullptr ? load_scalar(a.lr_tensor) : a.lr;
+      const GradPrep<float> gp = make_grad_prep<float>(pr.inv_scale, pr.coef, a.maximize != 0);
+      sh_scalars = make_sgd_scalars<float>(lr, a.momentum, a.dampening, a.weight_decay,
+                                           a.decay_mode, a.initial_lr, gp);
+      uint64_t key = 0;
+      if (mx.sr) {
+        const double t = static_cast<double>(*static_cast<const float*>(tab.step[pos.t]) + 1.0f);
+        key = sr_key(mx.sr_seed, tab.id[pos.t], static_cast<uint64_t>(t));
+      }
+      sh_key = key;
+    }
+  }
+  __syncthreads();
+  if (sh_skip) return;
+  const SgdScalars<float> s = sh_scalars;
+  const uint64_t key = sh_key;
+  const bool first = (tab.flag[pos.t] & 1) != 0;
+  const int64_t b = pos.begin;
+  PT* P = static_cast<PT*>(tab.ptr[0][pos.t]) + b;
+  const PT* G = static_cast<const PT*>(tab.ptr[1][pos.t]) + b;
+  ST* B = mx.momentum ? static_cast<ST*>(tab.ptr[2][pos.t]) + b : nullptr;
+  float* MS = mx.master ? static_cast<float*>(tab.ptr[3][pos.t]) + b : nullptr;
+  const bool sr = mx.sr != 0;
+  for (int i = threadIdx.x; i < pos.n; i += blockDim.x) {
+    float p = MS ? MS[i] : static_cast<float>(P[i]);
+    float buf = B ? static_cast<float>(B[i]) : 0.0f;
+    sgd_element_rt(mx, p, static_cast<float>(G[i]), buf, first, s);
+    if (MS) MS[i] = p;
+    store_param<PT>(P + i, p, sr, key, static_cast<uint64_t>(b + i));
+    if (B) B[i] = static_cast<ST>(buf);
+  }
+}
+
+static_assert(sizeof(ChunkTable<4>) + sizeof(SgdArgs) + sizeof(SgdMixedArgs) <= 4000,
+              "sgd mixed kernel arguments too large");
+
+// li: dense list of p, g, buf (or -1), master (or -1)
+template <typename PT, typename ST>
+void launch_sgd_mixed(const std::vector<std::vector<at::Tensor>>& dense, const int (&li)[4],
+                      const std::vector<int64_t>& idx, const c10::List<bool>& is_new,
+                      at::TensorList steps, at::IntArrayRef sr_ids, const SgdArgs& args,
+                      const SgdMixedArgs& mx, cudaStream_t stream) {
+  for_each_table<4>(
+      static_cast<int64_t>(idx.size()),
+      [&](int64_t k) {
+        const int64_t i = idx[k];
+        Entry<4> e;
+        e.numel = dense[0][i].numel();
+        for (int d = 0; d < 4; ++d)
+          e.ptr[d] = (e.numel && li[d] >= 0) ? dense[li[d]][i].data_ptr() : nullptr;
+        e.flag = mx.momentum && is_new.get(static_cast<size_t>(i)) ? 1 : 0;
+        if (mx.sr) {
+          e.step = steps[i].data_ptr();
+          e.id = static_cast<uint32_t>(sr_ids[i]);
+        }
+        return e;
+      },
+      [&](const ChunkTable<4>& tab, int nchunks) {
+        sgd_mixed_kernel<PT, ST><<<nchunks, kThreads, 0, stream>>>(tab, args, mx);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
+}
+
 }  // namespace
 
 void sgd_(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
@@ -81,7 +182,8 @@ void sgd_(at::TensorList params, at::TensorList grads, at::TensorList momentum_b
           bool nesterov, double weight_decay, int64_t decay_mode, double initial_lr, bool maximize,
           const std::optional<at::Tensor>& grad_norm, double max_norm,
           const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
-          bool skip_nonfinite) {
+          bool skip_nonfinite, at::TensorList master_params, at::TensorList state_steps,
+          bool stochastic_rounding, int64_t sr_seed, at::IntArrayRef sr_ids) {
   const char* op = "fused_wd::sgd_";
   TORCH_CHECK(decay_mode >= 0 && decay_mode <= 2, op, ": decay_mode must be 0, 1 or 2, got ",
               decay_mode);
@@ -93,9 +195,25 @@ void sgd_(at::TensorList params, at::TensorList grads, at::TensorList momentum_b
                 params.size());
     TORCH_CHECK(buffer_is_new.size() == params.size(), op, ": buffer_is_new has ",
                 buffer_is_new.size(), " entries but params has ", params.size());
-    specs.push_back({"momentum_buffers", momentum_buffers, true, false});
+    specs.push_back({"momentum_buffers", momentum_buffers, true, false, kDtypeState});
+  }
+  int li[4] = {0, 1, use_momentum ? 2 : -1, -1};
+  const bool master = !master_params.empty();
+  if (master) {
+    li[3] = static_cast<int>(specs.size());
+    specs.push_back({"master_params", master_params, true, false, kDtypeMaster});
   }
   check_lists(op, specs, c10::DeviceType::CUDA);
+  if (stochastic_rounding) {
+    TORCH_CHECK(sr_ids.size() == params.size(), op, ": stochastic_rounding needs one sr_ids "
+                "entry per param, got ", sr_ids.size(), " for ", params.size());
+    TORCH_CHECK(state_steps.size() == params.size(), op, ": stochastic_rounding needs one "
+                "state_steps counter per param, got ", state_steps.size(), " for ", params.size());
+    for (size_t i = 0; i < state_steps.size(); ++i)
+      TORCH_CHECK(state_steps[i].numel() == 1 && state_steps[i].scalar_type() == at::kFloat &&
+                      state_steps[i].device() == params[i].device(),
+                  op, ": state_steps[", i, "] must be a 1-element float32 tensor on the param's device");
+  }
   if (params.empty()) return;
   const at::Device device = params[0].device();
   c10::cuda::CUDAGuard guard(device);
@@ -115,9 +233,23 @@ void sgd_(at::TensorList params, at::TensorList grads, at::TensorList momentum_b
   const int kind = decay_kind(static_cast<int>(decay_mode), weight_decay);
 
   DenseLists dl = make_dense(specs);
-  for (const auto& idx : group_by_dtype(dl.dense[0])) {
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dl.dense[0][idx[0]].scalar_type(),
-                                    "fused_wd_sgd", [&] {
+  const std::vector<at::Tensor> none;
+  for (const auto& idx : group_by_dtypes(dl.dense[0], use_momentum ? dl.dense[2] : none)) {
+    const at::ScalarType pt = dl.dense[0][idx[0]].scalar_type();
+    const at::ScalarType st = use_momentum ? dl.dense[2][idx[0]].scalar_type() : pt;
+    const bool sr = stochastic_rounding && !master && pt == at::kBFloat16;
+    if (master || sr || st != pt) {
+      const SgdMixedArgs mx{static_cast<uint64_t>(sr_seed), kind, use_momentum ? 1 : 0,
+                            nesterov ? 1 : 0, master ? 1 : 0, sr ? 1 : 0};
+      // without momentum the state type is irrelevant: use float's instantiation
+      const at::ScalarType st_k = use_momentum ? st : at::kFloat;
+      dispatch_mixed(op, pt, st_k, [&](auto ptag, auto stag) {
+        launch_sgd_mixed<typename decltype(ptag)::type, typename decltype(stag)::type>(
+            dl.dense, li, idx, buffer_is_new, state_steps, sr_ids, args, mx, stream);
+      });
+      continue;
+    }
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, pt, "fused_wd_sgd", [&] {
       auto run = [&](auto decay, auto mom, auto nest) {
         launch_sgd<scalar_t, decltype(decay)::value, decltype(mom)::value, decltype(nest)::value>(
             dl.dense, idx, buffer_is_new, args, stream);
@@ -138,6 +270,7 @@ void sgd_(at::TensorList params, at::TensorList grads, at::TensorList momentum_b
       }
     });
   }
+  if (stochastic_rounding) increment_steps(state_steps, args.prep, stream);
   dl.write_back();
 }
 

@@ -13,6 +13,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 
 #if defined(__CUDACC__) || defined(__HIPCC__)
 #define FWD_HD __host__ __device__ __forceinline__
@@ -199,6 +200,54 @@ FWD_HD void sgd_element(T& p, T g, T& buf, bool first, const SgdScalars<T>& s) {
     g = NESTEROV ? g + s.momentum * buf : buf;
   }
   p = p + s.neg_lr * g;
+}
+
+// ------------------------------------------------- stochastic rounding
+
+// Counter-based random bits for stochastic rounding: splitmix64's output
+// function (Steele, Lea, Flood 2014) over a counter, so the bits of an
+// element depend only on (seed, param id, step, element index), never on
+// the thread, the chunking or the device: CPU and CUDA round identically and
+// a resumed run reproduces the bits of an uninterrupted one.
+FWD_HD uint64_t mix64(uint64_t z) {
+  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
+  z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
+  return z ^ (z >> 31);
+}
+
+constexpr uint64_t kGolden = 0x9E3779B97F4A7C15ULL;
+
+// The stream of one tensor at one step (computed once per tensor).
+FWD_HD uint64_t sr_key(uint64_t seed, uint64_t param_id, uint64_t step) {
+  uint64_t k = mix64(seed + kGolden);
+  k = mix64(k + (param_id + 1) * kGolden);
+  return mix64(k + (step + 1) * kGolden);
+}
+
+// 16 random bits for element `index` of the stream `key`.
+FWD_HD uint32_t sr_bits(uint64_t key, uint64_t index) {
+  return static_cast<uint32_t>(mix64(key + (index + 1) * kGolden) >> 48);
+}
+
+FWD_HD uint32_t float_bits(float f) {
+#if defined(__CUDA_ARCH__)
+  return __float_as_uint(f);
+#else
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  return u;
+#endif
+}
+
+// float -> bfloat16 bits, rounded stochastically: adding 16 uniform random
+// bits below the kept mantissa and truncating rounds up with probability
+// (dropped bits) / 2^16, so E[round(x)] = x to 2^-16 of an ulp. Inf and NaN
+// as round-to-nearest (NaN -> canonical quiet NaN, like c10::BFloat16).
+FWD_HD uint16_t bf16_bits_stochastic(float f, uint32_t rnd16) {
+  const uint32_t u = float_bits(f);
+  if ((u & 0x7F800000u) == 0x7F800000u)
+    return (u & 0x007FFFFFu) ? static_cast<uint16_t>(0x7FC0) : static_cast<uint16_t>(u >> 16);
+  return static_cast<uint16_t>((u + (rnd16 & 0xFFFFu)) >> 16);
 }
 
 }  // namespace FUSED_WD_ISA
