@@ -287,6 +287,7 @@ class _FusedOptimizer(Optimizer):
         saved with (torch casts it to the param's dtype, which would round
         an fp32 master or fp32 moments of a bf16 param); `_init_group` then
         converts to the dtype each group wants."""
+        self.__dict__.pop("_lists_cache", None)
         super().load_state_dict(state_dict)
         saved = state_dict["state"]
         saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
@@ -355,10 +356,47 @@ class _FusedOptimizer(Optimizer):
                     _dist.check_layouts(type(self).__name__, dev_pairs, self.state, gi)
                     lists = self._init_group(group, dev_pairs, gi, _local_real)
                 else:
-                    lists = self._init_group(group, dev_pairs, gi)
+                    lists = self._reused_lists(group, dev_pairs, gi)
                 kw = self._common_kwargs(group, device, norm, grad_scale, found_inf)
                 self._update(group, lists, kw, gi)
         return loss
+
+    # The per-step Python cost is that of building the lists the kernels get.
+    # With thousands of tensors it rivals the kernels, so the lists of a
+    # (group, device) are kept and reused while the same params have grads,
+    # every param keeps its dtype and every state tensor is the same object
+    # (identity checks only); the fresh grads are put in. Anything else (a
+    # new or replaced state tensor, a param that changed dtype, a loaded
+    # checkpoint, complex params) builds the lists anew.
+
+    def _layout_key(self, group):
+        return tuple(group.get(k) for k in ("amsgrad", "master_weights", "stochastic_rounding",
+                                            "state_dtype")) + (group.get("momentum", 0) != 0,)
+
+    def _lists_reusable(self, lists):
+        return True
+
+    def _reused_lists(self, group, pairs, gi):
+        cache = self.__dict__.setdefault("_lists_cache", {})
+        key = (gi, pairs[0][0].device, self._layout_key(group))
+        state = self.state
+        hit = cache.get(key)
+        if hit is not None:
+            params, dtypes, checks, lists = hit
+            if (len(params) == len(pairs) and all(p is q for p, (q, _) in zip(params, pairs))
+                    and all(p.dtype is d for p, d in zip(params, dtypes))
+                    and all(state.get(p) is st and st.get(k) is t for p, st, k, t in checks)):
+                lists = list(lists)
+                lists[1] = [g for _, g in pairs]
+                return lists
+        lists = self._init_group(group, pairs, gi)
+        params = [p for p, _ in pairs]
+        if self._lists_reusable(lists) and not any(p.is_complex() for p in params):
+            checks = [(p, state[p], k, t) for p in params for k, t in state[p].items()]
+            cache[key] = (params, [p.dtype for p in params], checks, lists)
+        else:
+            cache.pop(key, None)
+        return lists
 
     def _common_kwargs(self, group, device, norm, grad_scale, found_inf):
         def on_device(t):
@@ -556,6 +594,9 @@ class SGD(_FusedOptimizer):
             self._check_state("momentum_buffer", buf, p, gi, self._state_dtype(group, p))
             bufs.append(view(buf))
         return params, grads, bufs, is_new, masters, sr_ids, steps
+
+    def _lists_reusable(self, lists):
+        return not any(lists[3])  # a new buffer is set to g, once
 
     def _update(self, group, lists, kw, gi):
         params, grads, bufs, is_new, masters, sr_ids, steps = lists

@@ -522,3 +522,47 @@ def test_bias_correction_past_2_pow_24_steps(cls):
     v = b2 * v0 + (1 - b2) * g.double() ** 2
     expect = p0 - 1e-3 / (1 - b1 ** t) * m / ((v / (1 - b2 ** t)).sqrt() + 1e-8)
     torch.testing.assert_close(p.detach().double(), expect, rtol=1e-6, atol=1e-7)
+
+
+# ------------------------------------------------------------ reused lists
+
+def test_replaced_state_tensor_is_used():
+    """The kernels' lists are reused between steps; a state tensor the user
+    replaces (or a state_dict loaded) is seen at the next step."""
+    ps = clone_leaves(make_params(torch.float32, "cpu", shapes=[(6, 4), (5,)]))
+    opt = fused_wd.AdamW(ps, lr=0.1)
+    train(opt, ps, 2)
+    fresh = torch.zeros_like(ps[0])
+    opt.state[ps[0]]["exp_avg"] = fresh
+    train(opt, ps, 1, start=2)
+    assert fresh.abs().sum() > 0  # the new tensor was updated, not the old one
+    sd = copy.deepcopy(opt.state_dict())
+    train(opt, ps, 1, start=3)
+    opt.load_state_dict(sd)
+    assert opt.state[ps[0]]["exp_avg"] is not fresh
+    before = opt.state[ps[0]]["exp_avg"].clone()
+    train(opt, ps, 1, start=3)
+    assert not torch.equal(opt.state[ps[0]]["exp_avg"], before)
+
+
+def test_changing_options_and_grad_sets_between_steps():
+    ps = make_params(torch.float32, "cpu", shapes=[(6, 4), (5,), (3,)])
+    a, b = clone_leaves(ps), clone_leaves(ps)
+    oa = torch.optim.Adam(a, lr=0.05, foreach=False)
+    ob = fused_wd.Adam(b, lr=0.05)
+    for s in range(6):
+        if s == 3:  # amsgrad switched on mid-training
+            oa.param_groups[0]["amsgrad"] = ob.param_groups[0]["amsgrad"] = True
+            for x in a:  # torch does not create the new state itself
+                if oa.state[x]:
+                    oa.state[x]["max_exp_avg_sq"] = torch.zeros_like(x)
+        for i, (x, y, g) in enumerate(zip(a, b, make_grads(ps, s))):
+            if (s + i) % 3 == 0:  # a changing set of params has grads
+                x.grad = y.grad = None
+            else:
+                x.grad, y.grad = g.clone(), g.clone()
+        oa.step()
+        ob.step()
+    for x, y in zip(a, b):
+        torch.testing.assert_close(y, x, **TOL[torch.float32])
+    assert "max_exp_avg_sq" in ob.state[b[0]]
