@@ -55,6 +55,26 @@ struct AdamArgs {
   int maximize;
 };
 
+// Thread 0 of a block: the skip decision and the Adam scalars of the
+// block's tensor. t = step + 1, as torch.optim computes it in the step
+// tensor's dtype (the counter itself is advanced by increment_steps
+// afterwards, so every block of a tensor sees the same t). Returns t.
+template <int DEPTH, typename T>
+__device__ double block_adam_scalars(const ChunkTable<DEPTH>& tab, const ChunkPos& pos,
+                                     const AdamArgs& a, int* skip, AdamScalars<T>* out) {
+  const Prep pr = read_prep(a.prep);
+  *skip = pr.skip ? 1 : 0;
+  if (pr.skip) return 0.0;
+  const void* sp = tab.step[pos.t];
+  const double t = tab.flag[pos.t] ? *static_cast<const double*>(sp) + 1.0
+                                   : static_cast<double>(*static_cast<const float*>(sp) + 1.0f);
+  const double lr = a.lr_tensor.ptr != nullptr ? load_scalar(a.lr_tensor) : a.lr;
+  const GradPrep<T> gp = make_grad_prep<T>(pr.inv_scale, pr.coef, a.maximize != 0);
+  *out = make_adam_scalars<T>(lr, a.beta1, a.beta2, a.eps, a.weight_decay, a.decay_mode,
+                              a.initial_lr, t, gp);
+  return t;
+}
+
 template <typename scalar_t, bool AMSGRAD, int DECAY>
 __global__ void __launch_bounds__(kThreads)
     adam_kernel(ChunkTable<AMSGRAD ? 5 : 4> tab, AdamArgs a) {
@@ -65,21 +85,7 @@ __global__ void __launch_bounds__(kThreads)
   __shared__ AdamScalars<T> sh_scalars;
   __shared__ int sh_skip;
   const ChunkPos pos = locate_chunk(tab);
-  if (threadIdx.x == 0) {
-    const Prep pr = read_prep(a.prep);
-    sh_skip = pr.skip ? 1 : 0;
-    if (!pr.skip) {
-      // t = step + 1, as torch.optim computes it in the step tensor's dtype
-      // (the counter itself is advanced by increment_steps afterwards).
-      const void* sp = tab.step[pos.t];
-      const double t = tab.flag[pos.t] ? *static_cast<const double*>(sp) + 1.0
-                                       : static_cast<double>(*static_cast<const float*>(sp) + 1.0f);
-      const double lr = a.lr_tensor.ptr != nullptr ? load_scalar(a.lr_tensor) : a.lr;
-      const GradPrep<T> gp = make_grad_prep<T>(pr.inv_scale, pr.coef, a.maximize != 0);
-      sh_scalars = make_adam_scalars<T>(lr, a.beta1, a.beta2, a.eps, a.weight_decay, a.decay_mode,
-                                        a.initial_lr, t, gp);
-    }
-  }
+  if (threadIdx.x == 0) block_adam_scalars(tab, pos, a, &sh_skip, &sh_scalars);
   __syncthreads();
   if (sh_skip) return;
   const AdamScalars<T> s = sh_scalars;
@@ -152,18 +158,8 @@ __global__ void __launch_bounds__(kThreads)
   __shared__ int sh_skip;
   const ChunkPos pos = locate_chunk(tab);
   if (threadIdx.x == 0) {
-    const Prep pr = read_prep(a.prep);
-    sh_skip = pr.skip ? 1 : 0;
-    if (!pr.skip) {
-      const void* sp = tab.step[pos.t];
-      const double t = tab.flag[pos.t] ? *static_cast<const double*>(sp) + 1.0
-                                       : static_cast<double>(*static_cast<const float*>(sp) + 1.0f);
-      const double lr = a.lr_tensor.ptr != nullptr ? load_scalar(a.lr_tensor) : a.lr;
-      const GradPrep<float> gp = make_grad_prep<float>(pr.inv_scale, pr.coef, a.maximize != 0);
-      sh_scalars = make_adam_scalars<float>(lr, a.beta1, a.beta2, a.eps, a.weight_decay,
-                                            a.decay_mode, a.initial_lr, t, gp);
-      sh_key = mx.sr ? sr_key(mx.sr_seed, tab.id[pos.t], static_cast<uint64_t>(t)) : 0;
-    }
+    const double t = block_adam_scalars(tab, pos, a, &sh_skip, &sh_scalars);
+    sh_key = mx.sr ? sr_key(mx.sr_seed, tab.id[pos.t], static_cast<uint64_t>(t)) : 0;
   }
   __syncthreads();
   if (sh_skip) return;
