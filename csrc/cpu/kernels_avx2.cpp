@@ -2,6 +2,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #if defined(__x86_64__) || defined(_M_X64)
 #include <immintrin.h>
 #pragma GCC target("avx2,fma,f16c")

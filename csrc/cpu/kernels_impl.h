@@ -9,6 +9,7 @@
 // independent accumulators combined in a fixed order (so the result does not
 // depend on the vector width or the thread count: fp contraction is off).
 #include <cstring>
+#include <type_traits>
 
 #include "cpu/kernels.h"
 
@@ -196,19 +197,25 @@ void adam_typed(const AdamPtrs& ptr, int64_t begin, int64_t end,
   });
 }
 
+// Adam's mode flags become template parameters here, once per call:
+// f(std::integral_constant<bool, AMSGRAD>, std::integral_constant<int, DECAY>).
+template <typename F>
+void with_adam_modes(bool ams, int decay, F&& f) {
+  auto by_decay = [&](auto a) {
+    if (decay == kL2) return f(a, std::integral_constant<int, kL2>{});
+    if (decay == kScaleParam) return f(a, std::integral_constant<int, kScaleParam>{});
+    return f(a, std::integral_constant<int, kNone>{});
+  };
+  if (ams) return by_decay(std::true_type{});
+  return by_decay(std::false_type{});
+}
+
 template <Storage S>
 void adam_dispatch(const AdamPtrs& ptr, int64_t b, int64_t e,
                    const AdamScalars<typename Io<S>::T>& s, bool ams, int decay) {
-  // Mode flags become template parameters here, once per call.
-#define FWD_ADAM_CASE(A, D) \
-  if (ams == A && decay == D) return adam_typed<S, A, D>(ptr, b, e, s);
-  FWD_ADAM_CASE(false, kNone)
-  FWD_ADAM_CASE(false, kL2)
-  FWD_ADAM_CASE(false, kScaleParam)
-  FWD_ADAM_CASE(true, kNone)
-  FWD_ADAM_CASE(true, kL2)
-  FWD_ADAM_CASE(true, kScaleParam)
-#undef FWD_ADAM_CASE
+  with_adam_modes(ams, decay, [&](auto A, auto D) {
+    adam_typed<S, decltype(A)::value, decltype(D)::value>(ptr, b, e, s);
+  });
 }
 
 void adam_f32(Storage st, const AdamPtrs& ptr, int64_t b, int64_t e, const AdamScalars<float>& s,
@@ -329,15 +336,9 @@ void adam_mixed_typed(const MixedLayout& L, const MixedPtrs& P, int64_t b, int64
 
 void adam_mixed(const MixedLayout& L, const MixedPtrs& P, int64_t b, int64_t e,
                 const AdamScalars<float>& s, bool ams, int decay) {
-#define FWD_ADAM_CASE(A, D) \
-  if (ams == A && decay == D) return adam_mixed_typed<A, D>(L, P, b, e, s);
-  FWD_ADAM_CASE(false, kNone)
-  FWD_ADAM_CASE(false, kL2)
-  FWD_ADAM_CASE(false, kScaleParam)
-  FWD_ADAM_CASE(true, kNone)
-  FWD_ADAM_CASE(true, kL2)
-  FWD_ADAM_CASE(true, kScaleParam)
-#undef FWD_ADAM_CASE
+  with_adam_modes(ams, decay, [&](auto A, auto D) {
+    adam_mixed_typed<decltype(A)::value, decltype(D)::value>(L, P, b, e, s);
+  });
 }
 
 template <int DECAY, bool MOM, bool NEST>

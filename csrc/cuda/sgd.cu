@@ -15,6 +15,20 @@ struct SgdArgs {
   int maximize;
 };
 
+// Thread 0 of a block: the skip decision and the SGD scalars. Returns
+// whether the step goes ahead.
+template <typename T>
+__device__ bool block_sgd_scalars(const SgdArgs& a, int* skip, SgdScalars<T>* out) {
+  const Prep pr = read_prep(a.prep);
+  *skip = pr.skip ? 1 : 0;
+  if (pr.skip) return false;
+  const double lr = a.lr_tensor.ptr != nullptr ? load_scalar(a.lr_tensor) : a.lr;
+  const GradPrep<T> gp = make_grad_prep<T>(pr.inv_scale, pr.coef, a.maximize != 0);
+  *out = make_sgd_scalars<T>(lr, a.momentum, a.dampening, a.weight_decay, a.decay_mode,
+                             a.initial_lr, gp);
+  return true;
+}
+
 template <typename scalar_t, int DECAY, bool MOMENTUM, bool NESTEROV>
 __global__ void __launch_bounds__(kThreads)
     sgd_kernel(ChunkTable<MOMENTUM ? 3 : 2> tab, SgdArgs a) {
@@ -24,16 +38,7 @@ __global__ void __launch_bounds__(kThreads)
   __shared__ SgdScalars<T> sh_scalars;
   __shared__ int sh_skip;
   const ChunkPos pos = locate_chunk(tab);
-  if (threadIdx.x == 0) {
-    const Prep pr = read_prep(a.prep);
-    sh_skip = pr.skip ? 1 : 0;
-    if (!pr.skip) {
-      const double lr = a.lr_tensor.ptr != nullptr ? load_scalar(a.lr_tensor) : a.lr;
-      const GradPrep<T> gp = make_grad_prep<T>(pr.inv_scale, pr.coef, a.maximize != 0);
-      sh_scalars = make_sgd_scalars<T>(lr, a.momentum, a.dampening, a.weight_decay, a.decay_mode,
-                                       a.initial_lr, gp);
-    }
-  }
+  if (threadIdx.x == 0) block_sgd_scalars(a, &sh_skip, &sh_scalars);
   __syncthreads();
   if (sh_skip) return;
   const SgdScalars<T> s = sh_scalars;
@@ -108,13 +113,7 @@ __global__ void __launch_bounds__(kThreads)
   __shared__ int sh_skip;
   const ChunkPos pos = locate_chunk(tab);
   if (threadIdx.x == 0) {
-    const Prep pr = read_prep(a.prep);
-    sh_skip = pr.skip ? 1 : 0;
-    if (!pr.skip) {
-      const double lr = a.lr_tensor.ptr != nullptr ? load_scalar(a.lr_tensor) : a.lr;
-      const GradPrep<float> gp = make_grad_prep<float>(pr.inv_scale, pr.coef, a.maximize != 0);
-      sh_scalars = make_sgd_scalars<float>(lr, a.momentum, a.dampening, a.weight_decay,
-                                           a.decay_mode, a.initial_lr, gp);
+    if (block_sgd_scalars(a, &sh_skip, &sh_scalars)) {
       uint64_t key = 0;
       if (mx.sr) {
         const double t = static_cast<double>(*static_cast<const float*>(tab.step[pos.t]) + 1.0f);
