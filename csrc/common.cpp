@@ -111,22 +111,6 @@ DenseLists make_dense(const std::vector<ListSpec>& lists) {
   return out;
 }
 
-std::vector<std::vector<int64_t>> group_by_dtype(at::TensorList tensors) {
-  std::vector<at::ScalarType> types;
-  std::vector<std::vector<int64_t>> groups;
-  for (size_t i = 0; i < tensors.size(); ++i) {
-    const auto st = tensors[i].scalar_type();
-    size_t g = 0;
-    while (g < types.size() && types[g] != st) ++g;
-    if (g == types.size()) {
-      types.push_back(st);
-      groups.emplace_back();
-    }
-    groups[g].push_back(static_cast<int64_t>(i));
-  }
-  return groups;
-}
-
 std::vector<std::vector<int64_t>> group_by_dtypes(at::TensorList a, at::TensorList b) {
   std::vector<std::pair<at::ScalarType, at::ScalarType>> keys;
   std::vector<std::vector<int64_t>> groups;
@@ -141,6 +125,10 @@ std::vector<std::vector<int64_t>> group_by_dtypes(at::TensorList a, at::TensorLi
     groups[g].push_back(static_cast<int64_t>(i));
   }
   return groups;
+}
+
+std::vector<std::vector<int64_t>> group_by_dtype(at::TensorList tensors) {
+  return group_by_dtypes(tensors, {});
 }
 
 }  // namespace fused_wd

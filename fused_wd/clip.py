@@ -7,6 +7,7 @@ import torch
 from fused_wd import _ext
 from fused_wd import distributed as _dist
 from fused_wd._ops import multi_tensor_norm
+from fused_wd.optim import _local_real, _real
 
 
 def clip_grad_norm_(parameters, max_norm, norm_type=2.0, error_if_nonfinite=False, foreach=None):
@@ -27,13 +28,12 @@ def clip_grad_norm_(parameters, max_norm, norm_type=2.0, error_if_nonfinite=Fals
     for g in grads:
         if g.is_sparse:
             raise RuntimeError("fused_wd.clip_grad_norm_ does not support sparse gradients")
-    real = lambda g: torch.view_as_real(g) if g.is_complex() else g  # noqa: E731
     if _dist.refresh() and _dist.any_dtensor(grads):
         # DTensor grads (FSDP2): one local pass, one all-reduce, local scaling
-        total = _dist.global_norm(grads, norm_type, multi_tensor_norm, real)
-        grads = [real(_dist.local(g)) for g in grads]
+        total = _dist.global_norm(grads, norm_type, multi_tensor_norm, _real)
+        grads = [_local_real(g) for g in grads]
     else:
-        grads = [real(g) for g in grads]
+        grads = [_real(g) for g in grads]
         total = multi_tensor_norm(grads, norm_type)
     if error_if_nonfinite and bool(torch.logical_or(total.isnan(), total.isinf())):
         raise RuntimeError(
