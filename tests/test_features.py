@@ -175,6 +175,83 @@ def test_instruction_sets_give_identical_bits():
         assert out == first, isa
 
 
+CONVERSION_SCRIPT = r"""
+import torch, fused_wd
+
+
+def as_float(bits64):  # float32 tensor with these bit patterns (int64 in [0, 2^32))
+    b = bits64 - (bits64 >= 2**31).long() * 2**32
+    return b.to(torch.int32).view(torch.float32)
+
+
+def edge_floats():
+    g = torch.Generator().manual_seed(0)
+    top = torch.arange(65536, dtype=torch.int64) << 16
+    parts = [top | low for low in (0, 0x7FFF, 0x8000, 0x8001, 0xFFFF)]  # bf16 ties and neighbours
+    parts.append(torch.randint(0, 2**32, (1 << 18,), generator=g, dtype=torch.int64))
+    halfs = torch.arange(65536, dtype=torch.int64).to(torch.int16).view(torch.float16).double()
+    halfs = halfs[torch.isfinite(halfs)].unique()
+    mids = ((halfs[1:] + halfs[:-1]) / 2).float()  # exact in float32: half ties
+    mid_bits = mids.view(torch.int32).long() & 0xFFFFFFFF
+    parts += [mid_bits, mid_bits + 1, mid_bits - 1]
+    for v in (65504.0, 65519.0, 65519.99, 65520.0, 65536.0, 1e6, 2.0**-24, 2.0**-25, 3 * 2.0**-26):
+        b = torch.tensor([v, -v], dtype=torch.float32).view(torch.int32).long() & 0xFFFFFFFF
+        parts += [b, b + 1, b - 1]
+    return as_float(torch.cat(parts))
+
+
+def mismatches(got, want):
+    nan = torch.isnan(want)
+    wrong_nan = int((torch.isnan(got) != nan).sum())
+    same = got[~nan].view(torch.int16) if got.element_size() == 2 else got[~nan].view(torch.int32)
+    ref = want[~nan].view(torch.int16) if want.element_size() == 2 else want[~nan].view(torch.int32)
+    return wrong_nan + int((same != ref).sum())
+
+
+print(fused_wd._ext.C.cpu_isa())
+x = edge_floats()
+for dtype in (torch.bfloat16, torch.float16):
+    # float -> 16 bit: the param written from an fp32 master by a step of lr 0
+    p = torch.nn.Parameter(torch.zeros(x.numel(), dtype=dtype))
+    opt = fused_wd.SGD([p], lr=0.0, master_weights=True)
+    p.grad = torch.zeros_like(p)
+    opt.step()
+    opt.state[p]["master_param"].copy_(x)
+    opt.step()
+    put = mismatches(p.detach(), x.to(dtype))
+    # 16 bit -> float: every bit pattern as a grad, kept by a new fp32 momentum buffer
+    bits = torch.arange(65536, dtype=torch.int64).to(torch.int16).view(dtype)
+    q = torch.nn.Parameter(torch.zeros(65536, dtype=dtype))
+    opt = fused_wd.SGD([q], lr=0.0, momentum=0.5, state_dtype=torch.float32)
+    q.grad = bits.clone()
+    opt.step()
+    get = mismatches(opt.state[q]["momentum_buffer"], bits.float())
+    print(dtype, put, get, x.numel())
+"""
+
+
+def test_16_bit_rounding_matches_torch_on_every_isa():
+    """The kernels' own float <-> fp16/bf16 conversions (branch-free bit
+    operations, so that the fused loops vectorize) give torch's bits: every
+    16-bit pattern read, and float32 values at every bf16 and fp16 tie, their
+    neighbours, the fp16 subnormal and overflow edges and 2^18 random bit
+    patterns written (NaN only as NaN: its payload is not specified)."""
+    for isa in ("base", "avx2", "avx512"):
+        env = dict(os.environ, FUSED_WD_CPU_ISA=isa)
+        r = subprocess.run([sys.executable, "-c", CONVERSION_SCRIPT], env=env,
+                           capture_output=True, text=True, timeout=300)
+        if r.returncode != 0 and "lacks" in r.stderr:
+            continue
+        assert r.returncode == 0, r.stderr
+        lines = r.stdout.splitlines()
+        assert lines[0] == isa
+        assert len(lines) == 3
+        for line in lines[1:]:
+            dtype, put, get, n = line.split()
+            assert int(n) > 700_000
+            assert (int(put), int(get)) == (0, 0), f"{isa} {dtype}: {put} writes, {get} reads differ"
+
+
 def test_bad_isa_env_is_a_clear_error():
     env = dict(os.environ, FUSED_WD_CPU_ISA="sse9")
     r = subprocess.run([sys.executable, "-c", "import fused_wd; fused_wd._ext.C.cpu_isa()"],

@@ -13,54 +13,51 @@ namespace cpu {
 
 enum class Storage : int { kF32, kF64, kF16, kBF16 };
 
-struct AdamPtrs {
+// The streams of one tensor; absent ones are null. Adam: s0 = exp_avg,
+// s1 = exp_avg_sq, s2 = max_exp_avg_sq (amsgrad). SGD: s0 = momentum buffer.
+struct Ptrs {
   void* p;
   const void* g;
-  void* m;
-  void* v;
-  void* vmax;  // null unless amsgrad
+  void* master;  // fp32 master copy of a 16-bit param (Layout::master)
+  void* s0;
+  void* s1;
+  void* s2;
 };
 
-struct SgdPtrs {
-  void* p;
-  const void* g;
-  void* buf;  // null when momentum == 0
+// How one tensor is stored: param/grad storage `param`, state storage
+// `state`, optionally an fp32 master copy (the update runs on it and the
+// param is written as its rounding). The math is in float (double for fp64,
+// where param and state are both kF64). With `sr` (bf16 params without a
+// master) the param is rounded stochastically with the bits of
+// sr_bits(sr_key, element index), otherwise to nearest even.
+struct Layout {
+  Storage param, state;
+  bool master, sr;
+  uint64_t sr_key;
 };
+
+// The layouts the kernels are built for; ops_cpu.cpp refuses the others.
+inline bool layout_supported(const Layout& L) {
+  if (L.param == Storage::kF64 || L.state == Storage::kF64)
+    return L.param == L.state && !L.master && !L.sr;
+  if (L.param == Storage::kF32) return !L.master && !L.sr && L.state != Storage::kF16;
+  if (L.sr && (L.param != Storage::kBF16 || L.master)) return false;
+  if (L.state == Storage::kF16) return L.param == Storage::kF16 && !L.master;
+  return true;
+}
 
 struct SgdModes {
   int decay;  // DecayKind
   bool momentum, nesterov, first;
 };
 
-// Mixed precision (the layouts the homogeneous entries above do not cover):
-// param/grad of storage `param`, states (m, v, vmax; SGD: buf in m) of
-// storage `state`, optionally an fp32 master copy; math in float. The param
-// is written as the master (or the updated value) rounded to nearest, or
-// stochastically (`sr`, bf16 params only) with the bits of
-// sr_bits(sr_key, element index).
-struct MixedPtrs {
-  void* p;
-  const void* g;
-  void* master;  // null: none
-  void* m;
-  void* v;
-  void* vmax;
-};
-
-struct MixedLayout {
-  Storage param, state;
-  bool sr;
-  uint64_t sr_key;
-};
-
 struct KernelTable {
   const char* isa;
-  void (*adam_f32)(Storage, const AdamPtrs&, int64_t, int64_t, const AdamScalars<float>&, bool amsgrad, int decay);
-  void (*adam_f64)(const AdamPtrs&, int64_t, int64_t, const AdamScalars<double>&, bool amsgrad, int decay);
-  void (*sgd_f32)(Storage, const SgdPtrs&, int64_t, int64_t, const SgdScalars<float>&, SgdModes);
-  void (*sgd_f64)(const SgdPtrs&, int64_t, int64_t, const SgdScalars<double>&, SgdModes);
-  void (*adam_mixed)(const MixedLayout&, const MixedPtrs&, int64_t, int64_t, const AdamScalars<float>&, bool amsgrad, int decay);
-  void (*sgd_mixed)(const MixedLayout&, const MixedPtrs&, int64_t, int64_t, const SgdScalars<float>&, SgdModes);
+  // Layouts with float math (everything but fp64).
+  void (*adam)(const Layout&, const Ptrs&, int64_t, int64_t, const AdamScalars<float>&, bool amsgrad, int decay);
+  void (*adam_f64)(const Ptrs&, int64_t, int64_t, const AdamScalars<double>&, bool amsgrad, int decay);
+  void (*sgd)(const Layout&, const Ptrs&, int64_t, int64_t, const SgdScalars<float>&, SgdModes);
+  void (*sgd_f64)(const Ptrs&, int64_t, int64_t, const SgdScalars<double>&, SgdModes);
   // Sum of squares in double, in an order fixed by [begin, end) alone.
   double (*sumsq)(Storage, const void*, int64_t, int64_t);
   // max |x|, NaN if any element is NaN.

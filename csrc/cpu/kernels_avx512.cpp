@@ -6,7 +6,6 @@
 #if defined(__x86_64__) || defined(_M_X64)
 #include <immintrin.h>
 #pragma GCC target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma,f16c,prefer-vector-width=512")
-#define FWD_F16C
 #endif
 
 #define FUSED_WD_ISA avx512

@@ -132,17 +132,21 @@ void check_sr(const char* op, at::TensorList params, bool sr, at::IntArrayRef id
               "entry per param, got ", ids.size(), " for ", params.size());
 }
 
-// The layout of entry i: storages, and stochastic rounding (bf16 params
-// only) keyed by step t.
-MixedLayout mixed_layout(const at::Tensor& p, const at::Tensor& state, bool sr, int64_t seed,
-                         at::IntArrayRef ids, size_t i, double t) {
-  MixedLayout L;
+// The layout of entry i: storages, master copy, and stochastic rounding
+// (bf16 params without a master) keyed by step t.
+Layout layout_of(const char* op, const at::Tensor& p, const at::Tensor& state, bool master,
+                 bool sr, int64_t seed, at::IntArrayRef ids, size_t i, double t) {
+  Layout L;
   L.param = storage_of(p.scalar_type());
   L.state = storage_of(state.scalar_type());
-  L.sr = sr && p.scalar_type() == at::kBFloat16;
+  L.master = master;
+  L.sr = sr && !master && p.scalar_type() == at::kBFloat16;
   L.sr_key = L.sr ? sr_key(static_cast<uint64_t>(seed), static_cast<uint64_t>(ids[i]),
                            static_cast<uint64_t>(t))
                   : 0;
+  TORCH_CHECK(layout_supported(L), op, ": params[", i, "] (", p.scalar_type(), ") with state dtype ",
+              state.scalar_type(), master ? " and an fp32 master copy" : "",
+              " is not a supported layout");
   return L;
 }
 
@@ -254,29 +258,20 @@ void adam_(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
   const auto& VM = d.dense[4];
   const auto& MP = d.dense[5];
   const bool master = !MP.empty();
-  std::vector<MixedLayout> layouts(params.size());
-  std::vector<char> mixed(params.size());
-  for (size_t i = 0; i < params.size(); ++i) {
-    layouts[i] = mixed_layout(P[i], M[i], stochastic_rounding, sr_seed, sr_ids, i,
-                              state_steps[i].item<double>() + 1.0);
-    mixed[i] = master || layouts[i].sr || layouts[i].state != layouts[i].param;
-  }
+  std::vector<Layout> layouts(params.size());
+  for (size_t i = 0; i < params.size(); ++i)
+    layouts[i] = layout_of(op, P[i], M[i], master, stochastic_rounding, sr_seed, sr_ids, i,
+                           state_steps[i].item<double>() + 1.0);
   const auto items = make_items(P);
   const KernelTable& k = table();
   parallel_items(items, [&](const Item& it) {
     const int64_t i = it.tensor;
-    if (mixed[i]) {
-      const MixedPtrs mp{ptr(P[i]), ptr(G[i]), master ? ptr(MP[i]) : nullptr,
-                         ptr(M[i]), ptr(V[i]), ams ? ptr(VM[i]) : nullptr};
-      k.adam_mixed(layouts[i], mp, it.begin, it.end, sf[i], ams, decay);
-      return;
-    }
-    const AdamPtrs ptrs{ptr(P[i]), ptr(G[i]), ptr(M[i]), ptr(V[i]), ams ? ptr(VM[i]) : nullptr};
-    const Storage st = storage_of(P[i].scalar_type());
-    if (st == Storage::kF64)
+    const Ptrs ptrs{ptr(P[i]), ptr(G[i]), master ? ptr(MP[i]) : nullptr,
+                    ptr(M[i]), ptr(V[i]), ams ? ptr(VM[i]) : nullptr};
+    if (layouts[i].param == Storage::kF64)
       k.adam_f64(ptrs, it.begin, it.end, sd[i], ams, decay);
     else
-      k.adam_f32(st, ptrs, it.begin, it.end, sf[i], ams, decay);
+      k.adam(layouts[i], ptrs, it.begin, it.end, sf[i], ams, decay);
   });
   d.write_back();
   for (const auto& s : state_steps) s.add_(1);
@@ -326,30 +321,24 @@ void sgd_(at::TensorList params, at::TensorList grads, at::TensorList momentum_b
   const auto& B = d.dense[2];
   const auto& MP = d.dense[3];
   const bool master = !MP.empty();
-  std::vector<MixedLayout> layouts(params.size());
-  std::vector<char> mixed(params.size());
+  std::vector<Layout> layouts(params.size());
   for (size_t i = 0; i < params.size(); ++i) {
     const double t = stochastic_rounding ? state_steps[i].item<double>() + 1.0 : 0.0;
-    layouts[i] = mixed_layout(P[i], mom ? B[i] : P[i], stochastic_rounding, sr_seed, sr_ids, i, t);
-    mixed[i] = master || layouts[i].sr || layouts[i].state != layouts[i].param;
+    // without momentum there is no state: the layout's state storage is moot
+    const at::Tensor& state = mom ? B[i] : master ? MP[i] : P[i];
+    layouts[i] = layout_of(op, P[i], state, master, stochastic_rounding, sr_seed, sr_ids, i, t);
   }
   const auto items = make_items(P);
   const KernelTable& k = table();
   parallel_items(items, [&](const Item& it) {
     const int64_t i = it.tensor;
     const SgdModes md{decay, mom, nesterov, mom && buffer_is_new.get(i)};
-    if (mixed[i]) {
-      const MixedPtrs mp{ptr(P[i]), ptr(G[i]), master ? ptr(MP[i]) : nullptr,
-                         mom ? ptr(B[i]) : nullptr, nullptr, nullptr};
-      k.sgd_mixed(layouts[i], mp, it.begin, it.end, sf, md);
-      return;
-    }
-    const SgdPtrs ptrs{ptr(P[i]), ptr(G[i]), mom ? ptr(B[i]) : nullptr};
-    const Storage st = storage_of(P[i].scalar_type());
-    if (st == Storage::kF64)
+    const Ptrs ptrs{ptr(P[i]), ptr(G[i]), master ? ptr(MP[i]) : nullptr,
+                    mom ? ptr(B[i]) : nullptr, nullptr, nullptr};
+    if (layouts[i].param == Storage::kF64)
       k.sgd_f64(ptrs, it.begin, it.end, sd, md);
     else
-      k.sgd_f32(st, ptrs, it.begin, it.end, sf, md);
+      k.sgd(layouts[i], ptrs, it.begin, it.end, sf, md);
   });
   d.write_back();
   if (stochastic_rounding)

@@ -52,7 +52,6 @@ struct AdamScalars {
   T wd;             // kL2: g += wd * p
   T decay;          // kScaleParam: p *= decay
   T w1, one_minus_w1;  // lerp weight (1 - beta1) and 1 - that
-  bool lerp_low;
   T beta2, one_minus_beta2;
   T bc2_sqrt;       // sqrt(1 - beta2^t)
   T neg_step_size;  // -lr / (1 - beta1^t)
@@ -113,10 +112,12 @@ FWD_HD T prep_grad(T g, const GradPrep<T>& gp) {
 }
 
 // torch.lerp's formula: start + w*(end-start) for |w| < 0.5, otherwise
-// end - (end-start)*(1-w).
+// end - (end-start)*(1-w), with the test on w in T as torch makes it. (A
+// comparison of T rather than a precomputed bool also lets GCC vectorize
+// loops that mix 16- and 32-bit storage.)
 template <typename T>
-FWD_HD T lerp(T start, T end, T w, T one_minus_w, bool low) {
-  return low ? start + w * (end - start) : end - (end - start) * one_minus_w;
+FWD_HD T lerp(T start, T end, T w, T one_minus_w) {
+  return (w < T(0) ? -w : w) < T(0.5) ? start + w * (end - start) : end - (end - start) * one_minus_w;
 }
 
 FWD_HD float fsqrt(float x) { return sqrtf(x); }
@@ -143,7 +144,6 @@ FWD_HD AdamScalars<T> make_adam_scalars(double lr, double beta1, double beta2, d
   const double w1 = 1.0 - beta1;
   s.w1 = static_cast<T>(w1);
   s.one_minus_w1 = static_cast<T>(1) - s.w1;
-  s.lerp_low = (w1 < 0 ? -w1 : w1) < 0.5;
   s.beta2 = static_cast<T>(beta2);
   s.one_minus_beta2 = static_cast<T>(1.0 - beta2);
   const double bc1 = 1.0 - pow(beta1, t);
@@ -161,7 +161,7 @@ FWD_HD void adam_element(T& p, T g, T& m, T& v, T& vmax, const AdamScalars<T>& s
   g = prep_grad(g, s.gp);
   if (DECAY == kL2) g = g + s.wd * p;
   if (DECAY == kScaleParam) p = p * s.decay;
-  m = lerp(m, g, s.w1, s.one_minus_w1, s.lerp_low);
+  m = lerp(m, g, s.w1, s.one_minus_w1);
   v = v * s.beta2 + s.one_minus_beta2 * g * g;
   T vv = v;
   if (AMSGRAD) {
@@ -204,11 +204,14 @@ FWD_HD void sgd_element(T& p, T g, T& buf, bool first, const SgdScalars<T>& s) {
 
 // ------------------------------------------------- stochastic rounding
 
-// Counter-based random bits for stochastic rounding: splitmix64's output
-// function (Steele, Lea, Flood 2014) over a counter, so the bits of an
-// element depend only on (seed, param id, step, element index), never on
-// the thread, the chunking or the device: CPU and CUDA round identically and
+// Counter-based random bits for stochastic rounding: the bits of an element
+// depend only on (seed, param id, step, element index), never on the
+// thread, the chunking or the device, so CPU and CUDA round identically and
 // a resumed run reproduces the bits of an uninterrupted one.
+// splitmix64's output function (Steele, Lea, Flood 2014) derives one key
+// per (seed, param, step) and per 2^32 elements of it; a 32-bit mixer
+// (Wellons' lowbias32) then gives each element its bits, cheap enough to
+// vectorize (32-bit multiplies) on the CPU.
 FWD_HD uint64_t mix64(uint64_t z) {
   z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
   z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
@@ -224,9 +227,25 @@ FWD_HD uint64_t sr_key(uint64_t seed, uint64_t param_id, uint64_t step) {
   return mix64(k + (step + 1) * kGolden);
 }
 
+// The key of the 2^32 elements of stream `key` that contain `index`.
+FWD_HD uint32_t sr_range_key(uint64_t key, uint64_t index) {
+  return static_cast<uint32_t>(mix64(key + ((index >> 32) + 1) * kGolden) >> 32);
+}
+
+// 16 random bits for the element whose index has low 32 bits `lo`.
+FWD_HD uint32_t sr_bits32(uint32_t range_key, uint32_t lo) {
+  uint32_t x = (lo * 0x9E3779B9u) ^ range_key;
+  x ^= x >> 16;
+  x *= 0x7FEB352Du;
+  x ^= x >> 15;
+  x *= 0x846CA68Bu;
+  x ^= x >> 16;
+  return x >> 16;
+}
+
 // 16 random bits for element `index` of the stream `key`.
 FWD_HD uint32_t sr_bits(uint64_t key, uint64_t index) {
-  return static_cast<uint32_t>(mix64(key + (index + 1) * kGolden) >> 48);
+  return sr_bits32(sr_range_key(key, index), static_cast<uint32_t>(index));
 }
 
 FWD_HD uint32_t float_bits(float f) {
@@ -245,9 +264,9 @@ FWD_HD uint32_t float_bits(float f) {
 // as round-to-nearest (NaN -> canonical quiet NaN, like c10::BFloat16).
 FWD_HD uint16_t bf16_bits_stochastic(float f, uint32_t rnd16) {
   const uint32_t u = float_bits(f);
-  if ((u & 0x7F800000u) == 0x7F800000u)
-    return (u & 0x007FFFFFu) ? static_cast<uint16_t>(0x7FC0) : static_cast<uint16_t>(u >> 16);
-  return static_cast<uint16_t>((u + (rnd16 & 0xFFFFu)) >> 16);
+  const uint32_t rounded = (u + (rnd16 & 0xFFFFu)) >> 16;
+  const uint32_t special = (u & 0x007FFFFFu) ? 0x7FC0u : (u >> 16);
+  return static_cast<uint16_t>((u & 0x7F800000u) == 0x7F800000u ? special : rounded);
 }
 
 }  // namespace FUSED_WD_ISA
