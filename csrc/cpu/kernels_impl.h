@@ -119,18 +119,30 @@ using BoolC = std::integral_constant<bool, B>;
 constexpr int64_t kBlock = 64;
 constexpr int64_t kAhead = 8 * kBlock;
 
-inline void prefetch(const void* base, int64_t elem_size, int64_t from, int64_t to) {
-  if (base == nullptr) return;
-  const char* p = static_cast<const char*>(base);
-  for (int64_t off = from * elem_size; off < to * elem_size; off += 64) __builtin_prefetch(p + off, 1, 3);
+// One stream of a range: its base pointer (null: absent), element size, and
+// whether it is written (prefetched for ownership) or only read.
+struct Stream {
+  const void* base;
+  int64_t size;
+  bool write;
+};
+
+inline void prefetch(const Stream& st, int64_t from, int64_t to) {
+  if (st.base == nullptr) return;
+  const char* p = static_cast<const char*>(st.base);
+  for (int64_t off = from * st.size; off < to * st.size; off += 64) {
+    if (st.write)
+      __builtin_prefetch(p + off, 1, 3);
+    else
+      __builtin_prefetch(p + off, 0, 3);
+  }
 }
 
 // Calls body(b, n) for the blocks of [begin, end), after prefetching block
-// b + kAhead of each stream (pointer, element size); blocks never straddle
-// a multiple of 2^32 (the stochastic-rounding key changes there).
+// b + kAhead of each stream; blocks never straddle a multiple of 2^32 (the
+// stochastic-rounding key changes there).
 template <int N, typename Body>
-void for_blocks(const void* const (&streams)[N], const int64_t (&size)[N], int64_t begin,
-                int64_t end, Body body) {
+void for_blocks(const Stream (&streams)[N], int64_t begin, int64_t end, Body body) {
   for (int64_t b = begin; b < end;) {
     int64_t n = end - b < kBlock ? end - b : kBlock;
     const int64_t to_wrap = (((b >> 32) + 1) << 32) - b;
@@ -138,7 +150,7 @@ void for_blocks(const void* const (&streams)[N], const int64_t (&size)[N], int64
     const int64_t ahead = b + kAhead;
     if (ahead < end) {
       const int64_t stop = ahead + kBlock < end ? ahead + kBlock : end;
-      for (int k = 0; k < N; ++k) prefetch(streams[k], size[k], ahead, stop);
+      for (const Stream& st : streams) prefetch(st, ahead, stop);
     }
     body(b, n);
     b += n;
@@ -154,10 +166,13 @@ void adam_range(const Ptrs& P, int64_t begin, int64_t end, const AdamScalars<T_o
   using PR = typename Io<PS>::raw;
   using SR_ = typename Io<SS>::raw;
   const AdamScalars<T> s = s_in;  // a local copy: no aliasing with the arrays
-  const void* const streams[6] = {P.p, P.g, MASTER ? P.master : nullptr, P.s0, P.s1,
-                                  AMS ? P.s2 : nullptr};
-  const int64_t size[6] = {sizeof(PR), sizeof(PR), 4, sizeof(SR_), sizeof(SR_), sizeof(SR_)};
-  for_blocks(streams, size, begin, end, [&](int64_t b, int64_t n) {
+  const Stream streams[6] = {{P.p, sizeof(PR), true},
+                             {P.g, sizeof(PR), false},
+                             {MASTER ? P.master : nullptr, 4, true},
+                             {P.s0, sizeof(SR_), true},
+                             {P.s1, sizeof(SR_), true},
+                             {AMS ? P.s2 : nullptr, sizeof(SR_), true}};
+  for_blocks(streams, begin, end, [&](int64_t b, int64_t n) {
     PR* __restrict p = static_cast<PR*>(P.p) + b;
     const PR* __restrict g = static_cast<const PR*>(P.g) + b;
     float* __restrict mp = MASTER ? static_cast<float*>(P.master) + b : nullptr;
@@ -193,9 +208,11 @@ void sgd_range(const Ptrs& P, int64_t begin, int64_t end, const SgdScalars<T_of<
   using PR = typename Io<PS>::raw;
   using SR_ = typename Io<SS>::raw;
   const SgdScalars<T> s = s_in;
-  const void* const streams[4] = {P.p, P.g, MASTER ? P.master : nullptr, MOM ? P.s0 : nullptr};
-  const int64_t size[4] = {sizeof(PR), sizeof(PR), 4, sizeof(SR_)};
-  for_blocks(streams, size, begin, end, [&](int64_t b, int64_t n) {
+  const Stream streams[4] = {{P.p, sizeof(PR), true},
+                             {P.g, sizeof(PR), false},
+                             {MASTER ? P.master : nullptr, 4, true},
+                             {MOM ? P.s0 : nullptr, sizeof(SR_), true}};
+  for_blocks(streams, begin, end, [&](int64_t b, int64_t n) {
     PR* __restrict p = static_cast<PR*>(P.p) + b;
     const PR* __restrict g = static_cast<const PR*>(P.g) + b;
     float* __restrict mp = MASTER ? static_cast<float*>(P.master) + b : nullptr;
@@ -339,6 +356,8 @@ inline double combine_sum(double* acc) {
 // kLanes within its run; the runs are fixed by [begin, end).
 constexpr int64_t kFold = 1024;
 
+
+
 template <Storage S>
 double sumsq_typed(const void* x, int64_t begin, int64_t end) {
   using T = T_of<S>;
@@ -347,6 +366,8 @@ double sumsq_typed(const void* x, int64_t begin, int64_t end) {
   double acc[kLanes] = {0};
   for (int64_t r = 0; r < n; r += kFold) {
     const int64_t m = n - r < kFold ? n - r : kFold;
+    // two runs ahead (a standalone bf16 norm of 50M: 5.5 -> 3 ms here)
+    if (r + 2 * kFold < n) prefetch({a, sizeof(*a), false}, r + 2 * kFold, r + 3 * kFold < n ? r + 3 * kFold : n);
     T part[kLanes] = {0};
     int64_t i = 0;
     for (; i + kLanes <= m; i += kLanes)
