@@ -148,8 +148,6 @@ struct MixedArgs {
 
 // Table pointers: 0 param (PT), 1 grad (PT), 2 exp_avg, 3 exp_avg_sq,
 // 4 max_exp_avg_sq (ST; amsgrad), 5 master (float; when mx.master).
-// Element by element (coalesced, no 16-byte vectors: the lists have
-// different element sizes).
 template <typename PT, typename ST, bool AMSGRAD>
 __global__ void __launch_bounds__(kThreads)
     adam_mixed_kernel(ChunkTable<6> tab, AdamArgs a, MixedArgs mx) {
@@ -168,22 +166,14 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t b = pos.begin;
   PT* P = static_cast<PT*>(tab.ptr[0][pos.t]) + b;
   const PT* G = static_cast<const PT*>(tab.ptr[1][pos.t]) + b;
-  ST* M = static_cast<ST*>(tab.ptr[2][pos.t]) + b;
-  ST* V = static_cast<ST*>(tab.ptr[3][pos.t]) + b;
-  ST* VM = AMSGRAD ? static_cast<ST*>(tab.ptr[4][pos.t]) + b : nullptr;
+  ST* const S[3] = {static_cast<ST*>(tab.ptr[2][pos.t]) + b, static_cast<ST*>(tab.ptr[3][pos.t]) + b,
+                    AMSGRAD ? static_cast<ST*>(tab.ptr[4][pos.t]) + b : nullptr};
   float* MS = mx.master ? static_cast<float*>(tab.ptr[5][pos.t]) + b : nullptr;
-  const bool sr = mx.sr != 0;
-  for (int i = threadIdx.x; i < pos.n; i += blockDim.x) {
-    float p = MS ? MS[i] : static_cast<float>(P[i]);
-    float m = static_cast<float>(M[i]), v = static_cast<float>(V[i]);
-    float vm = AMSGRAD ? static_cast<float>(VM[i]) : 0.0f;
-    adam_element_rt<AMSGRAD>(mx.decay, p, static_cast<float>(G[i]), m, v, vm, s);
-    if (MS) MS[i] = p;
-    store_param<PT>(P + i, p, sr, key, static_cast<uint64_t>(b + i));
-    M[i] = static_cast<ST>(m);
-    V[i] = static_cast<ST>(v);
-    if (AMSGRAD) VM[i] = static_cast<ST>(vm);
-  }
+  const int decay = mx.decay;
+  for_each_mixed<PT, ST, 3>(P, G, MS, S, b, pos.n, mx.sr != 0, key,
+                            [&](float& p, float g, float (&x)[3]) {
+                              adam_element_rt<AMSGRAD>(decay, p, g, x[0], x[1], x[2], s);
+                            });
 }
 
 static_assert(sizeof(ChunkTable<6>) + sizeof(AdamArgs) + sizeof(MixedArgs) <= 4000,

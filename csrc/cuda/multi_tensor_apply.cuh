@@ -202,18 +202,91 @@ void dispatch_mixed(const char* op, at::ScalarType pt, at::ScalarType st, F&& f)
   }
 }
 
-// Stores the updated float param: stochastically rounded (bf16 storage, sr)
-// or rounded to nearest.
+// The updated float param in its storage type: stochastically rounded
+// (bf16 storage, sr) or rounded to nearest.
 template <typename PT>
-__device__ __forceinline__ void store_param(PT* dst, float x, bool sr, uint64_t key, uint64_t index) {
+__device__ __forceinline__ PT to_param(float x, bool sr, uint64_t key, uint64_t index) {
   if constexpr (std::is_same<PT, c10::BFloat16>::value) {
-    if (sr) {
-      *dst = c10::BFloat16(fused_wd::bf16_bits_stochastic(x, fused_wd::sr_bits(key, index)),
+    if (sr)
+      return c10::BFloat16(fused_wd::bf16_bits_stochastic(x, fused_wd::sr_bits(key, index)),
                            c10::BFloat16::from_bits());
-      return;
-    }
   }
-  *dst = static_cast<PT>(x);
+  return static_cast<PT>(x);
+}
+
+// kMixedVec consecutive elements of one list, loaded or stored as one
+// vector access (8 bytes for 16-bit storage, 16 for float).
+constexpr int kMixedVec = 4;
+
+template <typename S>
+struct alignas(kMixedVec * sizeof(S)) MixedPack {
+  S v[kMixedVec];
+};
+
+template <typename S>
+__device__ __forceinline__ bool pack_aligned(const S* p) {
+  return reinterpret_cast<uintptr_t>(p) % sizeof(MixedPack<S>) == 0;  // null: aligned
+}
+
+// Runs f(p, g, x) for every element of a mixed-precision chunk: p is the
+// param (from the fp32 master MS when given, else from P), g the grad, x[k]
+// the element of state list S[k] (lists left null are absent: 0, not
+// stored), all as float; then stores the master, the param (to_param: sr
+// keyed by base + element) and the states. When every present pointer is
+// aligned to its pack, each thread walks kMixedVec consecutive elements per
+// iteration with vector loads and stores, the tail element by element;
+// otherwise everything element by element (coalesced either way).
+template <typename PT, typename ST, int NS, typename F>
+__device__ __forceinline__ void for_each_mixed(PT* P, const PT* G, float* MS, ST* const (&S)[NS],
+                                               int64_t base, int n, bool sr, uint64_t key, F&& f) {
+  bool vec = pack_aligned(P) && pack_aligned(G) && pack_aligned(MS);
+#pragma unroll
+  for (int k = 0; k < NS; ++k) vec = vec && pack_aligned(S[k]);
+  int tail = 0;
+  if (vec) {
+    const int nv = n / kMixedVec;
+    for (int iv = threadIdx.x; iv < nv; iv += blockDim.x) {
+      MixedPack<PT> pv;
+      MixedPack<float> mv;
+      MixedPack<ST> sv[NS];
+      const MixedPack<PT> gv = reinterpret_cast<const MixedPack<PT>*>(G)[iv];
+      if (MS) mv = reinterpret_cast<const MixedPack<float>*>(MS)[iv];
+      else pv = reinterpret_cast<const MixedPack<PT>*>(P)[iv];
+#pragma unroll
+      for (int k = 0; k < NS; ++k)
+        if (S[k]) sv[k] = reinterpret_cast<const MixedPack<ST>*>(S[k])[iv];
+#pragma unroll
+      for (int e = 0; e < kMixedVec; ++e) {
+        float p = MS ? mv.v[e] : static_cast<float>(pv.v[e]);
+        float x[NS];
+#pragma unroll
+        for (int k = 0; k < NS; ++k) x[k] = S[k] ? static_cast<float>(sv[k].v[e]) : 0.0f;
+        f(p, static_cast<float>(gv.v[e]), x);
+        if (MS) mv.v[e] = p;
+        pv.v[e] = to_param<PT>(p, sr, key, static_cast<uint64_t>(base + kMixedVec * iv + e));
+#pragma unroll
+        for (int k = 0; k < NS; ++k) sv[k].v[e] = static_cast<ST>(x[k]);
+      }
+      reinterpret_cast<MixedPack<PT>*>(P)[iv] = pv;
+      if (MS) reinterpret_cast<MixedPack<float>*>(MS)[iv] = mv;
+#pragma unroll
+      for (int k = 0; k < NS; ++k)
+        if (S[k]) reinterpret_cast<MixedPack<ST>*>(S[k])[iv] = sv[k];
+    }
+    tail = nv * kMixedVec;
+  }
+  for (int i = tail + static_cast<int>(threadIdx.x); i < n; i += blockDim.x) {
+    float p = MS ? MS[i] : static_cast<float>(P[i]);
+    float x[NS];
+#pragma unroll
+    for (int k = 0; k < NS; ++k) x[k] = S[k] ? static_cast<float>(S[k][i]) : 0.0f;
+    f(p, static_cast<float>(G[i]), x);
+    if (MS) MS[i] = p;
+    P[i] = to_param<PT>(p, sr, key, static_cast<uint64_t>(base + i));
+#pragma unroll
+    for (int k = 0; k < NS; ++k)
+      if (S[k]) S[k][i] = static_cast<ST>(x[k]);
+  }
 }
 
 // ------------------------------------------------- device scalar arguments

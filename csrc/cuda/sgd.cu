@@ -130,17 +130,12 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t b = pos.begin;
   PT* P = static_cast<PT*>(tab.ptr[0][pos.t]) + b;
   const PT* G = static_cast<const PT*>(tab.ptr[1][pos.t]) + b;
-  ST* B = mx.momentum ? static_cast<ST*>(tab.ptr[2][pos.t]) + b : nullptr;
+  ST* const S[1] = {mx.momentum ? static_cast<ST*>(tab.ptr[2][pos.t]) + b : nullptr};
   float* MS = mx.master ? static_cast<float*>(tab.ptr[3][pos.t]) + b : nullptr;
-  const bool sr = mx.sr != 0;
-  for (int i = threadIdx.x; i < pos.n; i += blockDim.x) {
-    float p = MS ? MS[i] : static_cast<float>(P[i]);
-    float buf = B ? static_cast<float>(B[i]) : 0.0f;
-    sgd_element_rt(mx, p, static_cast<float>(G[i]), buf, first, s);
-    if (MS) MS[i] = p;
-    store_param<PT>(P + i, p, sr, key, static_cast<uint64_t>(b + i));
-    if (B) B[i] = static_cast<ST>(buf);
-  }
+  for_each_mixed<PT, ST, 1>(P, G, MS, S, b, pos.n, mx.sr != 0, key,
+                            [&](float& p, float g, float (&x)[1]) {
+                              sgd_element_rt(mx, p, g, x[0], first, s);
+                            });
 }
 
 static_assert(sizeof(ChunkTable<4>) + sizeof(SgdArgs) + sizeof(SgdMixedArgs) <= 4000,
