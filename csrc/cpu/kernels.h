@@ -36,8 +36,9 @@ struct Layout {
   uint64_t sr_key;
 };
 
-// The layouts the kernels are built for; ops_cpu.cpp refuses the others.
-inline bool layout_supported(const Layout& L) {
+// The layouts the kernels are built for (the one rule: the kernels
+// instantiate exactly these); ops_cpu.cpp refuses the others.
+constexpr bool layout_supported(const Layout& L) {
   if (L.param == Storage::kF64 || L.state == Storage::kF64)
     return L.param == L.state && !L.master && !L.sr;
   if (L.param == Storage::kF32) return !L.master && !L.sr && L.state != Storage::kF16;

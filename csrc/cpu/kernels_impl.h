@@ -108,6 +108,13 @@ using StorageC = std::integral_constant<Storage, S>;
 template <bool B>
 using BoolC = std::integral_constant<bool, B>;
 
+// Calls f(BoolC<b>) : a runtime flag as a compile-time constant.
+template <typename F>
+void with_bool(bool b, F&& f) {
+  if (b) return f(BoolC<true>{});
+  return f(BoolC<false>{});
+}
+
 // ------------------------------------------------------------ blocks
 
 // Elements per block of the update loops, and how far ahead (in elements)
@@ -157,6 +164,16 @@ void for_blocks(const Stream (&streams)[N], int64_t begin, int64_t end, Body bod
   }
 }
 
+// The updated param in its storage: rounded stochastically with the bits
+// of element `index` (low 32 bits) of the range key rk, or to nearest even.
+template <Storage PS, bool SR>
+inline typename Io<PS>::raw param_out(T_of<PS> x, uint32_t rk, uint32_t index) {
+  if constexpr (SR)
+    return bf16_bits_stochastic(x, sr_bits32(rk, index));
+  else
+    return Io<PS>::put(x);
+}
+
 // ------------------------------------------------------------ Adam
 
 template <Storage PS, Storage SS, bool MASTER, bool SR, bool AMS, int DECAY>
@@ -164,21 +181,21 @@ void adam_range(const Ptrs& P, int64_t begin, int64_t end, const AdamScalars<T_o
                 uint64_t sr_key) {
   using T = T_of<PS>;
   using PR = typename Io<PS>::raw;
-  using SR_ = typename Io<SS>::raw;
+  using ST = typename Io<SS>::raw;
   const AdamScalars<T> s = s_in;  // a local copy: no aliasing with the arrays
   const Stream streams[6] = {{P.p, sizeof(PR), true},
                              {P.g, sizeof(PR), false},
                              {MASTER ? P.master : nullptr, 4, true},
-                             {P.s0, sizeof(SR_), true},
-                             {P.s1, sizeof(SR_), true},
-                             {AMS ? P.s2 : nullptr, sizeof(SR_), true}};
+                             {P.s0, sizeof(ST), true},
+                             {P.s1, sizeof(ST), true},
+                             {AMS ? P.s2 : nullptr, sizeof(ST), true}};
   for_blocks(streams, begin, end, [&](int64_t b, int64_t n) {
     PR* __restrict p = static_cast<PR*>(P.p) + b;
     const PR* __restrict g = static_cast<const PR*>(P.g) + b;
     float* __restrict mp = MASTER ? static_cast<float*>(P.master) + b : nullptr;
-    SR_* __restrict m = static_cast<SR_*>(P.s0) + b;
-    SR_* __restrict v = static_cast<SR_*>(P.s1) + b;
-    SR_* __restrict vm = AMS ? static_cast<SR_*>(P.s2) + b : nullptr;
+    ST* __restrict m = static_cast<ST*>(P.s0) + b;
+    ST* __restrict v = static_cast<ST*>(P.s1) + b;
+    ST* __restrict vm = AMS ? static_cast<ST*>(P.s2) + b : nullptr;
     const uint32_t rk = SR ? sr_range_key(sr_key, static_cast<uint64_t>(b)) : 0;
     const uint32_t lo = static_cast<uint32_t>(b);
 #pragma GCC ivdep
@@ -188,10 +205,7 @@ void adam_range(const Ptrs& P, int64_t begin, int64_t end, const AdamScalars<T_o
       T vmi = AMS ? Io<SS>::get(vm[i]) : T(0);
       adam_element<T, AMS, DECAY>(pi, Io<PS>::get(g[i]), mi, vi, vmi, s);
       if (MASTER) mp[i] = pi;
-      if constexpr (SR)
-        p[i] = bf16_bits_stochastic(pi, sr_bits32(rk, lo + static_cast<uint32_t>(i)));
-      else
-        p[i] = Io<PS>::put(pi);
+      p[i] = param_out<PS, SR>(pi, rk, lo + static_cast<uint32_t>(i));
       m[i] = Io<SS>::put(mi);
       v[i] = Io<SS>::put(vi);
       if (AMS) vm[i] = Io<SS>::put(vmi);
@@ -206,17 +220,17 @@ void sgd_range(const Ptrs& P, int64_t begin, int64_t end, const SgdScalars<T_of<
                bool first, uint64_t sr_key) {
   using T = T_of<PS>;
   using PR = typename Io<PS>::raw;
-  using SR_ = typename Io<SS>::raw;
+  using ST = typename Io<SS>::raw;
   const SgdScalars<T> s = s_in;
   const Stream streams[4] = {{P.p, sizeof(PR), true},
                              {P.g, sizeof(PR), false},
                              {MASTER ? P.master : nullptr, 4, true},
-                             {MOM ? P.s0 : nullptr, sizeof(SR_), true}};
+                             {MOM ? P.s0 : nullptr, sizeof(ST), true}};
   for_blocks(streams, begin, end, [&](int64_t b, int64_t n) {
     PR* __restrict p = static_cast<PR*>(P.p) + b;
     const PR* __restrict g = static_cast<const PR*>(P.g) + b;
     float* __restrict mp = MASTER ? static_cast<float*>(P.master) + b : nullptr;
-    SR_* __restrict buf = MOM ? static_cast<SR_*>(P.s0) + b : nullptr;
+    ST* __restrict buf = MOM ? static_cast<ST*>(P.s0) + b : nullptr;
     const uint32_t rk = SR ? sr_range_key(sr_key, static_cast<uint64_t>(b)) : 0;
     const uint32_t lo = static_cast<uint32_t>(b);
     // `first` (the step that creates the momentum buffer) as a constant:
@@ -229,49 +243,42 @@ void sgd_range(const Ptrs& P, int64_t begin, int64_t end, const SgdScalars<T_of<
         T bi = MOM && !FIRST ? Io<SS>::get(buf[i]) : T(0);
         sgd_element<T, DECAY, MOM, NEST>(pi, Io<PS>::get(g[i]), bi, FIRST, s);
         if (MASTER) mp[i] = pi;
-        if constexpr (SR)
-          p[i] = bf16_bits_stochastic(pi, sr_bits32(rk, lo + static_cast<uint32_t>(i)));
-        else
-          p[i] = Io<PS>::put(pi);
+        p[i] = param_out<PS, SR>(pi, rk, lo + static_cast<uint32_t>(i));
         if (MOM) buf[i] = Io<SS>::put(bi);
       }
     };
-    if (MOM && first)
-      loop(BoolC<true>{});
-    else
-      loop(BoolC<false>{});
+    with_bool(MOM && first, loop);
   });
 }
 
 // ------------------------------------------------------------ dispatch
 
-// Calls f(PS, SS, MASTER, SR) with the layout as compile-time constants,
-// for the float layouts of layout_supported().
+// Calls f(Storage S) with the float storage st as a compile-time constant.
 template <typename F>
-void with_layout(const Layout& L, F&& f) {
-  auto states = [&](auto ps, auto master, auto sr) {
-    constexpr Storage P = decltype(ps)::value;
-    switch (L.state) {
-      case Storage::kF32: return f(ps, StorageC<Storage::kF32>{}, master, sr);
-      case Storage::kBF16: return f(ps, StorageC<Storage::kBF16>{}, master, sr);
-      case Storage::kF16:
-        if constexpr (P == Storage::kF16 && !decltype(master)::value)
-          return f(ps, StorageC<Storage::kF16>{}, master, sr);
-        return;
-      default: return;
-    }
-  };
-  switch (L.param) {
-    case Storage::kF32: return states(StorageC<Storage::kF32>{}, BoolC<false>{}, BoolC<false>{});
-    case Storage::kF16:
-      if (L.master) return states(StorageC<Storage::kF16>{}, BoolC<true>{}, BoolC<false>{});
-      return states(StorageC<Storage::kF16>{}, BoolC<false>{}, BoolC<false>{});
-    case Storage::kBF16:
-      if (L.master) return states(StorageC<Storage::kBF16>{}, BoolC<true>{}, BoolC<false>{});
-      if (L.sr) return states(StorageC<Storage::kBF16>{}, BoolC<false>{}, BoolC<true>{});
-      return states(StorageC<Storage::kBF16>{}, BoolC<false>{}, BoolC<false>{});
+void with_float_storage(Storage st, F&& f) {
+  switch (st) {
+    case Storage::kF32: return f(StorageC<Storage::kF32>{});
+    case Storage::kF16: return f(StorageC<Storage::kF16>{});
+    case Storage::kBF16: return f(StorageC<Storage::kBF16>{});
     default: return;
   }
+}
+
+// Calls f(PS, SS, MASTER, SR) with the layout as compile-time constants;
+// only the float layouts of layout_supported() are instantiated.
+template <typename F>
+void with_layout(const Layout& L, F&& f) {
+  with_float_storage(L.param, [&](auto ps) {
+    with_float_storage(L.state, [&](auto ss) {
+      with_bool(L.master, [&](auto master) {
+        with_bool(L.sr, [&](auto sr) {
+          constexpr Layout C{decltype(ps)::value, decltype(ss)::value, decltype(master)::value,
+                             decltype(sr)::value, 0};
+          if constexpr (layout_supported(C)) f(ps, ss, master, sr);
+        });
+      });
+    });
+  });
 }
 
 // Adam's mode flags as compile-time constants: f(AMSGRAD, DECAY).
@@ -282,8 +289,7 @@ void with_adam_modes(bool ams, int decay, F&& f) {
     if (decay == kScaleParam) return f(a, std::integral_constant<int, kScaleParam>{});
     return f(a, std::integral_constant<int, kNone>{});
   };
-  if (ams) return by_decay(BoolC<true>{});
-  return by_decay(BoolC<false>{});
+  with_bool(ams, by_decay);
 }
 
 // SGD's mode flags as compile-time constants: f(DECAY, MOMENTUM, NESTEROV).
