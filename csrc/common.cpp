@@ -111,6 +111,31 @@ DenseLists make_dense(const std::vector<ListSpec>& lists) {
   return out;
 }
 
+Storage storage_of(const char* op, const char* what, at::ScalarType st) {
+  switch (st) {
+    case at::kFloat: return Storage::kF32;
+    case at::kDouble: return Storage::kF64;
+    case at::kHalf: return Storage::kF16;
+    case at::kBFloat16: return Storage::kBF16;
+    default:
+      TORCH_CHECK(false, op, ": ", what, " has dtype ", st,
+                  "; the kernels take float32, float64, float16 and bfloat16");
+  }
+}
+
+Layout layout_for(const char* op, size_t i, at::ScalarType param, at::ScalarType state, bool master,
+                  bool stochastic_rounding) {
+  Layout L;
+  L.param = storage_of(op, "a param", param);
+  L.state = storage_of(op, "an optimizer state", state);
+  L.master = master;
+  L.sr = stochastic_rounding && !master && param == at::kBFloat16;
+  L.sr_key = 0;
+  TORCH_CHECK(layout_supported(L), op, ": params[", i, "] (", param, ") with state dtype ", state,
+              master ? " and an fp32 master copy" : "", " is not a supported layout");
+  return L;
+}
+
 std::vector<std::vector<int64_t>> group_by_dtypes(at::TensorList a, at::TensorList b) {
   std::vector<std::pair<at::ScalarType, at::ScalarType>> keys;
   std::vector<std::vector<int64_t>> groups;

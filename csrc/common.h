@@ -9,6 +9,8 @@
 #include <string>
 #include <vector>
 
+#include "fused_wd/layout.h"
+
 namespace fused_wd {
 
 // Which dtypes a list may have, relative to the params.
@@ -52,6 +54,17 @@ struct DenseLists {
 };
 
 DenseLists make_dense(const std::vector<ListSpec>& lists);
+
+// The storage of a dtype the kernels take (float32/64, float16, bfloat16);
+// an error naming `what` for any other.
+Storage storage_of(const char* op, const char* what, at::ScalarType st);
+
+// The layout of params[i] (dtype `param`) with states of dtype `state`: a
+// master copy or not, and stochastic rounding when asked for and the param
+// is bfloat16 without a master. An error if the rule (fused_wd/layout.h)
+// refuses it.
+Layout layout_for(const char* op, size_t i, at::ScalarType param, at::ScalarType state, bool master,
+                  bool stochastic_rounding);
 
 // Tensor indices grouped by dtype, in first-seen order (deterministic).
 std::vector<std::vector<int64_t>> group_by_dtype(at::TensorList tensors);

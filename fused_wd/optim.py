@@ -26,6 +26,7 @@ the kernel. `last_grad_norm` holds the pre-clip global norm (a 0-dim tensor,
 unscaled when a GradScaler drives the step).
 """
 import math
+import weakref
 
 import torch
 from torch.optim import Optimizer
@@ -42,12 +43,24 @@ _STATE_DTYPES = (None, torch.float32, torch.bfloat16)
 MASTER_KEY = "master_param"
 
 
+# Host copies of tensor hyperparameters: id -> (weak reference, version, value).
+_HOST_VALUES = {}
+
+
 def _scalar(x, name):
-    """A hyperparameter that torch accepts as a float or a 1-element tensor."""
+    """A hyperparameter that torch accepts as a float or a 1-element tensor.
+    A tensor is read on the host once, and again only after an in-place
+    change (its version counter moved): no device sync per step."""
     if isinstance(x, torch.Tensor):
         if x.numel() != 1:
             raise ValueError(f"{name} must be a float or a 1-element tensor, got shape {tuple(x.shape)}")
-        return float(x.item())
+        key = id(x)
+        hit = _HOST_VALUES.get(key)
+        if hit is not None and hit[0]() is x and hit[1] == x._version:
+            return hit[2]
+        value = float(x.item())
+        _HOST_VALUES[key] = (weakref.ref(x, lambda _, k=key: _HOST_VALUES.pop(k, None)), x._version, value)
+        return value
     try:
         return float(x)
     except (TypeError, ValueError):
@@ -411,7 +424,7 @@ class _FusedOptimizer(Optimizer):
         initial_lr = 1.0  # read by the kernels in "independent" mode only
         if mode == "independent":
             # a tensor initial_lr (set by a scheduler for a tensor lr) is read
-            # on the host here: one sync per step in this mode alone
+            # on the host once (see _scalar)
             initial_lr = _scalar(group.get("initial_lr", self.defaults["lr"]), "initial_lr")
             if initial_lr == 0.0:
                 raise ValueError("weight_decay_mode='independent' needs a nonzero initial_lr")

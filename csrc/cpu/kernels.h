@@ -6,12 +6,11 @@
 
 #include <cstdint>
 
+#include "fused_wd/layout.h"
 #include "fused_wd/math.h"
 
 namespace fused_wd {
 namespace cpu {
-
-enum class Storage : int { kF32, kF64, kF16, kBF16 };
 
 // The streams of one tensor; absent ones are null. Adam: s0 = exp_avg,
 // s1 = exp_avg_sq, s2 = max_exp_avg_sq (amsgrad). SGD: s0 = momentum buffer.
@@ -23,29 +22,6 @@ struct Ptrs {
   void* s1;
   void* s2;
 };
-
-// How one tensor is stored: param/grad storage `param`, state storage
-// `state`, optionally an fp32 master copy (the update runs on it and the
-// param is written as its rounding). The math is in float (double for fp64,
-// where param and state are both kF64). With `sr` (bf16 params without a
-// master) the param is rounded stochastically with the bits of
-// sr_bits(sr_key, element index), otherwise to nearest even.
-struct Layout {
-  Storage param, state;
-  bool master, sr;
-  uint64_t sr_key;
-};
-
-// The layouts the kernels are built for (the one rule: the kernels
-// instantiate exactly these); ops_cpu.cpp refuses the others.
-constexpr bool layout_supported(const Layout& L) {
-  if (L.param == Storage::kF64 || L.state == Storage::kF64)
-    return L.param == L.state && !L.master && !L.sr;
-  if (L.param == Storage::kF32) return !L.master && !L.sr && L.state != Storage::kF16;
-  if (L.sr && (L.param != Storage::kBF16 || L.master)) return false;
-  if (L.state == Storage::kF16) return L.param == Storage::kF16 && !L.master;
-  return true;
-}
 
 struct SgdModes {
   int decay;  // DecayKind

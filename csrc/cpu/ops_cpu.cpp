@@ -78,16 +78,6 @@ void parallel_items(const std::vector<Item>& items, F f) {
   });
 }
 
-Storage storage_of(at::ScalarType st) {
-  switch (st) {
-    case at::kFloat: return Storage::kF32;
-    case at::kDouble: return Storage::kF64;
-    case at::kHalf: return Storage::kF16;
-    case at::kBFloat16: return Storage::kBF16;
-    default: TORCH_CHECK(false, "fused_wd: unsupported dtype ", st);
-  }
-}
-
 void* ptr(const at::Tensor& t) { return t.numel() ? t.data_ptr() : nullptr; }
 
 float read_float(const std::optional<at::Tensor>& t) { return t->item<float>(); }
@@ -132,21 +122,12 @@ void check_sr(const char* op, at::TensorList params, bool sr, at::IntArrayRef id
               "entry per param, got ", ids.size(), " for ", params.size());
 }
 
-// The layout of entry i: storages, master copy, and stochastic rounding
-// (bf16 params without a master) keyed by step t.
+// The layout of entry i, with the stochastic-rounding key of step t.
 Layout layout_of(const char* op, const at::Tensor& p, const at::Tensor& state, bool master,
                  bool sr, int64_t seed, at::IntArrayRef ids, size_t i, double t) {
-  Layout L;
-  L.param = storage_of(p.scalar_type());
-  L.state = storage_of(state.scalar_type());
-  L.master = master;
-  L.sr = sr && !master && p.scalar_type() == at::kBFloat16;
-  L.sr_key = L.sr ? sr_key(static_cast<uint64_t>(seed), static_cast<uint64_t>(ids[i]),
-                           static_cast<uint64_t>(t))
-                  : 0;
-  TORCH_CHECK(layout_supported(L), op, ": params[", i, "] (", p.scalar_type(), ") with state dtype ",
-              state.scalar_type(), master ? " and an fp32 master copy" : "",
-              " is not a supported layout");
+  Layout L = layout_for(op, i, p.scalar_type(), state.scalar_type(), master, sr);
+  if (L.sr)
+    L.sr_key = sr_key(static_cast<uint64_t>(seed), static_cast<uint64_t>(ids[i]), static_cast<uint64_t>(t));
   return L;
 }
 
@@ -174,7 +155,7 @@ at::Tensor multi_tensor_norm(at::TensorList tensors, double norm_type) {
     for (int64_t j = b; j < e; ++j) {
       const Item& it = items[j];
       const at::Tensor& t = dense[it.tensor];
-      const Storage st = storage_of(t.scalar_type());
+      const Storage st = storage_of(op, "a tensor", t.scalar_type());
       partial[j] = inf ? k.absmax(st, t.data_ptr(), it.begin, it.end)
                        : k.sumsq(st, t.data_ptr(), it.begin, it.end);
     }
@@ -197,7 +178,7 @@ void clip_(at::TensorList tensors, const at::Tensor& total_norm, double max_norm
   const KernelTable& k = table();
   parallel_items(items, [&](const Item& it) {
     const at::Tensor& t = d.dense[0][it.tensor];
-    k.scale(storage_of(t.scalar_type()), t.data_ptr(), it.begin, it.end, coef);
+    k.scale(storage_of(op, "a tensor", t.scalar_type()), t.data_ptr(), it.begin, it.end, coef);
   });
   d.write_back();
 }

@@ -24,14 +24,13 @@ __global__ void increment_steps_kernel(StepTable tab, PrepArgs prep) {
 
 }  // namespace
 
-void increment_steps(at::TensorList steps, const PrepArgs& prep, cudaStream_t stream) {
+void increment_steps(at::TensorList steps, const PrepArgs& prep, Stream stream) {
   StepTable tab;
   std::memset(&tab, 0, sizeof(tab));
   auto flush = [&] {
     if (tab.n == 0) return;
     constexpr int kT = 128;
-    increment_steps_kernel<<<(tab.n + kT - 1) / kT, kT, 0, stream>>>(tab, prep);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch(increment_steps_kernel, (tab.n + kT - 1) / kT, kT, stream, tab, prep);
     tab.n = 0;
   };
   for (const at::Tensor& s : steps) {
@@ -104,7 +103,7 @@ __global__ void __launch_bounds__(kThreads)
 
 template <typename scalar_t, bool AMSGRAD, int DECAY>
 void launch_adam(const std::vector<std::vector<at::Tensor>>& dense, const std::vector<int64_t>& idx,
-                 at::TensorList steps, const AdamArgs& args, cudaStream_t stream) {
+                 at::TensorList steps, const AdamArgs& args, Stream stream) {
   constexpr int D = AMSGRAD ? 5 : 4;
   for_each_table<D>(
       static_cast<int64_t>(idx.size()),
@@ -118,8 +117,7 @@ void launch_adam(const std::vector<std::vector<at::Tensor>>& dense, const std::v
         return e;
       },
       [&](const ChunkTable<D>& tab, int nchunks) {
-        adam_kernel<scalar_t, AMSGRAD, DECAY><<<nchunks, kThreads, 0, stream>>>(tab, args);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        launch(adam_kernel<scalar_t, AMSGRAD, DECAY>, nchunks, kThreads, stream, tab, args);
       });
 }
 
@@ -184,7 +182,7 @@ template <typename PT, typename ST, bool AMSGRAD>
 void launch_adam_mixed(const std::vector<std::vector<at::Tensor>>& dense, const int (&li)[6],
                        const std::vector<int64_t>& idx, at::TensorList steps,
                        at::IntArrayRef sr_ids, const AdamArgs& args, const MixedArgs& mx,
-                       cudaStream_t stream) {
+                       Stream stream) {
   for_each_table<6>(
       static_cast<int64_t>(idx.size()),
       [&](int64_t k) {
@@ -199,8 +197,7 @@ void launch_adam_mixed(const std::vector<std::vector<at::Tensor>>& dense, const 
         return e;
       },
       [&](const ChunkTable<6>& tab, int nchunks) {
-        adam_mixed_kernel<PT, ST, AMSGRAD><<<nchunks, kThreads, 0, stream>>>(tab, args, mx);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        launch(adam_mixed_kernel<PT, ST, AMSGRAD>, nchunks, kThreads, stream, tab, args, mx);
       });
 }
 
@@ -248,7 +245,7 @@ void adam_(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
     li[5] = static_cast<int>(specs.size());
     specs.push_back({"master_params", master_params, true, false, kDtypeMaster});
   }
-  check_lists(op, specs, c10::DeviceType::CUDA);
+  check_lists(op, specs, kDeviceType);
   check_same_state_dtype(op, specs);
   TORCH_CHECK(!stochastic_rounding || sr_ids.size() == params.size(), op,
               ": stochastic_rounding needs one sr_ids entry per param, got ", sr_ids.size(),
@@ -256,8 +253,8 @@ void adam_(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
   if (params.empty()) return;
   check_steps(op, state_steps, params);
   const at::Device device = params[0].device();
-  c10::cuda::CUDAGuard guard(device);
-  cudaStream_t stream = at::cuda::getCurrentCUDAStream(device.index());
+  DeviceGuard guard(device);
+  Stream stream = current_stream(device);
 
   AdamArgs args;
   std::memset(&args, 0, sizeof(args));
@@ -274,13 +271,18 @@ void adam_(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
   const int kind = decay_kind(static_cast<int>(decay_mode), weight_decay);
 
   DenseLists dl = make_dense(specs);
-  for (const auto& idx : group_by_dtypes(dl.dense[0], dl.dense[2])) {
+  const auto groups = group_by_dtypes(dl.dense[0], dl.dense[2]);
+  std::vector<Layout> layouts;  // every group is checked before the first launch
+  for (const auto& idx : groups)
+    layouts.push_back(layout_for(op, static_cast<size_t>(idx[0]), dl.dense[0][idx[0]].scalar_type(),
+                                 dl.dense[2][idx[0]].scalar_type(), master, stochastic_rounding));
+  for (size_t g = 0; g < groups.size(); ++g) {
+    const auto& idx = groups[g];
+    const Layout& L = layouts[g];
     const at::ScalarType pt = dl.dense[0][idx[0]].scalar_type();
-    const at::ScalarType st = dl.dense[2][idx[0]].scalar_type();
-    const bool sr = stochastic_rounding && !master && pt == at::kBFloat16;
-    if (master || sr || st != pt) {
-      const MixedArgs mx{static_cast<uint64_t>(sr_seed), kind, master ? 1 : 0, sr ? 1 : 0};
-      dispatch_mixed(op, pt, st, [&](auto ptag, auto stag) {
+    if (L.master || L.sr || L.state != L.param) {
+      const MixedArgs mx{static_cast<uint64_t>(sr_seed), kind, master ? 1 : 0, L.sr ? 1 : 0};
+      dispatch_mixed(L, [&](auto ptag, auto stag) {
         using PT = typename decltype(ptag)::type;
         using ST = typename decltype(stag)::type;
         if (amsgrad)

@@ -20,9 +20,6 @@
 
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
-#include <ATen/cuda/CUDAContext.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
 
 #include <climits>
 #include <cstdint>
@@ -31,6 +28,7 @@
 #include <type_traits>
 
 #include "common.h"
+#include "cuda/runtime.h"
 #include "fused_wd/math.h"
 
 namespace fused_wd {
@@ -180,25 +178,42 @@ struct Tag {
   using type = T;
 };
 
-// Calls f(Tag<PT>, Tag<ST>) for the supported (param, state) storage pairs:
-// state float32 or bfloat16 for float32/float16/bfloat16 params, or the
-// param's own float16. Only these are instantiated.
-template <typename F>
-void dispatch_mixed(const char* op, at::ScalarType pt, at::ScalarType st, F&& f) {
-  auto with_state = [&](auto ptag) {
-    using PT = typename decltype(ptag)::type;
-    if (st == at::kFloat) return f(ptag, Tag<float>{});
-    if (st == at::kBFloat16) return f(ptag, Tag<c10::BFloat16>{});
-    if constexpr (std::is_same<PT, c10::Half>::value)
-      if (st == at::kHalf) return f(ptag, Tag<c10::Half>{});
-    TORCH_CHECK(false, op, ": unsupported mixed-precision layout: params ", pt, ", states ", st);
+template <typename T>
+struct StorageOf;
+template <>
+struct StorageOf<float> : std::integral_constant<Storage, Storage::kF32> {};
+template <>
+struct StorageOf<c10::Half> : std::integral_constant<Storage, Storage::kF16> {};
+template <>
+struct StorageOf<c10::BFloat16> : std::integral_constant<Storage, Storage::kBF16> {};
+
+template <typename PT, typename F>
+void dispatch_state(Storage state, F&& f) {
+  auto call = [&](auto stag) {
+    using ST = typename decltype(stag)::type;
+    if constexpr (storages_supported(StorageOf<PT>::value, StorageOf<ST>::value))
+      f(Tag<PT>{}, Tag<ST>{});
+    else
+      TORCH_INTERNAL_ASSERT(false, "fused_wd: a layout outside the rule reached the kernels");
   };
-  switch (pt) {
-    case at::kFloat: return with_state(Tag<float>{});
-    case at::kHalf: return with_state(Tag<c10::Half>{});
-    case at::kBFloat16: return with_state(Tag<c10::BFloat16>{});
-    default:
-      TORCH_CHECK(false, op, ": mixed precision needs float32/float16/bfloat16 params, got ", pt);
+  switch (state) {
+    case Storage::kF32: return call(Tag<float>{});
+    case Storage::kF16: return call(Tag<c10::Half>{});
+    case Storage::kBF16: return call(Tag<c10::BFloat16>{});
+    default: TORCH_INTERNAL_ASSERT(false, "fused_wd: float64 has no mixed-precision kernel");
+  }
+}
+
+// Calls f(Tag<PT>{}, Tag<ST>{}) with the storage types of the mixed-precision
+// layout L (checked by layout_for): only the storage pairs of the one rule
+// (fused_wd/layout.h) are instantiated.
+template <typename F>
+void dispatch_mixed(const Layout& L, F&& f) {
+  switch (L.param) {
+    case Storage::kF32: return dispatch_state<float>(L.state, f);
+    case Storage::kF16: return dispatch_state<c10::Half>(L.state, f);
+    case Storage::kBF16: return dispatch_state<c10::BFloat16>(L.state, f);
+    default: TORCH_INTERNAL_ASSERT(false, "fused_wd: float64 has no mixed-precision kernel");
   }
 }
 
@@ -408,7 +423,7 @@ static_assert(sizeof(StepTable) + sizeof(PrepArgs) <= 4000, "step table too larg
 // `prep`. Called after every update kernel of the op was queued on that
 // stream, so no block of an update kernel can see a counter already advanced
 // (every block of a tensor reads the same step).
-void increment_steps(at::TensorList steps, const PrepArgs& prep, cudaStream_t stream);
+void increment_steps(at::TensorList steps, const PrepArgs& prep, Stream stream);
 
 }  // namespace cuda
 }  // namespace fused_wd

@@ -84,9 +84,9 @@ __global__ void __launch_bounds__(kThreads) clip_kernel(ChunkTable<1> tab, Scala
   for_each_element<scalar_t, 1, 1u>(p, pos.n, [&](T(&x)[1]) { x[0] = x[0] * coef; });
 }
 
-template <typename Launch>
+template <typename PerTable>
 void for_each_bucket_table(const std::vector<at::Tensor>& dense,
-                           const std::vector<std::vector<int64_t>>& groups, Launch&& launch) {
+                           const std::vector<std::vector<int64_t>>& groups, PerTable&& per_table) {
   for (const auto& idx : groups) {
     const at::ScalarType st = dense[idx[0]].scalar_type();
     for_each_table<1>(
@@ -98,7 +98,7 @@ void for_each_bucket_table(const std::vector<at::Tensor>& dense,
           e.ptr[0] = e.numel ? t.data_ptr() : nullptr;
           return e;
         },
-        [&](const ChunkTable<1>& tab, int nchunks) { launch(st, tab, nchunks); });
+        [&](const ChunkTable<1>& tab, int nchunks) { per_table(st, tab, nchunks); });
   }
 }
 
@@ -110,10 +110,10 @@ at::Tensor multi_tensor_norm(at::TensorList tensors, double norm_type) {
   const bool inf = std::isinf(norm_type) && norm_type > 0;
   TORCH_CHECK(inf || norm_type == 2.0, op, ": norm_type must be 2 or inf, got ", norm_type);
   const std::vector<ListSpec> specs = {{"tensors", tensors, false, false}};
-  check_lists(op, specs, c10::DeviceType::CUDA);
+  check_lists(op, specs, kDeviceType);
   const at::Device device = tensors[0].device();
-  c10::cuda::CUDAGuard guard(device);
-  cudaStream_t stream = at::cuda::getCurrentCUDAStream(device.index());
+  DeviceGuard guard(device);
+  Stream stream = current_stream(device);
 
   DenseLists dl = make_dense(specs);
   const std::vector<at::Tensor>& dense = dl.dense[0];
@@ -121,30 +121,21 @@ at::Tensor multi_tensor_norm(at::TensorList tensors, double norm_type) {
 
   int64_t total_chunks = 0;
   for (const auto& t : dense) total_chunks += (t.numel() + kChunk - 1) / kChunk;
-  at::Tensor partials =
-      at::empty({std::max<int64_t>(total_chunks, 1)}, dense[0].options().dtype(at::kDouble));
+  at::Tensor partials = scratch(std::max<int64_t>(total_chunks, 1), dense[0].options().dtype(at::kDouble));
   at::Tensor out = at::empty({}, dense[0].options().dtype(at::kFloat));
 
   double* base = partials.data_ptr<double>();
   int64_t offset = 0;
   for_each_bucket_table(dense, groups, [&](at::ScalarType st, const ChunkTable<1>& tab, int nchunks) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, st, "fused_wd_norm", [&] {
-      if (inf) {
-        norm_partials_kernel<scalar_t, true><<<nchunks, kThreads, 0, stream>>>(tab, base + offset);
-      } else {
-        norm_partials_kernel<scalar_t, false><<<nchunks, kThreads, 0, stream>>>(tab, base + offset);
-      }
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      launch(inf ? norm_partials_kernel<scalar_t, true> : norm_partials_kernel<scalar_t, false>,
+             nchunks, kThreads, stream, tab, base + offset);
     });
     offset += nchunks;
   });
   TORCH_INTERNAL_ASSERT(offset == total_chunks);
-  if (inf) {
-    norm_final_kernel<true><<<1, kFinalThreads, 0, stream>>>(base, total_chunks, out.data_ptr<float>());
-  } else {
-    norm_final_kernel<false><<<1, kFinalThreads, 0, stream>>>(base, total_chunks, out.data_ptr<float>());
-  }
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch(inf ? norm_final_kernel<true> : norm_final_kernel<false>, 1, kFinalThreads, stream, base,
+         total_chunks, out.data_ptr<float>());
   return out;
 }
 
@@ -152,11 +143,11 @@ void clip_(at::TensorList tensors, const at::Tensor& total_norm, double max_norm
   const char* op = "fused_wd::clip_";
   if (tensors.empty()) return;
   const std::vector<ListSpec> specs = {{"tensors", tensors, true, false}};
-  check_lists(op, specs, c10::DeviceType::CUDA);
+  check_lists(op, specs, kDeviceType);
   const at::Device device = tensors[0].device();
   check_scalar_tensor(op, "total_norm", total_norm, device, false);
-  c10::cuda::CUDAGuard guard(device);
-  cudaStream_t stream = at::cuda::getCurrentCUDAStream(device.index());
+  DeviceGuard guard(device);
+  Stream stream = current_stream(device);
   const ScalarRef norm = scalar_ref(op, "total_norm", total_norm);
   const float mn = static_cast<float>(max_norm);
 
@@ -164,8 +155,7 @@ void clip_(at::TensorList tensors, const at::Tensor& total_norm, double max_norm
   const auto groups = group_by_dtype(dl.dense[0]);
   for_each_bucket_table(dl.dense[0], groups, [&](at::ScalarType st, const ChunkTable<1>& tab, int nchunks) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, st, "fused_wd_clip", [&] {
-      clip_kernel<scalar_t><<<nchunks, kThreads, 0, stream>>>(tab, norm, mn);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      launch(clip_kernel<scalar_t>, nchunks, kThreads, stream, tab, norm, mn);
     });
   });
   dl.write_back();

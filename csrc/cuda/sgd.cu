@@ -60,7 +60,7 @@ static_assert(sizeof(ChunkTable<3>) + sizeof(SgdArgs) <= 4000, "sgd kernel argum
 
 template <typename scalar_t, int DECAY, bool MOMENTUM, bool NESTEROV>
 void launch_sgd(const std::vector<std::vector<at::Tensor>>& dense, const std::vector<int64_t>& idx,
-                const c10::List<bool>& is_new, const SgdArgs& args, cudaStream_t stream) {
+                const c10::List<bool>& is_new, const SgdArgs& args, Stream stream) {
   constexpr int D = MOMENTUM ? 3 : 2;
   for_each_table<D>(
       static_cast<int64_t>(idx.size()),
@@ -73,8 +73,7 @@ void launch_sgd(const std::vector<std::vector<at::Tensor>>& dense, const std::ve
         return e;
       },
       [&](const ChunkTable<D>& tab, int nchunks) {
-        sgd_kernel<scalar_t, DECAY, MOMENTUM, NESTEROV><<<nchunks, kThreads, 0, stream>>>(tab, args);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        launch(sgd_kernel<scalar_t, DECAY, MOMENTUM, NESTEROV>, nchunks, kThreads, stream, tab, args);
       });
 }
 
@@ -146,7 +145,7 @@ template <typename PT, typename ST>
 void launch_sgd_mixed(const std::vector<std::vector<at::Tensor>>& dense, const int (&li)[4],
                       const std::vector<int64_t>& idx, const c10::List<bool>& is_new,
                       at::TensorList steps, at::IntArrayRef sr_ids, const SgdArgs& args,
-                      const SgdMixedArgs& mx, cudaStream_t stream) {
+                      const SgdMixedArgs& mx, Stream stream) {
   for_each_table<4>(
       static_cast<int64_t>(idx.size()),
       [&](int64_t k) {
@@ -163,8 +162,7 @@ void launch_sgd_mixed(const std::vector<std::vector<at::Tensor>>& dense, const i
         return e;
       },
       [&](const ChunkTable<4>& tab, int nchunks) {
-        sgd_mixed_kernel<PT, ST><<<nchunks, kThreads, 0, stream>>>(tab, args, mx);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        launch(sgd_mixed_kernel<PT, ST>, nchunks, kThreads, stream, tab, args, mx);
       });
 }
 
@@ -197,7 +195,7 @@ void sgd_(at::TensorList params, at::TensorList grads, at::TensorList momentum_b
     li[3] = static_cast<int>(specs.size());
     specs.push_back({"master_params", master_params, true, false, kDtypeMaster});
   }
-  check_lists(op, specs, c10::DeviceType::CUDA);
+  check_lists(op, specs, kDeviceType);
   if (stochastic_rounding) {
     TORCH_CHECK(sr_ids.size() == params.size(), op, ": stochastic_rounding needs one sr_ids "
                 "entry per param, got ", sr_ids.size(), " for ", params.size());
@@ -210,8 +208,8 @@ void sgd_(at::TensorList params, at::TensorList grads, at::TensorList momentum_b
   }
   if (params.empty()) return;
   const at::Device device = params[0].device();
-  c10::cuda::CUDAGuard guard(device);
-  cudaStream_t stream = at::cuda::getCurrentCUDAStream(device.index());
+  DeviceGuard guard(device);
+  Stream stream = current_stream(device);
 
   SgdArgs args;
   std::memset(&args, 0, sizeof(args));
@@ -228,16 +226,27 @@ void sgd_(at::TensorList params, at::TensorList grads, at::TensorList momentum_b
 
   DenseLists dl = make_dense(specs);
   const std::vector<at::Tensor> none;
-  for (const auto& idx : group_by_dtypes(dl.dense[0], use_momentum ? dl.dense[2] : none)) {
+  const auto groups = group_by_dtypes(dl.dense[0], use_momentum ? dl.dense[2] : none);
+  std::vector<Layout> layouts;  // every group is checked before the first launch
+  for (const auto& idx : groups) {
     const at::ScalarType pt = dl.dense[0][idx[0]].scalar_type();
-    const at::ScalarType st = use_momentum ? dl.dense[2][idx[0]].scalar_type() : pt;
-    const bool sr = stochastic_rounding && !master && pt == at::kBFloat16;
-    if (master || sr || st != pt) {
+    // without momentum there is no state: the layout's state is the master's
+    // (or the param's) dtype, as on the CPU
+    const at::ScalarType st =
+        use_momentum ? dl.dense[2][idx[0]].scalar_type() : (master ? at::kFloat : pt);
+    layouts.push_back(layout_for(op, static_cast<size_t>(idx[0]), pt, st, master, stochastic_rounding));
+  }
+  for (size_t g = 0; g < groups.size(); ++g) {
+    const auto& idx = groups[g];
+    const Layout& L = layouts[g];
+    const at::ScalarType pt = dl.dense[0][idx[0]].scalar_type();
+    if (L.master || L.sr || L.state != L.param) {
       const SgdMixedArgs mx{static_cast<uint64_t>(sr_seed), kind, use_momentum ? 1 : 0,
-                            nesterov ? 1 : 0, master ? 1 : 0, sr ? 1 : 0};
-      // without momentum the state type is irrelevant: use float's instantiation
-      const at::ScalarType st_k = use_momentum ? st : at::kFloat;
-      dispatch_mixed(op, pt, st_k, [&](auto ptag, auto stag) {
+                            nesterov ? 1 : 0, master ? 1 : 0, L.sr ? 1 : 0};
+      // without momentum the state storage is never touched: float's kernel
+      Layout K = L;
+      if (!use_momentum) K.state = Storage::kF32;
+      dispatch_mixed(K, [&](auto ptag, auto stag) {
         launch_sgd_mixed<typename decltype(ptag)::type, typename decltype(stag)::type>(
             dl.dense, li, idx, buffer_is_new, state_steps, sr_ids, args, mx, stream);
       });

@@ -1,0 +1,35 @@
+"""Builds and loads the host build of the CUDA kernels (csrc/emu/emu_ops.cpp):
+the fused_wd_emu operators, which run csrc/cuda's own code on CPU tensors.
+
+Compiled with the CPU kernels' floating-point flags (no FMA contraction, IEEE
+division and sqrt), so that its element math rounds like theirs. With
+FUSED_WD_SANITIZE=1 it is built with AddressSanitizer and
+UndefinedBehaviorSanitizer (scripts/sanitize.sh)."""
+import hashlib
+import os
+
+import torch
+from torch.utils import cpp_extension
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SOURCES = [os.path.join(ROOT, "csrc", "emu", "emu_ops.cpp"), os.path.join(ROOT, "csrc", "common.cpp")]
+
+FLAGS = ["-O2", "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math", "-fvisibility=hidden",
+         "-DFUSED_WD_ISA=emulated"]
+SANITIZE = ["-fsanitize=address,undefined", "-fno-sanitize-recover=undefined", "-fno-omit-frame-pointer"]
+
+
+def load():
+    """Builds (or reuses) the emulation library and returns torch.ops.fused_wd_emu."""
+    cflags, ldflags = list(FLAGS), ["-pthread"]
+    if os.environ.get("FUSED_WD_SANITIZE") == "1":
+        cflags = ["-O1", "-g"] + cflags[1:] + SANITIZE
+        ldflags += SANITIZE
+    tag = hashlib.sha1(" ".join(cflags + [torch.__version__]).encode()).hexdigest()[:10]
+    build = os.path.join(ROOT, "build", f"emu-{tag}")
+    os.makedirs(build, exist_ok=True)
+    cpp_extension.load(
+        name="fused_wd_emu", sources=SOURCES, extra_include_paths=[os.path.join(ROOT, "csrc")],
+        extra_cflags=cflags, extra_ldflags=ldflags, build_directory=build, is_python_module=False,
+        verbose=os.environ.get("FUSED_WD_EMU_VERBOSE") == "1")
+    return torch.ops.fused_wd_emu

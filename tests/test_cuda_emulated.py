@@ -1,0 +1,481 @@
+"""The CUDA backend's own source, run on the host: csrc/cuda compiled by g++
+with the emulator of csrc/emu (256-thread blocks, a real __syncthreads
+barrier, blocks in shuffled order) as the fused_wd_emu operators, and
+compared with the CPU kernels on the same inputs.
+
+Both sides run the element math of csrc/fused_wd/math.h, compiled with FMA
+contraction off and IEEE division and sqrt, so every update (all dtypes,
+every mixed layout) must match bit for bit given the same global norm. The
+norm itself is summed in another order than the CPU's (per-chunk float64
+partials of per-thread float sums), so it is compared with a float64
+reference instead.
+
+Every tensor sits in a buffer of its own at an element offset (0 keeps the
+vector path, other offsets misalign it), between poisoned guard elements,
+and the whole buffers are compared: a write outside a tensor, or a missed
+write, shows up. The inputs are random, and the tests check that the
+update changes nearly every element, so that a skipped write cannot pass
+unnoticed.
+"""
+import itertools
+import math
+
+import pytest
+import torch
+
+import emu_build
+import fused_wd  # noqa: F401  (registers torch.ops.fused_wd)
+
+pytestmark = pytest.mark.cuda_emulated
+
+CPU = torch.ops.fused_wd
+DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
+# a 0-dim param, an empty one, tails of the 4- and 8-wide vector paths, a
+# chunk boundary (16384 elements per chunk) and a tensor of three chunks
+SHAPES = [(37, 19), (5,), (), (0,), (3, 4, 5), (16385,), (40001,), (7,)]
+OFFSETS = [0, 1, 0, 3, 2, 0, 1, 5]
+GUARD = 3
+
+
+@pytest.fixture(scope="module")
+def emu():
+    return emu_build.load()
+
+
+def bits(t):
+    """The raw bits of t, to compare NaN payloads and signed zeros too."""
+    t = t.contiguous().view(-1)
+    return t.view({8: torch.int64, 4: torch.int32, 2: torch.int16}[t.element_size()])
+
+
+def assert_bitwise(actual, expected, what):
+    assert actual.dtype == expected.dtype and actual.shape == expected.shape, what
+    diff = (bits(actual) != bits(expected)).nonzero()
+    assert diff.numel() == 0, (
+        f"{what}: {diff.numel()} of {actual.numel()} elements differ, first at {diff[0].item()}: "
+        f"{actual.reshape(-1)[diff[0]].item()} vs {expected.reshape(-1)[diff[0]].item()}")
+
+
+class Placed:
+    """Values to place, each in a fresh buffer at an element offset with
+    poisoned guard elements around it."""
+
+    def __init__(self, values, offset):
+        self.values, self.offset = values, offset
+
+    def make(self):
+        n = self.values.numel()
+        buf = torch.full((self.offset + n + GUARD,), float("nan"), dtype=self.values.dtype)
+        view = buf[self.offset:self.offset + n].view(self.values.shape)
+        view.copy_(self.values)
+        return view
+
+
+def make_lists(spec):
+    """{name: [Placed]} -> {name: [tensor]} (fresh buffers)."""
+    return {k: [p.make() for p in v] if isinstance(v, list) else v for k, v in spec.items()}
+
+
+def whole(t):
+    """The buffer a placed tensor lives in (guards included)."""
+    return t._base if t._base is not None else t
+
+
+def compare(spec, run_cpu, run_emu, lists, what):
+    a, b = make_lists(spec), make_lists(spec)
+    run_cpu(a)
+    run_emu(b)
+    for name in lists:
+        for i, (x, y) in enumerate(zip(a[name], b[name])):
+            assert_bitwise(whole(y), whole(x), f"{what}: {name}[{i}]")
+    return a
+
+
+def rand(shape, dtype, gen, kind="normal", scale=1.0):
+    if kind == "positive":
+        x = torch.rand(shape, generator=gen, dtype=torch.float64) * scale + 1e-4 * scale
+    else:
+        x = torch.randn(shape, generator=gen, dtype=torch.float64) * scale
+    return x.to(dtype)
+
+
+def placed_list(shapes, dtype, gen, **kw):
+    return [Placed(rand(s, dtype, gen, **kw), OFFSETS[i % len(OFFSETS)]) for i, s in enumerate(shapes)]
+
+
+def for_dtype(options, dtype):
+    """options with the lr (plain or tensor) 10x larger for 16-bit params:
+    large enough that the update changes nearly every stored element."""
+    if dtype not in (torch.float16, torch.bfloat16):
+        return options
+    out = dict(options)
+    out["lr"] = 10 * out.get("lr", 0.05)
+    if out.get("lr_tensor") is not None:
+        out["lr_tensor"] = 10 * out["lr_tensor"]
+    return out
+
+
+def changed_fraction(before, after):
+    n = sum(t.numel() for t in before)
+    same = sum(int((bits(a) == bits(b)).sum()) for a, b in zip(before, after))
+    return 1 - same / max(n, 1)
+
+
+# ------------------------------------------------------------------ norm
+
+
+def norm64(tensors, norm_type):
+    flat = torch.cat([t.detach().double().reshape(-1) for t in tensors])
+    return torch.linalg.vector_norm(flat, ord=norm_type).float()
+
+
+@pytest.mark.parametrize("norm_type", [2.0, math.inf])
+@pytest.mark.parametrize("dtype", DTYPES + ["mixed"])
+def test_norm_matches_float64(emu, dtype, norm_type):
+    gen = torch.Generator().manual_seed(1)
+    dts = itertools.cycle(DTYPES) if dtype == "mixed" else itertools.repeat(dtype)
+    ts = [Placed(rand(s, next(dts), gen, scale=3.0), OFFSETS[i % 8]).make()
+          for i, s in enumerate(SHAPES)]
+    got = emu.multi_tensor_norm(ts, norm_type)
+    assert got.dtype == torch.float32 and got.dim() == 0
+    want = norm64(ts, norm_type)
+    if norm_type == math.inf:
+        assert_bitwise(got, want, "inf norm")
+    else:
+        # per-thread float sums of at most 64 squares, then float64
+        torch.testing.assert_close(got, want, rtol=2e-6, atol=0)
+    torch.testing.assert_close(got, CPU.multi_tensor_norm(ts, norm_type), rtol=2e-6, atol=0)
+
+
+@pytest.mark.parametrize("norm_type", [2.0, math.inf])
+def test_norm_many_tensors_and_chunks(emu, norm_type):
+    """More tensors than one table holds (several launches), some of several
+    chunks, written to consecutive slots of one partials buffer."""
+    gen = torch.Generator().manual_seed(2)
+    # a table holds 108 tensors of one list
+    shapes = [(int(n),) for n in torch.randint(0, 40, (115,), generator=gen)] + [(50000,), (16384,)]
+    ts = [Placed(rand(s, torch.float32, gen), i % 4).make() for i, s in enumerate(shapes)]
+    got = emu.multi_tensor_norm(ts, norm_type)
+    want = norm64(ts, norm_type)
+    torch.testing.assert_close(got, want, rtol=2e-6 if norm_type == 2.0 else 0, atol=0)
+
+
+@pytest.mark.parametrize("norm_type", [2.0, math.inf])
+@pytest.mark.parametrize("special", ["nan", "inf", "both"])
+def test_norm_propagates_nonfinite(emu, norm_type, special):
+    gen = torch.Generator().manual_seed(3)
+    ts = [rand(s, torch.float32, gen) for s in [(100,), (40000,), (7,)]]
+    if special in ("nan", "both"):
+        ts[1][33333] = float("nan")
+    if special in ("inf", "both"):
+        ts[2][3] = -float("inf")
+    got = emu.multi_tensor_norm(ts, norm_type)
+    want = norm64(ts, norm_type)
+    assert (got.isnan() and want.isnan()) or (got == want), (got, want)
+    assert got.isnan() == (special != "inf")
+
+
+def test_norm_refuses_empty_list(emu):
+    with pytest.raises(RuntimeError, match="empty list"):
+        emu.multi_tensor_norm([], 2.0)
+
+
+# ------------------------------------------------------------------ clip
+
+
+@pytest.mark.parametrize("max_norm", [0.5, 1e9])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_clip_matches_cpu(emu, dtype, max_norm):
+    gen = torch.Generator().manual_seed(4)
+    spec = {"tensors": placed_list(SHAPES, dtype, gen)}
+    total = torch.tensor(37.5)
+    out = compare(spec, lambda a: CPU.clip_(a["tensors"], total, max_norm),
+                  lambda b: emu.clip_(b["tensors"], total, max_norm), ["tensors"], "clip_")
+    if max_norm < 1:
+        assert changed_fraction([p.values for p in spec["tensors"]], out["tensors"]) > 0.95
+
+
+def test_clip_by_nan_norm_gives_nan(emu):
+    ts = [torch.randn(100), torch.randn(20000)]
+    emu.clip_(ts, torch.tensor(float("nan")), 1.0)
+    assert all(t.isnan().all() for t in ts)
+
+
+# ------------------------------------------------------------------ adam
+
+ADAM_LISTS = ["params", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "state_steps", "master_params"]
+
+
+def adam_spec(dtype, gen, shapes=SHAPES, state_dtype=None, master=False, amsgrad=False, step=4.0):
+    sd = state_dtype or dtype
+    params = placed_list(shapes, dtype, gen)
+    return dict(
+        params=params,
+        grads=placed_list(shapes, dtype, gen),
+        exp_avgs=placed_list(shapes, sd, gen, scale=0.3),
+        exp_avg_sqs=placed_list(shapes, sd, gen, kind="positive", scale=0.5),
+        max_exp_avg_sqs=placed_list(shapes, sd, gen, kind="positive", scale=0.6) if amsgrad else [],
+        state_steps=[Placed(torch.tensor(step + i), 0) for i in range(len(shapes))],
+        master_params=[Placed(p.values.float() + 1e-3 * rand(p.values.shape, torch.float32, gen), p.offset)
+                       for p in params] if master else [],
+    )
+
+
+def adam_kwargs(lr=0.05, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, decay_mode=0, initial_lr=1.0,
+                amsgrad=False, maximize=False, grad_norm=None, max_norm=0.0, grad_scale=None,
+                found_inf=None, skip_nonfinite=True, lr_tensor=None, stochastic_rounding=False,
+                sr_seed=0):
+    return dict(lr=lr, lr_tensor=lr_tensor, beta1=betas[0], beta2=betas[1], eps=eps,
+                weight_decay=weight_decay, decay_mode=decay_mode, initial_lr=initial_lr,
+                amsgrad=amsgrad, maximize=maximize, grad_norm=grad_norm, max_norm=max_norm,
+                grad_scale=grad_scale, found_inf=found_inf, skip_nonfinite=skip_nonfinite,
+                stochastic_rounding=stochastic_rounding, sr_seed=sr_seed)
+
+
+def adam_call(ops, lists, kw, sr_ids=()):
+    ops.adam_(lists["params"], lists["grads"], lists["exp_avgs"], lists["exp_avg_sqs"],
+              lists["max_exp_avg_sqs"], lists["state_steps"], master_params=lists["master_params"],
+              sr_ids=list(sr_ids), **kw)
+
+
+ADAM_OPTIONS = {
+    "plain": {},
+    "l2": dict(weight_decay=0.1, decay_mode=0),
+    "decoupled": dict(weight_decay=0.1, decay_mode=1),
+    "independent": dict(weight_decay=0.1, decay_mode=2, initial_lr=0.2),
+    "amsgrad": dict(amsgrad=True),
+    "maximize": dict(maximize=True, weight_decay=0.1, decay_mode=0),
+    "clip": dict(grad_norm=torch.tensor(7.25), max_norm=1.0),
+    "clip_inactive": dict(grad_norm=torch.tensor(0.5), max_norm=1.0),
+    "scaled": dict(grad_scale=torch.tensor(1024.0), found_inf=torch.tensor(0.0)),
+    "lr_tensor": dict(lr_tensor=torch.tensor(0.03, dtype=torch.float64)),
+    "everything": dict(amsgrad=True, maximize=True, weight_decay=0.05, decay_mode=1,
+                       grad_norm=torch.tensor(3.0), max_norm=0.5, grad_scale=torch.tensor(64.0),
+                       found_inf=torch.tensor(0.0), lr_tensor=torch.tensor(0.06)),
+}
+
+
+@pytest.mark.parametrize("option", list(ADAM_OPTIONS))
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_adam_matches_cpu(emu, dtype, option):
+    gen = torch.Generator().manual_seed(5)
+    kw = adam_kwargs(**for_dtype(ADAM_OPTIONS[option], dtype))
+    spec = adam_spec(dtype, gen, amsgrad=kw["amsgrad"])
+    out = compare(spec, lambda a: adam_call(CPU, a, kw), lambda b: adam_call(emu, b, kw),
+                  ADAM_LISTS, f"adam {option}")
+    assert changed_fraction([p.values for p in spec["params"]], out["params"]) > 0.9
+    assert [float(s) for s in out["state_steps"]] == [5.0 + i for i in range(len(SHAPES))]
+
+
+def test_adam_several_steps_match_cpu(emu):
+    """Steps in a row on the same tensors: the counters advance on the device
+    and the next step's bias correction reads them."""
+    gen = torch.Generator().manual_seed(6)
+    spec = adam_spec(torch.float32, gen, step=0.0, amsgrad=True)
+    a, b = make_lists(spec), make_lists(spec)
+    kw = adam_kwargs(amsgrad=True, weight_decay=0.1, decay_mode=1)
+    for step in range(3):
+        grads = [rand(p.shape, p.dtype, gen) for p in a["params"]]
+        a["grads"], b["grads"] = grads, [g.clone() for g in grads]
+        adam_call(CPU, a, kw)
+        adam_call(emu, b, kw)
+    for name in ADAM_LISTS:
+        for i, (x, y) in enumerate(zip(a[name], b[name])):
+            assert_bitwise(y, x, f"{name}[{i}]")
+    assert [float(s) for s in b["state_steps"]] == [3.0 + i for i in range(len(SHAPES))]
+
+
+# Every (param, state) storage pair with and without a master and stochastic
+# rounding: each backend must run exactly the layouts of the one rule
+# (csrc/fused_wd/layout.h) and refuse the others.
+LOW = [torch.float32, torch.float16, torch.bfloat16]
+LAYOUTS = [(p, s, m, sr) for p in LOW for s in LOW for m in (False, True) for sr in (False, True)
+           if not (p == s and not m and not sr)]
+
+
+def layout_id(layout):
+    p, s, m, sr = layout
+    name = {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16"}
+    return f"{name[p]}-{name[s]}" + ("-master" if m else "") + ("-sr" if sr else "")
+
+
+@pytest.mark.parametrize("amsgrad", [False, True])
+@pytest.mark.parametrize("layout", LAYOUTS, ids=layout_id)
+def test_adam_mixed_layouts_match_cpu(emu, layout, amsgrad):
+    pdt, sdt, master, sr = layout
+    gen = torch.Generator().manual_seed(7)
+    spec = adam_spec(pdt, gen, state_dtype=sdt, master=master, amsgrad=amsgrad)
+    kw = adam_kwargs(**for_dtype(dict(amsgrad=amsgrad, weight_decay=0.1, decay_mode=1, grad_norm=torch.tensor(9.0),
+                     max_norm=1.0, stochastic_rounding=sr, sr_seed=12345), pdt))
+    ids = [3 * i + 1 for i in range(len(SHAPES))]
+    cpu_err = emu_err = None
+    a, b = make_lists(spec), make_lists(spec)
+    try:
+        adam_call(CPU, a, kw, ids)
+    except RuntimeError as e:
+        cpu_err = e
+    try:
+        adam_call(emu, b, kw, ids)
+    except RuntimeError as e:
+        emu_err = e
+    assert (cpu_err is None) == (emu_err is None), (cpu_err, emu_err)
+    if cpu_err is not None:
+        assert "layout" in str(emu_err) or "dtype" in str(emu_err), emu_err
+        return
+    for name in ADAM_LISTS:
+        for i, (x, y) in enumerate(zip(a[name], b[name])):
+            assert_bitwise(whole(y), whole(x), f"{layout_id(layout)}: {name}[{i}]")
+    assert changed_fraction([p.values for p in spec["params"]], a["params"]) > 0.9
+
+
+def test_adam_many_tensors_match_cpu(emu):
+    """More tensors than one table holds, for the plain and the mixed
+    kernel, and more step counters than one counter launch holds."""
+    gen = torch.Generator().manual_seed(8)
+    shapes = [(int(n),) for n in torch.randint(1, 200, (400,), generator=gen)]
+    for pdt, sdt, master in [(torch.float32, None, False), (torch.bfloat16, torch.float32, True)]:
+        spec = adam_spec(pdt, gen, shapes=shapes, state_dtype=sdt, master=master)
+        kw = adam_kwargs(weight_decay=0.1, decay_mode=1)
+        out = compare(spec, lambda a: adam_call(CPU, a, kw), lambda b: adam_call(emu, b, kw),
+                      ADAM_LISTS, f"adam x400 {pdt}")
+        assert [float(s) for s in out["state_steps"]] == [5.0 + i for i in range(400)]
+
+
+@pytest.mark.parametrize("why", ["found_inf", "nonfinite_norm"])
+@pytest.mark.parametrize("mixed", [False, True])
+def test_adam_skipped_step_writes_nothing(emu, why, mixed):
+    gen = torch.Generator().manual_seed(9)
+    spec = adam_spec(torch.bfloat16 if mixed else torch.float32, gen,
+                     state_dtype=torch.float32 if mixed else None, master=mixed)
+    kw = adam_kwargs(weight_decay=0.1, decay_mode=1, **(
+        dict(found_inf=torch.tensor(1.0), grad_scale=torch.tensor(8.0)) if why == "found_inf"
+        else dict(grad_norm=torch.tensor(float("inf")), max_norm=1.0)))
+    b = make_lists(spec)
+    adam_call(emu, b, kw)
+    for name in ADAM_LISTS:
+        for i, p in enumerate(spec[name]):
+            assert_bitwise(b[name][i], p.values, f"{name}[{i}]")
+
+
+def test_adam_nonfinite_norm_without_skip_matches_cpu(emu):
+    gen = torch.Generator().manual_seed(10)
+    spec = adam_spec(torch.float32, gen)
+    kw = adam_kwargs(grad_norm=torch.tensor(float("nan")), max_norm=1.0, skip_nonfinite=False)
+    out = compare(spec, lambda a: adam_call(CPU, a, kw), lambda b: adam_call(emu, b, kw),
+                  ADAM_LISTS, "adam nan norm")
+    assert all(p.isnan().all() for p in out["params"] if p.numel())
+
+
+# ------------------------------------------------------------------ sgd
+
+SGD_LISTS = ["params", "momentum_buffers", "master_params", "state_steps"]
+
+
+def sgd_spec(dtype, gen, shapes=SHAPES, state_dtype=None, master=False, momentum=True, sr=False):
+    params = placed_list(shapes, dtype, gen)
+    return dict(
+        params=params,
+        grads=placed_list(shapes, dtype, gen),
+        momentum_buffers=placed_list(shapes, state_dtype or dtype, gen, scale=0.5) if momentum else [],
+        master_params=[Placed(p.values.float() + 1e-3 * rand(p.values.shape, torch.float32, gen), p.offset)
+                       for p in params] if master else [],
+        state_steps=[Placed(torch.tensor(2.0 + i), 0) for i in range(len(shapes))] if sr else [],
+    )
+
+
+def sgd_kwargs(lr=0.05, momentum=0.0, dampening=0.0, nesterov=False, weight_decay=0.0, decay_mode=0,
+               initial_lr=1.0, maximize=False, grad_norm=None, max_norm=0.0, grad_scale=None,
+               found_inf=None, skip_nonfinite=True, lr_tensor=None, stochastic_rounding=False,
+               sr_seed=0):
+    return dict(lr=lr, lr_tensor=lr_tensor, momentum=momentum, dampening=dampening, nesterov=nesterov,
+                weight_decay=weight_decay, decay_mode=decay_mode, initial_lr=initial_lr,
+                maximize=maximize, grad_norm=grad_norm, max_norm=max_norm, grad_scale=grad_scale,
+                found_inf=found_inf, skip_nonfinite=skip_nonfinite,
+                stochastic_rounding=stochastic_rounding, sr_seed=sr_seed)
+
+
+def sgd_call(ops, lists, kw, is_new, sr_ids=()):
+    ops.sgd_(lists["params"], lists["grads"], lists["momentum_buffers"], is_new,
+             master_params=lists["master_params"], state_steps=lists["state_steps"],
+             sr_ids=list(sr_ids), **kw)
+
+
+SGD_OPTIONS = {
+    "plain": {},
+    "momentum": dict(momentum=0.9),
+    "dampening": dict(momentum=0.9, dampening=0.3),
+    "nesterov": dict(momentum=0.9, nesterov=True),
+    "l2": dict(momentum=0.9, weight_decay=0.1, decay_mode=0),
+    "decoupled": dict(momentum=0.9, weight_decay=0.1, decay_mode=1),
+    "independent": dict(weight_decay=0.1, decay_mode=2, initial_lr=0.5),
+    "maximize": dict(momentum=0.5, maximize=True),
+    "clip": dict(momentum=0.9, grad_norm=torch.tensor(7.25), max_norm=1.0),
+    "scaled": dict(grad_scale=torch.tensor(2.0), found_inf=torch.tensor(0.0)),
+    "lr_tensor": dict(momentum=0.9, lr_tensor=torch.tensor(0.03)),
+}
+
+
+@pytest.mark.parametrize("first", [False, True], ids=["buffer", "new_buffer"])
+@pytest.mark.parametrize("option", list(SGD_OPTIONS))
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_sgd_matches_cpu(emu, dtype, option, first):
+    kw = sgd_kwargs(**for_dtype(SGD_OPTIONS[option], dtype))
+    mom = kw["momentum"] != 0
+    if first and not mom:
+        pytest.skip("no momentum buffer")
+    gen = torch.Generator().manual_seed(11)
+    spec = sgd_spec(dtype, gen, momentum=mom)
+    # some buffers new, some not, in one call
+    is_new = [first and i % 2 == 0 for i in range(len(SHAPES))] if mom else []
+    out = compare(spec, lambda a: sgd_call(CPU, a, kw, is_new), lambda b: sgd_call(emu, b, kw, is_new),
+                  SGD_LISTS, f"sgd {option}")
+    assert changed_fraction([p.values for p in spec["params"]], out["params"]) > 0.9
+
+
+@pytest.mark.parametrize("momentum", [0.0, 0.9])
+@pytest.mark.parametrize("layout", LAYOUTS, ids=layout_id)
+def test_sgd_mixed_layouts_match_cpu(emu, layout, momentum):
+    pdt, sdt, master, sr = layout
+    gen = torch.Generator().manual_seed(12)
+    spec = sgd_spec(pdt, gen, state_dtype=sdt, master=master, momentum=momentum != 0, sr=sr)
+    kw = sgd_kwargs(**for_dtype(dict(momentum=momentum, weight_decay=0.1, decay_mode=0,
+                                     grad_norm=torch.tensor(9.0), max_norm=1.0,
+                                     stochastic_rounding=sr, sr_seed=999), pdt))
+    is_new = [i % 3 == 0 for i in range(len(SHAPES))] if momentum else []
+    ids = [5 * i for i in range(len(SHAPES))]
+    a, b = make_lists(spec), make_lists(spec)
+    errs = []
+    for ops, lists in ((CPU, a), (emu, b)):
+        try:
+            sgd_call(ops, lists, kw, is_new, ids)
+            errs.append(None)
+        except RuntimeError as e:
+            errs.append(e)
+    assert (errs[0] is None) == (errs[1] is None), errs
+    if errs[0] is not None:
+        return
+    for name in SGD_LISTS:
+        for i, (x, y) in enumerate(zip(a[name], b[name])):
+            assert_bitwise(whole(y), whole(x), f"{layout_id(layout)}: {name}[{i}]")
+    assert changed_fraction([p.values for p in spec["params"]], a["params"]) > 0.9
+
+
+def test_sgd_many_tensors_match_cpu(emu):
+    gen = torch.Generator().manual_seed(13)
+    shapes = [(int(n),) for n in torch.randint(1, 200, (150,), generator=gen)]
+    spec = sgd_spec(torch.float32, gen, shapes=shapes)
+    kw = sgd_kwargs(momentum=0.9, weight_decay=0.1, decay_mode=1)
+    is_new = [i % 2 == 0 for i in range(len(shapes))]
+    compare(spec, lambda a: sgd_call(CPU, a, kw, is_new), lambda b: sgd_call(emu, b, kw, is_new),
+            SGD_LISTS, "sgd x150")
+
+
+def test_sgd_skipped_step_writes_nothing(emu):
+    gen = torch.Generator().manual_seed(14)
+    spec = sgd_spec(torch.bfloat16, gen, sr=True)
+    kw = sgd_kwargs(momentum=0.9, found_inf=torch.tensor(1.0), stochastic_rounding=True)
+    b = make_lists(spec)
+    sgd_call(emu, b, kw, [False] * len(SHAPES), range(len(SHAPES)))
+    for name in SGD_LISTS:
+        for i, p in enumerate(spec[name]):
+            assert_bitwise(b[name][i], p.values, f"{name}[{i}]")
