@@ -1,4 +1,4 @@
-"""A readable pure-PyTorch implementation of DESIGN.md section 2: the oracle
+"""A readable pure-PyTorch implementation of docs/design.md, "The math": the oracle
 of the tests and a baseline of the benchmarks.
 
 `reference.Adam`, `reference.AdamW` and `reference.SGD` take exactly the

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Builds the CPU kernels with AddressSanitizer + UndefinedBehaviorSanitizer in
-# a copy of the tree and runs the CPU test suite against that build.
+# a copy of the tree and runs the CPU test suite against that build, and the
+# emulated CUDA tests against a sanitized host build of the CUDA kernels.
 # Usage: scripts/sanitize.sh [pytest args...]
 set -euo pipefail
 src=$(cd "$(dirname "$0")/.." && pwd)
@@ -14,8 +15,8 @@ FUSED_WD_SANITIZE=1 FUSED_WD_CUDA=0 MAX_JOBS=2 python setup.py -q build_ext --in
 export LD_PRELOAD="$(gcc -print-file-name=libasan.so) $(gcc -print-file-name=libubsan.so)"
 export ASAN_OPTIONS="detect_leaks=0:halt_on_error=1:abort_on_error=1"
 export UBSAN_OPTIONS="halt_on_error=1:print_stacktrace=1"
-export PYTHONPATH="$work"
+export PYTHONPATH="$work" FUSED_WD_SANITIZE=1
 python -c "import fused_wd; assert fused_wd.__file__.startswith('$work'), fused_wd.__file__"
 python -m pytest -q -p no:cacheprovider tests/test_parity.py tests/test_features.py tests/test_inputs.py \
-  -k "not compile and not instruction_sets" "$@"
-echo "sanitized CPU test suite: clean"
+  tests/test_cuda_emulated.py -k "not compile and not instruction_sets" "$@"
+echo "sanitized CPU and emulated CUDA test suites: clean"

@@ -28,8 +28,16 @@ def load():
     tag = hashlib.sha1(" ".join(cflags + [torch.__version__]).encode()).hexdigest()[:10]
     build = os.path.join(ROOT, "build", f"emu-{tag}")
     os.makedirs(build, exist_ok=True)
-    cpp_extension.load(
-        name="fused_wd_emu", sources=SOURCES, extra_include_paths=[os.path.join(ROOT, "csrc")],
-        extra_cflags=cflags, extra_ldflags=ldflags, build_directory=build, is_python_module=False,
-        verbose=os.environ.get("FUSED_WD_EMU_VERBOSE") == "1")
+    # Under scripts/sanitize.sh this process runs with the sanitizer runtimes
+    # preloaded; the compiler it starts must not be.
+    preload = os.environ.pop("LD_PRELOAD", None)
+    try:
+        cpp_extension.load(
+            name="fused_wd_emu", sources=SOURCES, extra_include_paths=[os.path.join(ROOT, "csrc")],
+            extra_cflags=cflags, extra_ldflags=ldflags, build_directory=build, is_python_module=False,
+            verbose=os.environ.get("FUSED_WD_EMU_VERBOSE") == "1")
+    finally:
+        if preload is not None:
+            os.environ["LD_PRELOAD"] = preload
     return torch.ops.fused_wd_emu
+

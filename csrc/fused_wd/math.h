@@ -154,8 +154,8 @@ FWD_HD AdamScalars<T> make_adam_scalars(double lr, double beta1, double beta2, d
   return s;
 }
 
-// One element of Adam/AdamW: the whole of DESIGN.md section 2 after the
-// skip decision. vmax is read and written only when AMSGRAD.
+// One element of Adam/AdamW: steps 2-6 of docs/design.md, "The math" (the
+// skip decision is taken before). vmax is read and written only when AMSGRAD.
 template <typename T, bool AMSGRAD, int DECAY>
 FWD_HD void adam_element(T& p, T g, T& m, T& v, T& vmax, const AdamScalars<T>& s) {
   g = prep_grad(g, s.gp);

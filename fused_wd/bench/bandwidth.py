@@ -14,7 +14,7 @@ import torch
 
 
 def floor_bytes_per_param(optim: str, clip: bool, elem_size: int) -> int:
-    """DESIGN.md section 5: AdamW reads p g m v and writes p m v (7 tensors:
+    """docs/design.md, "The byte floor": AdamW reads p g m v and writes p m v (7 tensors:
     28 B/param in fp32); SGD with momentum reads p g buf and writes p buf (5:
     20 B); global-norm clipping adds one read of g. bf16/fp16 params, grads and
     states count 2 bytes per element instead of 4."""

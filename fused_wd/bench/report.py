@@ -340,7 +340,7 @@ def legend(res: dict) -> list:
         "implementation for the same number of steps, in a rotating order, with the bandwidth probe among them. "
         "median / min-max are per step over the rounds, after warm-up" + (", with `torch.cuda.synchronize()` "
                                                                           "around each timed block." if gpu else "."),
-        "GB/s = floor bytes per parameter (DESIGN.md section 5: Adam/AdamW 28, SGD with momentum 20, +4 with "
+        "GB/s = floor bytes per parameter (docs/design.md, 'The byte floor': Adam/AdamW 28, SGD with momentum 20, +4 with "
         "clipping; half that for bf16) x parameters / median step time. % BW is that against the stream "
         "bandwidth measured in the same rounds (" + ("device-to-device copy" if gpu else
                                                      "in-place `x.mul_` of all cores") + "); over 100% means the "
