@@ -1,5 +1,7 @@
 #include "common.h"
 
+#include "fused_wd/math.h"
+
 #include <sstream>
 
 namespace fused_wd {
@@ -48,10 +50,31 @@ void check_lists(const char* op, const std::vector<ListSpec>& lists, c10::Device
                   " but ", lists[0].name, "[", i, "] has shape ", p.sizes());
       TORCH_CHECK(!t.is_complex(), op, ": ", l.name, "[", i,
                   "] is complex; pass torch.view_as_real views");
-      TORCH_CHECK(at::isFloatingType(t.scalar_type()), op, ": ", l.name, "[", i,
-                  "] has dtype ", t.scalar_type(), "; only floating point tensors are supported");
+      storage_of(op, l.name, t.scalar_type());
     }
   }
+}
+
+void check_steps(const char* op, at::TensorList steps, at::TensorList params) {
+  TORCH_CHECK(steps.size() == params.size(), op, ": state_steps has ", steps.size(),
+              " tensors but params has ", params.size());
+  for (size_t i = 0; i < steps.size(); ++i) {
+    const at::Tensor& s = steps[i];
+    TORCH_CHECK(s.defined() && s.numel() == 1, op, ": state_steps[", i,
+                "] must be a 1-element tensor");
+    TORCH_CHECK(s.device() == params[i].device(), op, ": state_steps[", i, "] is on ", s.device(),
+                " but params[", i, "] is on ", params[i].device());
+    TORCH_CHECK(s.scalar_type() == at::kFloat || s.scalar_type() == at::kDouble, op,
+                ": state_steps[", i, "] must be float32 (or float64), got ", s.scalar_type());
+  }
+}
+
+void check_step_args(const char* op, const StepArgs& a, size_t nparams) {
+  TORCH_CHECK(a.decay_mode >= kModeL2 && a.decay_mode <= kModeIndependent, op,
+              ": decay_mode must be 0 (l2), 1 (decoupled) or 2 (independent), got ", a.decay_mode);
+  TORCH_CHECK(!a.stochastic_rounding || a.sr_ids.size() == nparams, op,
+              ": stochastic_rounding needs one sr_ids entry per param, got ", a.sr_ids.size(),
+              " for ", nparams);
 }
 
 void check_same_state_dtype(const char* op, const std::vector<ListSpec>& lists) {

@@ -5,6 +5,9 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/core/List.h>
+
+#include <optional>
 
 #include <string>
 #include <vector>
@@ -39,6 +42,10 @@ void check_same_state_dtype(const char* op, const std::vector<ListSpec>& lists);
 // backend running the op.
 void check_lists(const char* op, const std::vector<ListSpec>& lists, c10::DeviceType device_type);
 
+// Checks that steps has one 1-element float32 or float64 counter per param,
+// on the param's device.
+void check_steps(const char* op, at::TensorList steps, at::TensorList params);
+
 // Checks one 1-element (0-dim or 1-element) optional tensor argument.
 void check_scalar_tensor(const char* op, const char* name, const std::optional<at::Tensor>& t,
                          const at::Device& device, bool allow_cpu);
@@ -65,6 +72,82 @@ Storage storage_of(const char* op, const char* what, at::ScalarType st);
 // refuses it.
 Layout layout_for(const char* op, size_t i, at::ScalarType param, at::ScalarType state, bool master,
                   bool stochastic_rounding);
+
+// ------------------------------------------------- the update ops' arguments
+
+// What every update op takes besides its lists (schemas: csrc/schema.h).
+struct StepArgs {
+  double lr;
+  std::optional<at::Tensor> lr_tensor;
+  double weight_decay;
+  int64_t decay_mode;
+  double initial_lr;
+  bool maximize;
+  std::optional<at::Tensor> grad_norm;
+  double max_norm;
+  std::optional<at::Tensor> grad_scale, found_inf;
+  bool skip_nonfinite;
+  bool stochastic_rounding;
+  int64_t sr_seed;
+  at::IntArrayRef sr_ids;
+};
+
+struct AdamCall {
+  at::TensorList params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, master_params;
+  double beta1, beta2, eps;
+  bool amsgrad;
+  StepArgs step;
+};
+
+struct SgdCall {
+  at::TensorList params, grads, momentum_buffers;
+  c10::List<bool> buffer_is_new;
+  at::TensorList master_params, state_steps;
+  double momentum, dampening;
+  bool nesterov;
+  StepArgs step;
+};
+
+// Checks of StepArgs that need no tensor list: the decay mode, and one
+// stochastic-rounding id per param.
+void check_step_args(const char* op, const StepArgs& a, size_t nparams);
+
+// The kernels of adam_ / sgd_ as the dispatcher calls them (the schema's
+// arguments in order), packed into one AdamCall / SgdCall for a backend's
+// implementation Impl: the one C++ spelling of the argument lists.
+template <void (*Impl)(const AdamCall&)>
+void adam_op(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+             at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs, at::TensorList state_steps,
+             at::TensorList master_params, at::IntArrayRef sr_ids, double lr,
+             const std::optional<at::Tensor>& lr_tensor, double beta1, double beta2, double eps,
+             double weight_decay, int64_t decay_mode, double initial_lr, bool amsgrad,
+             bool maximize, const std::optional<at::Tensor>& grad_norm, double max_norm,
+             const std::optional<at::Tensor>& grad_scale,
+             const std::optional<at::Tensor>& found_inf, bool skip_nonfinite,
+             bool stochastic_rounding, int64_t sr_seed) {
+  Impl(AdamCall{params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, master_params,
+                beta1, beta2, eps, amsgrad,
+                StepArgs{lr, lr_tensor, weight_decay, decay_mode, initial_lr, maximize, grad_norm,
+                         max_norm, grad_scale, found_inf, skip_nonfinite, stochastic_rounding,
+                         sr_seed, sr_ids}});
+}
+
+template <void (*Impl)(const SgdCall&)>
+void sgd_op(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
+            const c10::List<bool>& buffer_is_new, at::TensorList master_params,
+            at::TensorList state_steps, at::IntArrayRef sr_ids, double lr,
+            const std::optional<at::Tensor>& lr_tensor, double momentum, double dampening,
+            bool nesterov, double weight_decay, int64_t decay_mode, double initial_lr,
+            bool maximize, const std::optional<at::Tensor>& grad_norm, double max_norm,
+            const std::optional<at::Tensor>& grad_scale,
+            const std::optional<at::Tensor>& found_inf, bool skip_nonfinite,
+            bool stochastic_rounding, int64_t sr_seed) {
+  Impl(SgdCall{params, grads, momentum_buffers, buffer_is_new, master_params, state_steps, momentum,
+               dampening, nesterov,
+               StepArgs{lr, lr_tensor, weight_decay, decay_mode, initial_lr, maximize, grad_norm,
+                        max_norm, grad_scale, found_inf, skip_nonfinite, stochastic_rounding,
+                        sr_seed, sr_ids}});
+}
 
 // Tensor indices grouped by dtype, in first-seen order (deterministic).
 std::vector<std::vector<int64_t>> group_by_dtype(at::TensorList tensors);

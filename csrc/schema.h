@@ -29,13 +29,17 @@ constexpr const char* kSchemas[] = {
   // stochastic_rounding (bfloat16 params without a master): the param is
   // rounded stochastically with bits keyed by (sr_seed, sr_ids[i], step,
   // element index); sr_ids has one id per param.
+  //
+  // Hyperparameters are keyword-only (after `*`): two floats can never be
+  // swapped by position. The C++ side receives them as one AdamCall
+  // (csrc/common.h).
   "adam_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, "
       "Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] max_exp_avg_sqs, Tensor(e!)[] state_steps, "
+      "Tensor(f!)[] master_params, int[] sr_ids, *, "
       "float lr, Tensor? lr_tensor, float beta1, float beta2, float eps, "
       "float weight_decay, int decay_mode, float initial_lr, bool amsgrad, bool maximize, "
       "Tensor? grad_norm, float max_norm, Tensor? grad_scale, Tensor? found_inf, "
-      "bool skip_nonfinite, Tensor(f!)[] master_params, bool stochastic_rounding=False, "
-      "int sr_seed=0, int[] sr_ids=[]) -> ()",
+      "bool skip_nonfinite, bool stochastic_rounding, int sr_seed) -> ()",
 
   // One SGD step over many tensors. momentum_buffers is empty when
   // momentum == 0; buffer_is_new[i] marks a buffer created for this step
@@ -44,11 +48,11 @@ constexpr const char* kSchemas[] = {
   // param, the step of the rounding's key, advanced unless the step is
   // skipped).
   "sgd_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, "
-      "bool[] buffer_is_new, float lr, Tensor? lr_tensor, float momentum, float dampening, "
+      "bool[] buffer_is_new, Tensor(c!)[] master_params, Tensor(d!)[] state_steps, "
+      "int[] sr_ids, *, float lr, Tensor? lr_tensor, float momentum, float dampening, "
       "bool nesterov, float weight_decay, int decay_mode, float initial_lr, bool maximize, "
       "Tensor? grad_norm, float max_norm, Tensor? grad_scale, Tensor? found_inf, "
-      "bool skip_nonfinite, Tensor(c!)[] master_params, Tensor(d!)[] state_steps, "
-      "bool stochastic_rounding=False, int sr_seed=0, int[] sr_ids=[]) -> ()",
+      "bool skip_nonfinite, bool stochastic_rounding, int sr_seed) -> ()",
 };
 
 }  // namespace fused_wd

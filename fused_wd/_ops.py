@@ -1,6 +1,9 @@
 """Fake (meta) kernels of the fused_wd operators, so torch.compile and
-FakeTensor tracing can reason about them, plus the thin device-aware glue the
-optimizers share."""
+FakeTensor tracing can reason about them; the lists each update op takes, as
+named structures, and one wrapper per op that calls it by keyword; and the
+thin device-aware glue the optimizers share."""
+import dataclasses
+
 import torch
 
 from fused_wd import _ext
@@ -17,28 +20,97 @@ if _ext.C is not None:
         return None
 
     @torch.library.register_fake("fused_wd::adam_")
-    def _adam_fake(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, lr,
-                   lr_tensor, beta1, beta2, eps, weight_decay, decay_mode, initial_lr, amsgrad,
-                   maximize, grad_norm, max_norm, grad_scale, found_inf, skip_nonfinite,
-                   master_params, stochastic_rounding=False, sr_seed=0, sr_ids=()):
+    def _adam_fake(*args, **kwargs):
         return None
 
     @torch.library.register_fake("fused_wd::sgd_")
-    def _sgd_fake(params, grads, momentum_buffers, buffer_is_new, lr, lr_tensor, momentum,
-                  dampening, nesterov, weight_decay, decay_mode, initial_lr, maximize, grad_norm,
-                  max_norm, grad_scale, found_inf, skip_nonfinite, master_params,
-                  state_steps, stochastic_rounding=False, sr_seed=0, sr_ids=()):
+    def _sgd_fake(*args, **kwargs):
         return None
+
+
+@dataclasses.dataclass
+class AdamLists:
+    """What adam_ takes, one entry per param (empty lists: not used).
+    master_params holds an fp32 master or None per param; the op gets the
+    params of one kind per call (see split_by_master)."""
+    params: list
+    grads: list
+    exp_avgs: list
+    exp_avg_sqs: list
+    max_exp_avg_sqs: list
+    state_steps: list
+    master_params: list
+    sr_ids: list
+
+    def select(self, idx):
+        return _select(self, idx)
+
+
+@dataclasses.dataclass
+class SgdLists:
+    """What sgd_ takes, one entry per param (empty lists: not used)."""
+    params: list
+    grads: list
+    momentum_buffers: list
+    buffer_is_new: list
+    master_params: list
+    state_steps: list
+    sr_ids: list
+
+    def select(self, idx):
+        return _select(self, idx)
+
+
+def _select(lists, idx):
+    """The same structure restricted to the params at idx."""
+    if len(idx) == len(lists.params):
+        return lists
+    return dataclasses.replace(lists, **{f.name: [getattr(lists, f.name)[i] for i in idx]
+                                         for f in dataclasses.fields(lists) if getattr(lists, f.name)})
+
+
+def split_by_master(masters):
+    """[(indices, has_master)]: the params without an fp32 master, then those
+    with one; each set is one op call."""
+    without = [i for i, m in enumerate(masters) if m is None]
+    with_master = [i for i, m in enumerate(masters) if m is not None]
+    return [(idx, has) for idx, has in ((without, False), (with_master, True)) if idx]
+
+
+def adam_(lists, **hyper):
+    """torch.ops.fused_wd.adam_ on an AdamLists whose params all have a
+    master or none has (master_params then empty); hyperparameters by name."""
+    _ext.require()
+    torch.ops.fused_wd.adam_(
+        params=lists.params, grads=lists.grads, exp_avgs=lists.exp_avgs,
+        exp_avg_sqs=lists.exp_avg_sqs, max_exp_avg_sqs=lists.max_exp_avg_sqs,
+        state_steps=lists.state_steps, master_params=lists.master_params, sr_ids=lists.sr_ids,
+        **hyper)
+
+
+def sgd_(lists, **hyper):
+    """torch.ops.fused_wd.sgd_ on an SgdLists; hyperparameters by name."""
+    _ext.require()
+    torch.ops.fused_wd.sgd_(
+        params=lists.params, grads=lists.grads, momentum_buffers=lists.momentum_buffers,
+        buffer_is_new=lists.buffer_is_new, master_params=lists.master_params,
+        state_steps=lists.state_steps, sr_ids=lists.sr_ids, **hyper)
+
+
+def group_by_device(items, device_of=lambda t: t.device):
+    """{device: [items]} in first-seen order."""
+    out = {}
+    for x in items:
+        out.setdefault(device_of(x), []).append(x)
+    return out
 
 
 def multi_tensor_norm(tensors, norm_type=2.0):
     """Global norm of tensors on any devices, as a float32 0-dim tensor on
     the first tensor's device. One kernel per device; no host sync."""
     _ext.require()
-    by_device = {}
-    for t in tensors:
-        by_device.setdefault(t.device, []).append(t)
-    norms = [torch.ops.fused_wd.multi_tensor_norm(ts, float(norm_type)) for ts in by_device.values()]
+    norms = [torch.ops.fused_wd.multi_tensor_norm(ts, float(norm_type))
+             for ts in group_by_device(tensors).values()]
     if len(norms) == 1:
         return norms[0]
     first = norms[0].device

@@ -6,7 +6,7 @@ import torch
 
 from fused_wd import _ext
 from fused_wd import distributed as _dist
-from fused_wd._ops import multi_tensor_norm
+from fused_wd._ops import group_by_device, multi_tensor_norm
 from fused_wd.optim import _local_real, _real
 
 
@@ -41,9 +41,6 @@ def clip_grad_norm_(parameters, max_norm, norm_type=2.0, error_if_nonfinite=Fals
             "so it cannot be clipped. To disable this error and scale the gradients by the "
             "non-finite norm anyway, set `error_if_nonfinite=False`")
     _ext.require()
-    by_device = {}
-    for g in grads:
-        by_device.setdefault(g.device, []).append(g)
-    for device, gs in by_device.items():
+    for device, gs in group_by_device(grads).items():
         torch.ops.fused_wd.clip_(gs, total.to(device, non_blocking=True), float(max_norm))
     return total

@@ -31,14 +31,17 @@ import weakref
 import torch
 from torch.optim import Optimizer
 
-from fused_wd import _ext
+import dataclasses
+
+from fused_wd import _ext, _ops
 from fused_wd import distributed as _dist
-from fused_wd._ops import multi_tensor_norm
+from fused_wd._ops import AdamLists, SgdLists, group_by_device, multi_tensor_norm, split_by_master
 
 DECAY_MODES = {"l2": 0, "decoupled": 1, "independent": 2}
 _EXTRA = ("max_grad_norm", "norm_type", "weight_decay_mode", "skip_nonfinite", "master_weights",
           "state_dtype", "stochastic_rounding", "sr_seed")
 _LOW = (torch.float16, torch.bfloat16)
+_KERNEL_DTYPES = (torch.float32, torch.float64) + _LOW
 _STATE_DTYPES = (None, torch.float32, torch.bfloat16)
 MASTER_KEY = "master_param"
 
@@ -202,6 +205,11 @@ class _FusedOptimizer(Optimizer):
                 raise RuntimeError(
                     f"fused_wd.{type(self).__name__} does not support sparse gradients "
                     f"(param group {gi}, shape {tuple(p.shape)})")
+            if _real(p).dtype not in _KERNEL_DTYPES:
+                raise RuntimeError(
+                    f"fused_wd.{type(self).__name__}: param group {gi}: a parameter of shape "
+                    f"{tuple(p.shape)} has dtype {p.dtype}; the kernels take float32, float64, "
+                    "float16, bfloat16 (and complex views of them)")
             if g.dtype != p.dtype or g.shape != p.shape:
                 raise RuntimeError(
                     f"fused_wd.{type(self).__name__}: param group {gi}: a parameter of shape "
@@ -210,16 +218,18 @@ class _FusedOptimizer(Optimizer):
             out.append((p, g))
         return out
 
-    @staticmethod
-    def _step_tensor(state, p):
-        """torch's 0-dim float32 `step`, kept on the param's device."""
+    def _step_tensor(self, group, state, p):
+        """torch's 0-dim float32 `step`, kept on the param's device; float64
+        for a param rounded stochastically, whose rounding key must keep
+        advancing past 2^24 steps (where float32 + 1 stops counting)."""
+        dtype = torch.float64 if self._rounds_stochastically(group, p) else torch.float32
         step = state.get("step")
         if step is None:
-            step = torch.zeros((), dtype=torch.float32, device=p.device)
+            step = torch.zeros((), dtype=dtype, device=p.device)
         elif not isinstance(step, torch.Tensor):
-            step = torch.tensor(float(step), dtype=torch.float32, device=p.device)
-        elif step.device != p.device or step.dtype != torch.float32 or step.dim() != 0:
-            step = step.to(device=p.device, dtype=torch.float32).reshape(())
+            step = torch.tensor(float(step), dtype=dtype, device=p.device)
+        elif step.device != p.device or step.dtype != dtype or step.dim() != 0:
+            step = step.to(device=p.device, dtype=dtype).reshape(())
         state["step"] = step
         return step
 
@@ -276,6 +286,10 @@ class _FusedOptimizer(Optimizer):
         self._check_state(MASTER_KEY, mp, p, None, torch.float32)
         return mp
 
+    def _rounds_stochastically(self, group, p):
+        return bool(group["stochastic_rounding"]) and p.dtype == torch.bfloat16 \
+            and not self._uses_master(group, p)
+
     def _sr_id(self, p):
         """The index of p in the optimizer (state_dict order): the param part
         of the stochastic-rounding key."""
@@ -287,13 +301,6 @@ class _FusedOptimizer(Optimizer):
                     ids.setdefault(id(q), len(ids))
             self._param_ids = ids
         return ids[id(p)]
-
-    @staticmethod
-    def _split_master(n, masters):
-        """Index sets of one op call each: params without and with a master."""
-        with_m = [i for i in range(n) if masters[i] is not None]
-        without = [i for i in range(n) if masters[i] is None]
-        return [(idx, bool(with_m) and idx is with_m) for idx in (without, with_m) if idx]
 
     def load_state_dict(self, state_dict):
         """torch.optim's, except that floating state keeps the dtype it was
@@ -345,6 +352,7 @@ class _FusedOptimizer(Optimizer):
     @torch.no_grad()
     def step(self, closure=None):
         """One optimizer step; `closure` (re)computes the loss under autograd."""
+        _ext.require()
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -358,20 +366,20 @@ class _FusedOptimizer(Optimizer):
         norm = self._global_norm(per_group, grad_scale, sharded)
         if norm is not None:
             self.last_grad_norm = norm
+        # Every group's lists and arguments are built and checked before the
+        # first kernel runs: a step that raises changes nothing.
+        plan = []
         for gi, (group, pairs) in enumerate(zip(self.param_groups, per_group)):
-            if not pairs:
-                continue
-            by_device = {}
-            for p, g in pairs:
-                by_device.setdefault(p.device, []).append((p, g))
-            for device, dev_pairs in by_device.items():
+            for device, dev_pairs in group_by_device(pairs, lambda pg: pg[0].device).items():
                 if sharded:
                     _dist.check_layouts(type(self).__name__, dev_pairs, self.state, gi)
                     lists = self._init_group(group, dev_pairs, gi, _local_real)
                 else:
                     lists = self._reused_lists(group, dev_pairs, gi)
-                kw = self._common_kwargs(group, device, norm, grad_scale, found_inf)
-                self._update(group, lists, kw, gi)
+                plan.append((group, lists, self._common_kwargs(group, device, norm, grad_scale,
+                                                               found_inf), gi))
+        for group, lists, kw, gi in plan:
+            self._update(group, lists, kw, gi)
         return loss
 
     # The per-step Python cost is that of building the lists the kernels get.
@@ -399,9 +407,7 @@ class _FusedOptimizer(Optimizer):
             if (len(params) == len(pairs) and all(p is q for p, (q, _) in zip(params, pairs))
                     and all(p.dtype is d for p, d in zip(params, dtypes))
                     and all(state.get(p) is st and st.get(k) is t for p, st, k, t in checks)):
-                lists = list(lists)
-                lists[1] = [g for _, g in pairs]
-                return lists
+                return dataclasses.replace(lists, grads=[g for _, g in pairs])
         lists = self._init_group(group, pairs, gi)
         params = [p for p, _ in pairs]
         if self._lists_reusable(lists) and not any(p.is_complex() for p in params):
@@ -439,10 +445,9 @@ class _FusedOptimizer(Optimizer):
             skip_nonfinite=bool(group["skip_nonfinite"]),
         )
 
-    def _call(self, op_name, gi, *args):
-        _ext.require()
+    def _call(self, op, gi, lists, **hyper):
         try:
-            getattr(torch.ops.fused_wd, op_name)(*args)
+            op(lists, **hyper)
         except RuntimeError as e:
             raise RuntimeError(f"fused_wd.{type(self).__name__}, param group {gi}: {e}") from e
 
@@ -481,19 +486,18 @@ class _AdamBase(_FusedOptimizer):
             group.setdefault("decoupled_weight_decay", group["weight_decay_mode"] != "l2")
 
     def _init_group(self, group, pairs, gi, view=_real):
-        """Lists for adam_: params, grads, exp_avgs, exp_avg_sqs, max_sqs,
-        steps, then masters (an fp32 master or None per param) and sr_ids."""
+        """The AdamLists of (param, grad) pairs, creating state lazily."""
         params, grads, exp_avgs, exp_avg_sqs, max_sqs, steps = [], [], [], [], [], []
         masters, sr_ids = [], []
         amsgrad = group["amsgrad"]
         for p, g in pairs:
             state = self.state[p]
             if len(state) == 0 or "exp_avg" not in state:
-                state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+                state.pop("step", None)
             names = ("exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if amsgrad else ())
             for name in names:
                 self._state_like(group, state, name, p)
-            steps.append(self._step_tensor(state, p))
+            steps.append(self._step_tensor(group, state, p))
             params.append(view(p))
             grads.append(view(g))
             mp = self._master(group, state, p)
@@ -505,24 +509,20 @@ class _AdamBase(_FusedOptimizer):
                 s = state[name]
                 self._check_state(name, s, p, gi, want)
                 out.append(view(s))
-        return params, grads, exp_avgs, exp_avg_sqs, max_sqs, steps, masters, sr_ids
+        return AdamLists(params=params, grads=grads, exp_avgs=exp_avgs, exp_avg_sqs=exp_avg_sqs,
+                         max_exp_avg_sqs=max_sqs, state_steps=steps, master_params=masters,
+                         sr_ids=sr_ids)
 
     def _update(self, group, lists, kw, gi):
-        params, grads, exp_avgs, exp_avg_sqs, max_sqs, steps, masters, sr_ids = lists
         beta1, beta2 = group["betas"]
-        amsgrad = bool(group["amsgrad"])
-        for idx, master in self._split_master(len(params), masters):
-            def pick(xs):
-                return xs if len(idx) == len(xs) else [xs[i] for i in idx]
+        for idx, master in split_by_master(lists.master_params):
+            sub = lists.select(idx)
             sr = bool(group["stochastic_rounding"]) and not master
-            self._call("adam_", gi, pick(params), pick(grads), pick(exp_avgs), pick(exp_avg_sqs),
-                       pick(max_sqs) if amsgrad else [],
-                       pick(steps), kw["lr"], kw["lr_tensor"], _scalar(beta1, "beta1"),
-                       _scalar(beta2, "beta2"), _scalar(group["eps"], "eps"), kw["weight_decay"],
-                       kw["decay_mode"], kw["initial_lr"], amsgrad, kw["maximize"],
-                       kw["grad_norm"], kw["max_norm"], kw["grad_scale"], kw["found_inf"],
-                       kw["skip_nonfinite"], pick(masters) if master else [], sr,
-                       int(group["sr_seed"]), pick(sr_ids) if sr else [])
+            sub = dataclasses.replace(sub, master_params=sub.master_params if master else [],
+                                      sr_ids=sub.sr_ids if sr else [])
+            self._call(_ops.adam_, gi, sub, beta1=_scalar(beta1, "beta1"), beta2=_scalar(beta2, "beta2"),
+                       eps=_scalar(group["eps"], "eps"), amsgrad=bool(group["amsgrad"]),
+                       stochastic_rounding=sr, sr_seed=int(group["sr_seed"]), **kw)
 
 
 class Adam(_AdamBase):
@@ -581,9 +581,9 @@ class SGD(_FusedOptimizer):
             group.setdefault("nesterov", False)
 
     def _init_group(self, group, pairs, gi, view=_real):
-        """Lists for sgd_: params, grads, bufs, is_new, then masters (fp32
-        master or None per param), sr_ids and steps (stochastic rounding
-        only: a per-param `step` counter, the step of the rounding's key)."""
+        """The SgdLists of (param, grad) pairs, creating state lazily; with
+        stochastic rounding each param has a `step` counter (the step of the
+        rounding's key)."""
         params, grads, bufs, is_new, masters, sr_ids, steps = [], [], [], [], [], [], []
         momentum = _scalar(group["momentum"], "momentum")
         sr = bool(group["stochastic_rounding"])
@@ -595,7 +595,7 @@ class SGD(_FusedOptimizer):
             masters.append(None if mp is None else view(mp))
             if sr:
                 sr_ids.append(self._sr_id(p))
-                steps.append(self._step_tensor(state, p))
+                steps.append(self._step_tensor(group, state, p))
             if momentum == 0.0:
                 continue
             buf = state.get("momentum_buffer")
@@ -606,22 +606,20 @@ class SGD(_FusedOptimizer):
             buf = self._state_like(group, state, "momentum_buffer", p)
             self._check_state("momentum_buffer", buf, p, gi, self._state_dtype(group, p))
             bufs.append(view(buf))
-        return params, grads, bufs, is_new, masters, sr_ids, steps
+        return SgdLists(params=params, grads=grads, momentum_buffers=bufs, buffer_is_new=is_new,
+                        master_params=masters, state_steps=steps, sr_ids=sr_ids)
 
     def _lists_reusable(self, lists):
-        return not any(lists[3])  # a new buffer is set to g, once
+        return not any(lists.buffer_is_new)  # a new buffer is set to g, once
 
     def _update(self, group, lists, kw, gi):
-        params, grads, bufs, is_new, masters, sr_ids, steps = lists
-        for idx, master in self._split_master(len(params), masters):
-            def pick(xs):
-                return xs if len(idx) == len(xs) or not xs else [xs[i] for i in idx]
+        for idx, master in split_by_master(lists.master_params):
+            sub = lists.select(idx)
             sr = bool(group["stochastic_rounding"]) and not master
-            self._call("sgd_", gi, pick(params), pick(grads), pick(bufs), pick(is_new), kw["lr"],
-                       kw["lr_tensor"], _scalar(group["momentum"], "momentum"),
-                       _scalar(group["dampening"], "dampening"), bool(group["nesterov"]),
-                       kw["weight_decay"], kw["decay_mode"], kw["initial_lr"], kw["maximize"],
-                       kw["grad_norm"], kw["max_norm"], kw["grad_scale"], kw["found_inf"],
-                       kw["skip_nonfinite"], pick(masters) if master else [],
-                       pick(steps) if sr else [], sr, int(group["sr_seed"]),
-                       pick(sr_ids) if sr else [])
+            sub = dataclasses.replace(sub, master_params=sub.master_params if master else [],
+                                      state_steps=sub.state_steps if sr else [],
+                                      sr_ids=sub.sr_ids if sr else [])
+            self._call(_ops.sgd_, gi, sub, momentum=_scalar(group["momentum"], "momentum"),
+                       dampening=_scalar(group["dampening"], "dampening"),
+                       nesterov=bool(group["nesterov"]), stochastic_rounding=sr,
+                       sr_seed=int(group["sr_seed"]), **kw)

@@ -65,7 +65,9 @@ class _Reference:
 
 class _ReferenceAdam(_Reference):
     def _update(self, group, lists, kw, gi):
-        params, grads, exp_avgs, exp_avg_sqs, max_sqs, steps, masters, _ = lists
+        params, grads, exp_avgs, exp_avg_sqs, max_sqs, steps, masters = (
+            lists.params, lists.grads, lists.exp_avgs, lists.exp_avg_sqs, lists.max_exp_avg_sqs,
+            lists.state_steps, lists.master_params)
         if group["stochastic_rounding"]:
             raise NotImplementedError("fused_wd.reference does not do stochastic rounding")
         skip, inv_scale, coef = self._prep(kw)
@@ -104,7 +106,8 @@ class _ReferenceAdam(_Reference):
 
 class _ReferenceSGD(_Reference):
     def _update(self, group, lists, kw, gi):
-        params, grads, bufs, is_new, masters = lists[:5]
+        params, grads, bufs, is_new, masters = (lists.params, lists.grads, lists.momentum_buffers,
+                                                lists.buffer_is_new, lists.master_params)
         if group["stochastic_rounding"]:
             raise NotImplementedError("fused_wd.reference does not do stochastic rounding")
         skip, inv_scale, coef = self._prep(kw)

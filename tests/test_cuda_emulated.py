@@ -25,6 +25,7 @@ import torch
 
 import emu_build
 import fused_wd  # noqa: F401  (registers torch.ops.fused_wd)
+from conftest import adam_hyper, sgd_hyper
 
 pytestmark = pytest.mark.cuda_emulated
 
@@ -221,15 +222,8 @@ def adam_spec(dtype, gen, shapes=SHAPES, state_dtype=None, master=False, amsgrad
     )
 
 
-def adam_kwargs(lr=0.05, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, decay_mode=0, initial_lr=1.0,
-                amsgrad=False, maximize=False, grad_norm=None, max_norm=0.0, grad_scale=None,
-                found_inf=None, skip_nonfinite=True, lr_tensor=None, stochastic_rounding=False,
-                sr_seed=0):
-    return dict(lr=lr, lr_tensor=lr_tensor, beta1=betas[0], beta2=betas[1], eps=eps,
-                weight_decay=weight_decay, decay_mode=decay_mode, initial_lr=initial_lr,
-                amsgrad=amsgrad, maximize=maximize, grad_norm=grad_norm, max_norm=max_norm,
-                grad_scale=grad_scale, found_inf=found_inf, skip_nonfinite=skip_nonfinite,
-                stochastic_rounding=stochastic_rounding, sr_seed=sr_seed)
+def adam_kwargs(betas=(0.9, 0.999), lr=0.05, **kw):
+    return adam_hyper(beta1=betas[0], beta2=betas[1], lr=lr, **kw)
 
 
 def adam_call(ops, lists, kw, sr_ids=()):
@@ -383,15 +377,8 @@ def sgd_spec(dtype, gen, shapes=SHAPES, state_dtype=None, master=False, momentum
     )
 
 
-def sgd_kwargs(lr=0.05, momentum=0.0, dampening=0.0, nesterov=False, weight_decay=0.0, decay_mode=0,
-               initial_lr=1.0, maximize=False, grad_norm=None, max_norm=0.0, grad_scale=None,
-               found_inf=None, skip_nonfinite=True, lr_tensor=None, stochastic_rounding=False,
-               sr_seed=0):
-    return dict(lr=lr, lr_tensor=lr_tensor, momentum=momentum, dampening=dampening, nesterov=nesterov,
-                weight_decay=weight_decay, decay_mode=decay_mode, initial_lr=initial_lr,
-                maximize=maximize, grad_norm=grad_norm, max_norm=max_norm, grad_scale=grad_scale,
-                found_inf=found_inf, skip_nonfinite=skip_nonfinite,
-                stochastic_rounding=stochastic_rounding, sr_seed=sr_seed)
+def sgd_kwargs(lr=0.05, **kw):
+    return sgd_hyper(lr=lr, **kw)
 
 
 def sgd_call(ops, lists, kw, is_new, sr_ids=()):
@@ -479,3 +466,94 @@ def test_sgd_skipped_step_writes_nothing(emu):
     for name in SGD_LISTS:
         for i, p in enumerate(spec[name]):
             assert_bitwise(b[name][i], p.values, f"{name}[{i}]")
+
+
+# ------------------------------------------- refusals, and the rounding key
+
+
+def backends(emu):
+    return [("cpu", CPU), ("cuda (emulated)", emu)]
+
+
+@pytest.mark.parametrize("op", ["adam_", "sgd_", "clip_"])
+def test_refused_dtype_writes_nothing(emu, op):
+    """A list with a dtype the kernels do not take (float8) is refused
+    before anything is written, on both backends: earlier tensors of other
+    dtypes keep their values and the step counters do not advance."""
+    for name, ops in backends(emu):
+        gen = torch.Generator().manual_seed(15)
+        spec = adam_spec(torch.float32, gen, shapes=[(40,), (3,)])
+        lists = make_lists(spec)
+        for k in ("params", "grads", "exp_avgs", "exp_avg_sqs"):
+            lists[k].append(torch.randn(5).to(torch.float8_e4m3fn))
+        lists["state_steps"].append(torch.tensor(4.0))
+        with pytest.raises(RuntimeError, match="Float8_e4m3fn"):
+            if op == "adam_":
+                adam_call(ops, lists, adam_kwargs(weight_decay=0.1, decay_mode=1))
+            elif op == "sgd_":
+                ops.sgd_(lists["params"], lists["grads"], lists["exp_avgs"], [False] * 3,
+                         master_params=[], state_steps=[], sr_ids=[], **sgd_kwargs(momentum=0.9))
+            else:
+                ops.clip_(lists["params"], torch.tensor(100.0), 1.0)
+        for k in ("params", "exp_avgs", "exp_avg_sqs", "state_steps"):
+            for i, p in enumerate(spec[k]):
+                assert_bitwise(lists[k][i], p.values, f"{name} {op}: {k}[{i}]")
+
+
+def test_refused_layout_writes_nothing(emu):
+    """A call mixing a supported layout with a refused one (fp16 params,
+    fp16 states and an fp32 master) writes nothing on either backend."""
+    for name, ops in backends(emu):
+        gen = torch.Generator().manual_seed(16)
+        spec = adam_spec(torch.bfloat16, gen, shapes=[(30,), (20,)], state_dtype=torch.float32,
+                         master=True)
+        bad = adam_spec(torch.float16, gen, shapes=[(10,)], master=True)
+        lists = make_lists(spec)
+        for k, v in make_lists(bad).items():
+            lists[k] = lists[k] + v
+        with pytest.raises(RuntimeError, match="not a supported layout"):
+            adam_call(ops, lists, adam_kwargs(weight_decay=0.1, decay_mode=1))
+        for k in ADAM_LISTS:
+            for i, p in enumerate(spec[k]):
+                assert_bitwise(lists[k][i], p.values, f"{name}: {k}[{i}]")
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "sgd"])
+def test_stochastic_rounding_key_advances_past_2_24(emu, optimizer):
+    """float64 step counters keep the rounding key advancing where float32
+    ones stop (2^24 + 1 == 2^24 in float32), and both backends derive the
+    step the same way."""
+    start = 2.0 ** 24 - 1
+    results = []
+    for name, ops in backends(emu):
+        gen = torch.Generator().manual_seed(17)
+        shapes = [(3000,), (17,)]
+        if optimizer == "adam":
+            spec = adam_spec(torch.bfloat16, gen, shapes=shapes, step=start)
+            spec["state_steps"] = [Placed(torch.tensor(start, dtype=torch.float64), 0) for _ in shapes]
+        else:
+            spec = sgd_spec(torch.bfloat16, gen, shapes=shapes, sr=True)
+            spec["state_steps"] = [Placed(torch.tensor(start, dtype=torch.float64), 0) for _ in shapes]
+        lists = make_lists(spec)
+        for _ in range(3):
+            if optimizer == "adam":
+                adam_call(ops, lists, adam_kwargs(lr=0.3, stochastic_rounding=True, sr_seed=3), [0, 1])
+            else:
+                sgd_call(ops, lists, sgd_kwargs(lr=0.3, momentum=0.9, stochastic_rounding=True, sr_seed=3),
+                         [False, False], [0, 1])
+        assert [float(s) for s in lists["state_steps"]] == [2.0 ** 24 + 2] * 2, name
+        results.append(lists)
+    for k in ("params", "state_steps"):
+        for i, (x, y) in enumerate(zip(results[0][k], results[1][k])):
+            assert_bitwise(y, x, f"{k}[{i}]")
+    # the same inputs at steps 2^24 and 2^24 + 1 round differently
+    outs = []
+    for step in (2.0 ** 24, 2.0 ** 24 + 1):
+        # 1 + 2^-9 lies between two bf16 values: rounded up with probability 1/4
+        lists = dict(params=[torch.ones(4096, dtype=torch.bfloat16)],
+                     grads=[torch.full((4096,), -2.0 ** -9, dtype=torch.bfloat16)],
+                     momentum_buffers=[], master_params=[],
+                     state_steps=[torch.tensor(step, dtype=torch.float64)])
+        sgd_call(emu, lists, sgd_kwargs(lr=1.0, stochastic_rounding=True, sr_seed=3), [], [0])
+        outs.append(lists["params"][0])
+    assert 0.2 < (outs[0] > 1).float().mean() < 0.3 and not torch.equal(outs[0], outs[1])

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import fused_wd
-from conftest import DEVICES, TOL, clone_leaves, make_grads, make_params
+from conftest import DEVICES, TOL, adam_hyper, clone_leaves, make_grads, make_params, sgd_hyper
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -480,11 +480,11 @@ def test_opcheck(device, dtype):
     torch.library.opcheck(ops.clip_.default, ([g.clone() for g in gs], norm, 1.0))
     torch.library.opcheck(ops.adam_.default, (
         [p.clone() for p in ps], gs, [t.clone() for t in z], [t.clone() for t in z],
-        [t.clone() for t in z], [s.clone() for s in steps], 0.01, None, 0.9, 0.999, 1e-8, 0.1, 1,
-        0.01, True, False, norm, 1.0, None, None, True, []))
+        [t.clone() for t in z], [s.clone() for s in steps], [], []),
+        adam_hyper(weight_decay=0.1, decay_mode=1, amsgrad=True, grad_norm=norm, max_norm=1.0))
     torch.library.opcheck(ops.sgd_.default, (
-        [p.clone() for p in ps], gs, [t.clone() for t in z], [True, False], 0.01, None, 0.9, 0.0,
-        True, 0.1, 0, 0.01, False, norm, 1.0, None, None, True, [], []))
+        [p.clone() for p in ps], gs, [t.clone() for t in z], [True, False], [], [], []),
+        sgd_hyper(momentum=0.9, nesterov=True, weight_decay=0.1, grad_norm=norm, max_norm=1.0))
 
 
 # ------------------------------------------------------------ clip_grad_norm_

@@ -7,7 +7,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import fused_wd
-from conftest import DEVICES, TOL, clone_leaves
+from conftest import DEVICES, TOL, adam_hyper, clone_leaves, sgd_hyper
 
 
 def one_step(make, params, grads):
@@ -179,13 +179,11 @@ def test_ops_check_their_arguments():
     ops = torch.ops.fused_wd
     p = [torch.ones(3)]
     with pytest.raises(RuntimeError, match=r"grads\[0\] has shape"):
-        ops.sgd_(p, [torch.ones(4)], [], [], 0.1, None, 0.0, 0.0, False, 0.0, 0, 0.1, False,
-                 None, 0.0, None, None, True, [], [])
+        ops.sgd_(p, [torch.ones(4)], [], [], [], [], [], **sgd_hyper())
     with pytest.raises(RuntimeError, match="norm_type must be 2.0 or inf"):
         ops.multi_tensor_norm(p, 1.0)
     with pytest.raises(RuntimeError, match="state_steps"):
-        ops.adam_(p, p, [torch.zeros(3)], [torch.zeros(3)], [], [], 0.1, None, 0.9, 0.99, 1e-8,
-                  0.0, 0, 0.1, False, False, None, 0.0, None, None, True, [])
+        ops.adam_(p, p, [torch.zeros(3)], [torch.zeros(3)], [], [], [], [], **adam_hyper())
 
 
 # ------------------------------------------------------------ property test

@@ -22,7 +22,7 @@ import torch
 import fused_wd
 from fused_wd import reference
 
-from conftest import DEVICES, TOL
+from conftest import DEVICES, TOL, adam_hyper, sgd_hyper
 
 LOW = [torch.bfloat16, torch.float16]
 
@@ -338,17 +338,17 @@ def test_opcheck_mixed(device):
     masters = lambda: [p.float() for p in ps]  # noqa: E731
     norm = torch.tensor(3.0, device=device)
     torch.library.opcheck(ops.adam_.default, (
-        [p.clone() for p in ps], gs, z32(), z32(), z32(), steps(), 0.01, None, 0.9, 0.999, 1e-8,
-        0.1, 1, 0.01, True, False, norm, 1.0, None, None, True, masters()))
+        [p.clone() for p in ps], gs, z32(), z32(), z32(), steps(), masters(), []),
+        adam_hyper(weight_decay=0.1, decay_mode=1, amsgrad=True, grad_norm=norm, max_norm=1.0))
     torch.library.opcheck(ops.adam_.default, (
-        [p.clone() for p in ps], gs, zb(), zb(), [], steps(), 0.01, None, 0.9, 0.999, 1e-8,
-        0.1, 1, 0.01, False, False, None, 0.0, None, None, True, [], True, 5, [0, 1]))
+        [p.clone() for p in ps], gs, zb(), zb(), [], steps(), [], [0, 1]),
+        adam_hyper(weight_decay=0.1, decay_mode=1, stochastic_rounding=True, sr_seed=5))
     torch.library.opcheck(ops.sgd_.default, (
-        [p.clone() for p in ps], gs, z32(), [True, False], 0.01, None, 0.9, 0.0, True, 0.1, 0,
-        0.01, False, norm, 1.0, None, None, True, masters(), []))
+        [p.clone() for p in ps], gs, z32(), [True, False], masters(), [], []),
+        sgd_hyper(momentum=0.9, nesterov=True, weight_decay=0.1, grad_norm=norm, max_norm=1.0))
     torch.library.opcheck(ops.sgd_.default, (
-        [p.clone() for p in ps], gs, [], [], 0.01, None, 0.0, 0.0, False, 0.0, 0, 0.01, False,
-        None, 0.0, None, None, True, [], steps(), True, 5, [0, 1]))
+        [p.clone() for p in ps], gs, [], [], [], steps(), [0, 1]),
+        sgd_hyper(stochastic_rounding=True, sr_seed=5))
 
 
 def test_mixed_options_are_checked():
@@ -359,16 +359,14 @@ def test_mixed_options_are_checked():
         fused_wd.SGD([p], master_weights=1)
     ops = torch.ops.fused_wd
     with pytest.raises(RuntimeError, match="master weights are float32"):
-        ops.sgd_([p.detach()], [p.detach()], [], [], 0.1, None, 0.0, 0.0, False, 0.0, 0, 0.1,
-                 False, None, 0.0, None, None, True, [torch.zeros(3, dtype=torch.float16)], [])
+        ops.sgd_([p.detach()], [p.detach()], [], [], [torch.zeros(3, dtype=torch.float16)], [], [],
+                 **sgd_hyper())
     with pytest.raises(RuntimeError, match="share one dtype"):
         ops.adam_([p.detach()], [p.detach()], [torch.zeros(3)], [torch.zeros(3).bfloat16()], [],
-                  [torch.zeros(())], 0.1, None, 0.9, 0.99, 1e-8, 0.0, 0, 0.1, False, False, None,
-                  0.0, None, None, True, [])
+                  [torch.zeros(())], [], [], **adam_hyper())
     with pytest.raises(RuntimeError, match="sr_ids"):
         ops.adam_([p.detach()], [p.detach()], [torch.zeros(3)], [torch.zeros(3)], [],
-                  [torch.zeros(())], 0.1, None, 0.9, 0.99, 1e-8, 0.0, 0, 0.1, False, False, None,
-                  0.0, None, None, True, [], True, 1, [])
+                  [torch.zeros(())], [], [], **adam_hyper(stochastic_rounding=True, sr_seed=1))
 
 
 def test_fp32_params_in_a_master_group_have_no_master():

@@ -105,15 +105,6 @@ using T_of = typename Io<S>::T;
 
 template <Storage S>
 using StorageC = std::integral_constant<Storage, S>;
-template <bool B>
-using BoolC = std::integral_constant<bool, B>;
-
-// Calls f(BoolC<b>) : a runtime flag as a compile-time constant.
-template <typename F>
-void with_bool(bool b, F&& f) {
-  if (b) return f(BoolC<true>{});
-  return f(BoolC<false>{});
-}
 
 // ------------------------------------------------------------ blocks
 
@@ -281,52 +272,32 @@ void with_layout(const Layout& L, F&& f) {
   });
 }
 
-// Adam's mode flags as compile-time constants: f(AMSGRAD, DECAY).
-template <typename F>
-void with_adam_modes(bool ams, int decay, F&& f) {
-  auto by_decay = [&](auto a) {
-    if (decay == kL2) return f(a, std::integral_constant<int, kL2>{});
-    if (decay == kScaleParam) return f(a, std::integral_constant<int, kScaleParam>{});
-    return f(a, std::integral_constant<int, kNone>{});
-  };
-  with_bool(ams, by_decay);
-}
-
-// SGD's mode flags as compile-time constants: f(DECAY, MOMENTUM, NESTEROV).
-template <typename F>
-void with_sgd_modes(const SgdModes& md, F&& f) {
-  auto by_momentum = [&](auto d) {
-    if (!md.momentum) return f(d, BoolC<false>{}, BoolC<false>{});
-    if (md.nesterov) return f(d, BoolC<true>{}, BoolC<true>{});
-    return f(d, BoolC<true>{}, BoolC<false>{});
-  };
-  if (md.decay == kL2) return by_momentum(std::integral_constant<int, kL2>{});
-  if (md.decay == kScaleParam) return by_momentum(std::integral_constant<int, kScaleParam>{});
-  return by_momentum(std::integral_constant<int, kNone>{});
-}
-
 void adam(const Layout& L, const Ptrs& P, int64_t b, int64_t e, const AdamScalars<float>& s,
           bool ams, int decay) {
   with_layout(L, [&](auto ps, auto ss, auto master, auto sr) {
-    with_adam_modes(ams, decay, [&](auto a, auto d) {
-      adam_range<decltype(ps)::value, decltype(ss)::value, decltype(master)::value,
-                 decltype(sr)::value, decltype(a)::value, decltype(d)::value>(P, b, e, s, L.sr_key);
+    with_bool(ams, [&](auto a) {
+      with_decay(decay, [&](auto d) {
+        adam_range<decltype(ps)::value, decltype(ss)::value, decltype(master)::value,
+                   decltype(sr)::value, decltype(a)::value, decltype(d)::value>(P, b, e, s, L.sr_key);
+      });
     });
   });
 }
 
 void adam_f64(const Ptrs& P, int64_t b, int64_t e, const AdamScalars<double>& s, bool ams,
               int decay) {
-  with_adam_modes(ams, decay, [&](auto a, auto d) {
-    adam_range<Storage::kF64, Storage::kF64, false, false, decltype(a)::value, decltype(d)::value>(
-        P, b, e, s, 0);
+  with_bool(ams, [&](auto a) {
+    with_decay(decay, [&](auto d) {
+      adam_range<Storage::kF64, Storage::kF64, false, false, decltype(a)::value, decltype(d)::value>(
+          P, b, e, s, 0);
+    });
   });
 }
 
 void sgd(const Layout& L, const Ptrs& P, int64_t b, int64_t e, const SgdScalars<float>& s,
          SgdModes md) {
   with_layout(L, [&](auto ps, auto ss, auto master, auto sr) {
-    with_sgd_modes(md, [&](auto d, auto mom, auto nest) {
+    with_sgd_modes(md.decay, md.momentum, md.nesterov, [&](auto d, auto mom, auto nest) {
       sgd_range<decltype(ps)::value, decltype(ss)::value, decltype(master)::value,
                 decltype(sr)::value, decltype(d)::value, decltype(mom)::value,
                 decltype(nest)::value>(P, b, e, s, md.first, L.sr_key);
@@ -335,7 +306,7 @@ void sgd(const Layout& L, const Ptrs& P, int64_t b, int64_t e, const SgdScalars<
 }
 
 void sgd_f64(const Ptrs& P, int64_t b, int64_t e, const SgdScalars<double>& s, SgdModes md) {
-  with_sgd_modes(md, [&](auto d, auto mom, auto nest) {
+  with_sgd_modes(md.decay, md.momentum, md.nesterov, [&](auto d, auto mom, auto nest) {
     sgd_range<Storage::kF64, Storage::kF64, false, false, decltype(d)::value, decltype(mom)::value,
               decltype(nest)::value>(P, b, e, s, md.first, 0);
   });

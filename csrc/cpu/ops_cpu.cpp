@@ -80,54 +80,38 @@ void parallel_items(const std::vector<Item>& items, F f) {
 
 void* ptr(const at::Tensor& t) { return t.numel() ? t.data_ptr() : nullptr; }
 
-float read_float(const std::optional<at::Tensor>& t) { return t->item<float>(); }
-
-// The decisions every update op shares: skip, unscale, clip.
-struct StepPrep {
-  bool skip = false;
-  float inv_scale = 1.0f;
-  float coef = 1.0f;
-};
-
-StepPrep step_prep(const std::optional<at::Tensor>& grad_norm, double max_norm,
-                   const std::optional<at::Tensor>& grad_scale,
-                   const std::optional<at::Tensor>& found_inf, bool skip_nonfinite) {
-  StepPrep sp;
-  if (found_inf.has_value() && found_inf->defined() && read_float(found_inf) != 0.0f) sp.skip = true;
-  if (grad_scale.has_value() && grad_scale->defined())
-    sp.inv_scale = static_cast<float>(1.0 / grad_scale->item<double>());
-  if (grad_norm.has_value() && grad_norm->defined()) {
-    const float n = read_float(grad_norm);
-    if (skip_nonfinite && !is_finite(n)) sp.skip = true;
-    if (max_norm > 0) sp.coef = clip_coef(n, static_cast<float>(max_norm));
-  }
-  return sp;
+// The step of the update that follows a (checked) step counter.
+double step_t(const at::Tensor& counter) {
+  return step_after(counter.data_ptr(), counter.scalar_type() == at::kDouble);
 }
 
-void check_step_scalars(const char* op, at::TensorList params,
-                        const std::optional<at::Tensor>& lr_tensor,
-                        const std::optional<at::Tensor>& grad_norm,
-                        const std::optional<at::Tensor>& grad_scale,
-                        const std::optional<at::Tensor>& found_inf) {
+bool given(const std::optional<at::Tensor>& t) { return t.has_value() && t->defined(); }
+
+double value_of(const std::optional<at::Tensor>& t) { return given(t) ? t->item<double>() : 0.0; }
+
+// Checks the 1-element arguments (on the CPU) and takes the step's skip /
+// unscale / clip decision (math.h) from their values.
+StepPrep prepare(const char* op, const StepArgs& a) {
   const at::Device cpu(at::kCPU);
-  check_scalar_tensor(op, "lr_tensor", lr_tensor, cpu, true);
-  check_scalar_tensor(op, "grad_norm", grad_norm, cpu, true);
-  check_scalar_tensor(op, "grad_scale", grad_scale, cpu, true);
-  check_scalar_tensor(op, "found_inf", found_inf, cpu, true);
+  check_scalar_tensor(op, "lr_tensor", a.lr_tensor, cpu, true);
+  check_scalar_tensor(op, "grad_norm", a.grad_norm, cpu, true);
+  check_scalar_tensor(op, "grad_scale", a.grad_scale, cpu, true);
+  check_scalar_tensor(op, "found_inf", a.found_inf, cpu, true);
+  return step_prep(given(a.found_inf), value_of(a.found_inf), given(a.grad_scale),
+                   value_of(a.grad_scale), given(a.grad_norm),
+                   given(a.grad_norm) ? a.grad_norm->item<float>() : 0.0f, a.max_norm > 0,
+                   static_cast<float>(a.max_norm), a.skip_nonfinite);
 }
 
-// stochastic_rounding needs one id per param.
-void check_sr(const char* op, at::TensorList params, bool sr, at::IntArrayRef ids) {
-  TORCH_CHECK(!sr || ids.size() == params.size(), op, ": stochastic_rounding needs one sr_ids "
-              "entry per param, got ", ids.size(), " for ", params.size());
-}
+double lr_of(const StepArgs& a) { return given(a.lr_tensor) ? a.lr_tensor->item<double>() : a.lr; }
 
 // The layout of entry i, with the stochastic-rounding key of step t.
 Layout layout_of(const char* op, const at::Tensor& p, const at::Tensor& state, bool master,
-                 bool sr, int64_t seed, at::IntArrayRef ids, size_t i, double t) {
-  Layout L = layout_for(op, i, p.scalar_type(), state.scalar_type(), master, sr);
+                 const StepArgs& a, size_t i, double t) {
+  Layout L = layout_for(op, i, p.scalar_type(), state.scalar_type(), master, a.stochastic_rounding);
   if (L.sr)
-    L.sr_key = sr_key(static_cast<uint64_t>(seed), static_cast<uint64_t>(ids[i]), static_cast<uint64_t>(t));
+    L.sr_key = sr_key(static_cast<uint64_t>(a.sr_seed), static_cast<uint64_t>(a.sr_ids[i]),
+                      static_cast<uint64_t>(t));
   return L;
 }
 
@@ -142,8 +126,7 @@ at::Tensor multi_tensor_norm(at::TensorList tensors, double norm_type) {
     const at::Tensor& t = tensors[i];
     TORCH_CHECK(t.layout() == at::kStrided, op, ": tensors[", i, "] is sparse; dense tensors only");
     TORCH_CHECK(t.device().is_cpu(), op, ": tensors[", i, "] is on ", t.device(), ", not the CPU");
-    TORCH_CHECK(at::isFloatingType(t.scalar_type()), op, ": tensors[", i, "] has dtype ",
-                t.scalar_type(), "; floating point only");
+    storage_of(op, "a tensor", t.scalar_type());
   }
   std::vector<at::Tensor> dense;
   dense.reserve(tensors.size());
@@ -185,50 +168,43 @@ void clip_(at::TensorList tensors, const at::Tensor& total_norm, double max_norm
 
 // ------------------------------------------------------------------ adam
 
-void adam_(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
-           at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs,
-           at::TensorList state_steps, double lr, const std::optional<at::Tensor>& lr_tensor,
-           double beta1, double beta2, double eps, double weight_decay, int64_t decay_mode,
-           double initial_lr, bool amsgrad, bool maximize,
-           const std::optional<at::Tensor>& grad_norm, double max_norm,
-           const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
-           bool skip_nonfinite, at::TensorList master_params, bool stochastic_rounding,
-           int64_t sr_seed, at::IntArrayRef sr_ids) {
+void adam(const AdamCall& c) {
   const char* op = "fused_wd.adam_";
-  TORCH_CHECK(decay_mode >= 0 && decay_mode <= 2, op, ": decay_mode must be 0, 1 or 2");
-  TORCH_CHECK(!amsgrad || max_exp_avg_sqs.size() == params.size(), op,
+  const StepArgs& a = c.step;
+  const size_t n = c.params.size();
+  check_step_args(op, a, n);
+  TORCH_CHECK(!c.amsgrad || c.max_exp_avg_sqs.size() == n, op,
               ": amsgrad needs one max_exp_avg_sq per param");
-  const std::vector<ListSpec> lists = {{"params", params, true, false},
-                                       {"grads", grads, false, false},
-                                       {"exp_avgs", exp_avgs, true, false, kDtypeState},
-                                       {"exp_avg_sqs", exp_avg_sqs, true, false, kDtypeState},
-                                       {"max_exp_avg_sqs", max_exp_avg_sqs, true, true, kDtypeState},
-                                       {"master_params", master_params, true, true, kDtypeMaster}};
+  const std::vector<ListSpec> lists = {{"params", c.params, true, false},
+                                       {"grads", c.grads, false, false},
+                                       {"exp_avgs", c.exp_avgs, true, false, kDtypeState},
+                                       {"exp_avg_sqs", c.exp_avg_sqs, true, false, kDtypeState},
+                                       {"max_exp_avg_sqs", c.max_exp_avg_sqs, true, true, kDtypeState},
+                                       {"master_params", c.master_params, true, true, kDtypeMaster}};
   check_lists(op, lists, c10::DeviceType::CPU);
   check_same_state_dtype(op, lists);
-  check_sr(op, params, stochastic_rounding, sr_ids);
-  TORCH_CHECK(state_steps.size() == params.size(), op, ": state_steps has ", state_steps.size(),
-              " tensors but params has ", params.size());
-  for (size_t i = 0; i < state_steps.size(); ++i)
-    TORCH_CHECK(state_steps[i].numel() == 1 && state_steps[i].device().is_cpu(), op,
-                ": state_steps[", i, "] must be a one-element CPU tensor");
-  check_step_scalars(op, params, lr_tensor, grad_norm, grad_scale, found_inf);
-  const StepPrep sp = step_prep(grad_norm, max_norm, grad_scale, found_inf, skip_nonfinite);
-  if (sp.skip || params.empty()) return;
+  check_steps(op, c.state_steps, c.params);
+  const StepPrep sp = prepare(op, a);
+  const bool master = !c.master_params.empty();
+  std::vector<Layout> layouts(n);  // every layout is checked before anything is written
+  for (size_t i = 0; i < n; ++i)
+    layouts[i] = layout_of(op, c.params[i], c.exp_avgs[i], master, a, i, step_t(c.state_steps[i]));
+  if (sp.skip || n == 0) return;
 
-  const double lr_v = lr_tensor.has_value() && lr_tensor->defined() ? lr_tensor->item<double>() : lr;
-  const int decay = decay_kind(static_cast<int>(decay_mode), weight_decay);
-  const bool ams = amsgrad;
-  std::vector<AdamScalars<float>> sf(params.size());
-  std::vector<AdamScalars<double>> sd(params.size());
-  for (size_t i = 0; i < params.size(); ++i) {
-    const double t = state_steps[i].item<double>() + 1.0;
-    if (params[i].scalar_type() == at::kDouble)
-      sd[i] = make_adam_scalars<double>(lr_v, beta1, beta2, eps, weight_decay, decay_mode,
-                                        initial_lr, t, make_grad_prep<double>(sp.inv_scale, sp.coef, maximize));
-    else
-      sf[i] = make_adam_scalars<float>(lr_v, beta1, beta2, eps, weight_decay, decay_mode,
-                                       initial_lr, t, make_grad_prep<float>(sp.inv_scale, sp.coef, maximize));
+  const double lr = lr_of(a);
+  const int decay = decay_kind(static_cast<int>(a.decay_mode), a.weight_decay);
+  auto scalars = [&](auto zero, size_t i) {
+    using T = decltype(zero);
+    return make_adam_scalars<T>(lr, c.beta1, c.beta2, c.eps, a.weight_decay,
+                                static_cast<int>(a.decay_mode), a.initial_lr,
+                                step_t(c.state_steps[i]),
+                                make_grad_prep<T>(sp.inv_scale, sp.coef, a.maximize));
+  };
+  std::vector<AdamScalars<float>> sf(n);
+  std::vector<AdamScalars<double>> sd(n);
+  for (size_t i = 0; i < n; ++i) {
+    if (layouts[i].param == Storage::kF64) sd[i] = scalars(0.0, i);
+    else sf[i] = scalars(0.0f, i);
   }
 
   DenseLists d = make_dense(lists);
@@ -238,82 +214,68 @@ void adam_(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
   const auto& V = d.dense[3];
   const auto& VM = d.dense[4];
   const auto& MP = d.dense[5];
-  const bool master = !MP.empty();
-  std::vector<Layout> layouts(params.size());
-  for (size_t i = 0; i < params.size(); ++i)
-    layouts[i] = layout_of(op, P[i], M[i], master, stochastic_rounding, sr_seed, sr_ids, i,
-                           state_steps[i].item<double>() + 1.0);
-  const auto items = make_items(P);
   const KernelTable& k = table();
-  parallel_items(items, [&](const Item& it) {
+  parallel_items(make_items(P), [&](const Item& it) {
     const int64_t i = it.tensor;
     const Ptrs ptrs{ptr(P[i]), ptr(G[i]), master ? ptr(MP[i]) : nullptr,
-                    ptr(M[i]), ptr(V[i]), ams ? ptr(VM[i]) : nullptr};
+                    ptr(M[i]), ptr(V[i]), c.amsgrad ? ptr(VM[i]) : nullptr};
     if (layouts[i].param == Storage::kF64)
-      k.adam_f64(ptrs, it.begin, it.end, sd[i], ams, decay);
+      k.adam_f64(ptrs, it.begin, it.end, sd[i], c.amsgrad, decay);
     else
-      k.adam(layouts[i], ptrs, it.begin, it.end, sf[i], ams, decay);
+      k.adam(layouts[i], ptrs, it.begin, it.end, sf[i], c.amsgrad, decay);
   });
   d.write_back();
-  for (const auto& s : state_steps) s.add_(1);
+  for (const auto& s : c.state_steps) s.add_(1);
 }
 
 // ------------------------------------------------------------------ sgd
 
-void sgd_(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
-          const c10::List<bool>& buffer_is_new, double lr, const std::optional<at::Tensor>& lr_tensor,
-          double momentum, double dampening, bool nesterov, double weight_decay,
-          int64_t decay_mode, double initial_lr, bool maximize,
-          const std::optional<at::Tensor>& grad_norm, double max_norm,
-          const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
-          bool skip_nonfinite, at::TensorList master_params, at::TensorList state_steps,
-          bool stochastic_rounding, int64_t sr_seed, at::IntArrayRef sr_ids) {
+void sgd(const SgdCall& c) {
   const char* op = "fused_wd.sgd_";
-  TORCH_CHECK(decay_mode >= 0 && decay_mode <= 2, op, ": decay_mode must be 0, 1 or 2");
-  const bool mom = momentum != 0.0;
-  TORCH_CHECK(!mom || momentum_buffers.size() == params.size(), op,
+  const StepArgs& a = c.step;
+  const size_t n = c.params.size();
+  check_step_args(op, a, n);
+  const bool mom = c.momentum != 0.0;
+  TORCH_CHECK(!mom || c.momentum_buffers.size() == n, op,
               ": momentum != 0 needs one momentum buffer per param");
-  TORCH_CHECK(!mom || buffer_is_new.size() == params.size(), op,
-              ": buffer_is_new needs one flag per param");
-  const std::vector<ListSpec> lists = {{"params", params, true, false},
-                                       {"grads", grads, false, false},
-                                       {"momentum_buffers", momentum_buffers, true, true, kDtypeState},
-                                       {"master_params", master_params, true, true, kDtypeMaster}};
+  TORCH_CHECK(!mom || c.buffer_is_new.size() == n, op, ": buffer_is_new needs one flag per param");
+  const std::vector<ListSpec> lists = {{"params", c.params, true, false},
+                                       {"grads", c.grads, false, false},
+                                       {"momentum_buffers", c.momentum_buffers, true, true, kDtypeState},
+                                       {"master_params", c.master_params, true, true, kDtypeMaster}};
   check_lists(op, lists, c10::DeviceType::CPU);
-  check_sr(op, params, stochastic_rounding, sr_ids);
-  TORCH_CHECK(!stochastic_rounding || state_steps.size() == params.size(), op,
-              ": stochastic_rounding needs one state_steps counter per param");
-  for (size_t i = 0; i < state_steps.size(); ++i)
-    TORCH_CHECK(state_steps[i].numel() == 1 && state_steps[i].device().is_cpu(), op,
-                ": state_steps[", i, "] must be a one-element CPU tensor");
-  check_step_scalars(op, params, lr_tensor, grad_norm, grad_scale, found_inf);
-  const StepPrep sp = step_prep(grad_norm, max_norm, grad_scale, found_inf, skip_nonfinite);
-  if (sp.skip || params.empty()) return;
+  if (a.stochastic_rounding) check_steps(op, c.state_steps, c.params);
+  const StepPrep sp = prepare(op, a);
+  const bool master = !c.master_params.empty();
+  std::vector<Layout> layouts(n);  // every layout is checked before anything is written
+  for (size_t i = 0; i < n; ++i) {
+    const double t = a.stochastic_rounding ? step_t(c.state_steps[i]) : 0.0;
+    // without momentum there is no state: the layout's state storage is the
+    // master's (or the param's)
+    const at::Tensor& state = mom ? c.momentum_buffers[i] : master ? c.master_params[i] : c.params[i];
+    layouts[i] = layout_of(op, c.params[i], state, master, a, i, t);
+  }
+  if (sp.skip || n == 0) return;
 
-  const double lr_v = lr_tensor.has_value() && lr_tensor->defined() ? lr_tensor->item<double>() : lr;
-  const int decay = decay_kind(static_cast<int>(decay_mode), weight_decay);
-  const auto sf = make_sgd_scalars<float>(lr_v, momentum, dampening, weight_decay, decay_mode,
-                                          initial_lr, make_grad_prep<float>(sp.inv_scale, sp.coef, maximize));
-  const auto sd = make_sgd_scalars<double>(lr_v, momentum, dampening, weight_decay, decay_mode,
-                                           initial_lr, make_grad_prep<double>(sp.inv_scale, sp.coef, maximize));
+  const double lr = lr_of(a);
+  const int decay = decay_kind(static_cast<int>(a.decay_mode), a.weight_decay);
+  auto scalars = [&](auto zero) {
+    using T = decltype(zero);
+    return make_sgd_scalars<T>(lr, c.momentum, c.dampening, a.weight_decay,
+                               static_cast<int>(a.decay_mode), a.initial_lr,
+                               make_grad_prep<T>(sp.inv_scale, sp.coef, a.maximize));
+  };
+  const auto sf = scalars(0.0f);
+  const auto sd = scalars(0.0);
   DenseLists d = make_dense(lists);
   const auto& P = d.dense[0];
   const auto& G = d.dense[1];
   const auto& B = d.dense[2];
   const auto& MP = d.dense[3];
-  const bool master = !MP.empty();
-  std::vector<Layout> layouts(params.size());
-  for (size_t i = 0; i < params.size(); ++i) {
-    const double t = stochastic_rounding ? state_steps[i].item<double>() + 1.0 : 0.0;
-    // without momentum there is no state: the layout's state storage is moot
-    const at::Tensor& state = mom ? B[i] : master ? MP[i] : P[i];
-    layouts[i] = layout_of(op, P[i], state, master, stochastic_rounding, sr_seed, sr_ids, i, t);
-  }
-  const auto items = make_items(P);
   const KernelTable& k = table();
-  parallel_items(items, [&](const Item& it) {
+  parallel_items(make_items(P), [&](const Item& it) {
     const int64_t i = it.tensor;
-    const SgdModes md{decay, mom, nesterov, mom && buffer_is_new.get(i)};
+    const SgdModes md{decay, mom, c.nesterov, mom && c.buffer_is_new.get(i)};
     const Ptrs ptrs{ptr(P[i]), ptr(G[i]), master ? ptr(MP[i]) : nullptr,
                     mom ? ptr(B[i]) : nullptr, nullptr, nullptr};
     if (layouts[i].param == Storage::kF64)
@@ -322,8 +284,8 @@ void sgd_(at::TensorList params, at::TensorList grads, at::TensorList momentum_b
       k.sgd(layouts[i], ptrs, it.begin, it.end, sf, md);
   });
   d.write_back();
-  if (stochastic_rounding)
-    for (const auto& s : state_steps) s.add_(1);
+  if (a.stochastic_rounding)
+    for (const auto& s : c.state_steps) s.add_(1);
 }
 
 }  // namespace
@@ -333,6 +295,6 @@ void sgd_(at::TensorList params, at::TensorList grads, at::TensorList momentum_b
 TORCH_LIBRARY_IMPL(fused_wd, CPU, m) {
   m.impl("multi_tensor_norm", &fused_wd::cpu::multi_tensor_norm);
   m.impl("clip_", &fused_wd::cpu::clip_);
-  m.impl("adam_", &fused_wd::cpu::adam_);
-  m.impl("sgd_", &fused_wd::cpu::sgd_);
+  m.impl("adam_", &fused_wd::adam_op<fused_wd::cpu::adam>);
+  m.impl("sgd_", &fused_wd::sgd_op<fused_wd::cpu::sgd>);
 }

@@ -47,30 +47,24 @@ void increment_steps(at::TensorList steps, const PrepArgs& prep, Stream stream) 
 namespace {
 
 struct AdamArgs {
-  PrepArgs prep;
-  ScalarRef lr_tensor;
-  double lr, beta1, beta2, eps, weight_decay, initial_lr;
-  int decay_mode;
-  int maximize;
+  DeviceStep step;
+  double beta1, beta2, eps;
 };
 
 // Thread 0 of a block: the skip decision and the Adam scalars of the
-// block's tensor. t = step + 1, as torch.optim computes it in the step
-// tensor's dtype (the counter itself is advanced by increment_steps
-// afterwards, so every block of a tensor sees the same t). Returns t.
+// block's tensor at step t = step_after(its counter) (the counter itself is
+// advanced by increment_steps afterwards, so every block of a tensor sees
+// the same t). Returns t.
 template <int DEPTH, typename T>
 __device__ double block_adam_scalars(const ChunkTable<DEPTH>& tab, const ChunkPos& pos,
                                      const AdamArgs& a, int* skip, AdamScalars<T>* out) {
-  const Prep pr = read_prep(a.prep);
+  const StepPrep pr = read_prep(a.step.prep);
   *skip = pr.skip ? 1 : 0;
   if (pr.skip) return 0.0;
-  const void* sp = tab.step[pos.t];
-  const double t = tab.flag[pos.t] ? *static_cast<const double*>(sp) + 1.0
-                                   : static_cast<double>(*static_cast<const float*>(sp) + 1.0f);
-  const double lr = a.lr_tensor.ptr != nullptr ? load_scalar(a.lr_tensor) : a.lr;
-  const GradPrep<T> gp = make_grad_prep<T>(pr.inv_scale, pr.coef, a.maximize != 0);
-  *out = make_adam_scalars<T>(lr, a.beta1, a.beta2, a.eps, a.weight_decay, a.decay_mode,
-                              a.initial_lr, t, gp);
+  const double t = step_after(tab.step[pos.t], tab.step_f64[pos.t] != 0);
+  const GradPrep<T> gp = make_grad_prep<T>(pr.inv_scale, pr.coef, a.step.maximize != 0);
+  *out = make_adam_scalars<T>(read_lr(a.step), a.beta1, a.beta2, a.eps, a.step.weight_decay,
+                              a.step.decay_mode, a.step.initial_lr, t, gp);
   return t;
 }
 
@@ -113,7 +107,7 @@ void launch_adam(const std::vector<std::vector<at::Tensor>>& dense, const std::v
         e.numel = dense[0][i].numel();
         for (int d = 0; d < D; ++d) e.ptr[d] = e.numel ? dense[d][i].data_ptr() : nullptr;
         e.step = steps[i].data_ptr();
-        e.flag = steps[i].scalar_type() == at::kDouble;
+        e.step_f64 = steps[i].scalar_type() == at::kDouble;
         return e;
       },
       [&](const ChunkTable<D>& tab, int nchunks) {
@@ -125,21 +119,8 @@ static_assert(sizeof(ChunkTable<5>) + sizeof(AdamArgs) <= 4000, "adam kernel arg
 
 // ---------------------------------------------------- Adam, mixed precision
 
-// Runtime-selected decay (a uniform branch: one template per storage pair
-// and amsgrad keeps the instantiations few).
-template <bool AMSGRAD>
-__device__ __forceinline__ void adam_element_rt(int decay, float& p, float g, float& m, float& v,
-                                                float& vm, const AdamScalars<float>& s) {
-  switch (decay) {
-    case kL2: adam_element<float, AMSGRAD, kL2>(p, g, m, v, vm, s); break;
-    case kScaleParam: adam_element<float, AMSGRAD, kScaleParam>(p, g, m, v, vm, s); break;
-    default: adam_element<float, AMSGRAD, kNone>(p, g, m, v, vm, s); break;
-  }
-}
-
 struct MixedArgs {
   uint64_t sr_seed;
-  int decay;
   int master;  // pointer 5 is the fp32 master
   int sr;      // stochastic rounding of bf16 params (no master)
 };
@@ -167,11 +148,15 @@ __global__ void __launch_bounds__(kThreads)
   ST* const S[3] = {static_cast<ST*>(tab.ptr[2][pos.t]) + b, static_cast<ST*>(tab.ptr[3][pos.t]) + b,
                     AMSGRAD ? static_cast<ST*>(tab.ptr[4][pos.t]) + b : nullptr};
   float* MS = mx.master ? static_cast<float*>(tab.ptr[5][pos.t]) + b : nullptr;
-  const int decay = mx.decay;
-  for_each_mixed<PT, ST, 3>(P, G, MS, S, b, pos.n, mx.sr != 0, key,
-                            [&](float& p, float g, float (&x)[3]) {
-                              adam_element_rt<AMSGRAD>(decay, p, g, x[0], x[1], x[2], s);
-                            });
+  // the decay kind as a runtime branch (uniform over the launch): one kernel
+  // per storage pair and amsgrad keeps the instantiations few
+  with_decay(a.step.decay, [&](auto d) {
+    for_each_mixed<PT, ST, 3>(P, G, MS, S, b, pos.n, mx.sr != 0, key,
+                              [&](float& p, float g, float (&x)[3]) {
+                                adam_element<float, AMSGRAD, decltype(d)::value>(p, g, x[0], x[1],
+                                                                                 x[2], s);
+                              });
+  });
 }
 
 static_assert(sizeof(ChunkTable<6>) + sizeof(AdamArgs) + sizeof(MixedArgs) <= 4000,
@@ -192,7 +177,7 @@ void launch_adam_mixed(const std::vector<std::vector<at::Tensor>>& dense, const 
         for (int d = 0; d < 6; ++d)
           e.ptr[d] = (e.numel && li[d] >= 0) ? dense[li[d]][i].data_ptr() : nullptr;
         e.step = steps[i].data_ptr();
-        e.flag = steps[i].scalar_type() == at::kDouble;
+        e.step_f64 = steps[i].scalar_type() == at::kDouble;
         e.id = mx.sr ? static_cast<uint32_t>(sr_ids[i]) : 0u;
         return e;
       },
@@ -202,112 +187,75 @@ void launch_adam_mixed(const std::vector<std::vector<at::Tensor>>& dense, const 
 }
 
 
-void check_steps(const char* op, at::TensorList steps, at::TensorList params) {
-  TORCH_CHECK(steps.size() == params.size(), op, ": state_steps has ", steps.size(),
-              " tensors but params has ", params.size());
-  for (size_t i = 0; i < steps.size(); ++i) {
-    const at::Tensor& s = steps[i];
-    TORCH_CHECK(s.defined() && s.numel() == 1, op, ": state_steps[", i,
-                "] must be a 1-element tensor");
-    TORCH_CHECK(s.device() == params[i].device(), op, ": state_steps[", i, "] is on ", s.device(),
-                " but params[", i, "] is on ", params[i].device());
-    TORCH_CHECK(s.scalar_type() == at::kFloat || s.scalar_type() == at::kDouble, op,
-                ": state_steps[", i, "] must be float32 (or float64), got ", s.scalar_type());
-  }
-}
-
 }  // namespace
 
-void adam_(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
-           at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs, at::TensorList state_steps,
-           double lr, const std::optional<at::Tensor>& lr_tensor, double beta1, double beta2,
-           double eps, double weight_decay, int64_t decay_mode, double initial_lr, bool amsgrad,
-           bool maximize, const std::optional<at::Tensor>& grad_norm, double max_norm,
-           const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
-           bool skip_nonfinite, at::TensorList master_params, bool stochastic_rounding,
-           int64_t sr_seed, at::IntArrayRef sr_ids) {
+void adam(const AdamCall& c) {
   const char* op = "fused_wd::adam_";
-  TORCH_CHECK(decay_mode >= 0 && decay_mode <= 2, op, ": decay_mode must be 0, 1 or 2, got ",
-              decay_mode);
-  std::vector<ListSpec> specs = {{"params", params, true, false},
-                                 {"grads", grads, false, false},
-                                 {"exp_avgs", exp_avgs, true, false, kDtypeState},
-                                 {"exp_avg_sqs", exp_avg_sqs, true, false, kDtypeState}};
+  const StepArgs& a = c.step;
+  check_step_args(op, a, c.params.size());
+  std::vector<ListSpec> specs = {{"params", c.params, true, false},
+                                 {"grads", c.grads, false, false},
+                                 {"exp_avgs", c.exp_avgs, true, false, kDtypeState},
+                                 {"exp_avg_sqs", c.exp_avg_sqs, true, false, kDtypeState}};
   int li[6] = {0, 1, 2, 3, -1, -1};
-  if (amsgrad) {
-    TORCH_CHECK(max_exp_avg_sqs.size() == params.size(), op, ": amsgrad needs one max_exp_avg_sqs "
-                "tensor per param, got ", max_exp_avg_sqs.size(), " for ", params.size());
+  if (c.amsgrad) {
+    TORCH_CHECK(c.max_exp_avg_sqs.size() == c.params.size(), op, ": amsgrad needs one "
+                "max_exp_avg_sqs tensor per param, got ", c.max_exp_avg_sqs.size(), " for ",
+                c.params.size());
     li[4] = static_cast<int>(specs.size());
-    specs.push_back({"max_exp_avg_sqs", max_exp_avg_sqs, true, false, kDtypeState});
+    specs.push_back({"max_exp_avg_sqs", c.max_exp_avg_sqs, true, false, kDtypeState});
   }
-  const bool master = !master_params.empty();
+  const bool master = !c.master_params.empty();
   if (master) {
     li[5] = static_cast<int>(specs.size());
-    specs.push_back({"master_params", master_params, true, false, kDtypeMaster});
+    specs.push_back({"master_params", c.master_params, true, false, kDtypeMaster});
   }
   check_lists(op, specs, kDeviceType);
   check_same_state_dtype(op, specs);
-  TORCH_CHECK(!stochastic_rounding || sr_ids.size() == params.size(), op,
-              ": stochastic_rounding needs one sr_ids entry per param, got ", sr_ids.size(),
-              " for ", params.size());
-  if (params.empty()) return;
-  check_steps(op, state_steps, params);
-  const at::Device device = params[0].device();
+  check_steps(op, c.state_steps, c.params);
+  if (c.params.empty()) return;
+  const at::Device device = c.params[0].device();
   DeviceGuard guard(device);
-  Stream stream = current_stream(device);
-
+  const Stream stream = current_stream(device);
   AdamArgs args;
   std::memset(&args, 0, sizeof(args));
-  args.prep = make_prep_args(op, device, grad_norm, max_norm, grad_scale, found_inf, skip_nonfinite);
-  args.lr = lr;
-  args.lr_tensor = lr_ref(op, device, lr_tensor, &args.lr);
-  args.beta1 = beta1;
-  args.beta2 = beta2;
-  args.eps = eps;
-  args.weight_decay = weight_decay;
-  args.initial_lr = initial_lr;
-  args.decay_mode = static_cast<int>(decay_mode);
-  args.maximize = maximize ? 1 : 0;
-  const int kind = decay_kind(static_cast<int>(decay_mode), weight_decay);
+  args.step = device_step(op, device, a);
+  args.beta1 = c.beta1;
+  args.beta2 = c.beta2;
+  args.eps = c.eps;
 
   DenseLists dl = make_dense(specs);
   const auto groups = group_by_dtypes(dl.dense[0], dl.dense[2]);
   std::vector<Layout> layouts;  // every group is checked before the first launch
   for (const auto& idx : groups)
     layouts.push_back(layout_for(op, static_cast<size_t>(idx[0]), dl.dense[0][idx[0]].scalar_type(),
-                                 dl.dense[2][idx[0]].scalar_type(), master, stochastic_rounding));
+                                 dl.dense[2][idx[0]].scalar_type(), master, a.stochastic_rounding));
   for (size_t g = 0; g < groups.size(); ++g) {
     const auto& idx = groups[g];
     const Layout& L = layouts[g];
-    const at::ScalarType pt = dl.dense[0][idx[0]].scalar_type();
     if (L.master || L.sr || L.state != L.param) {
-      const MixedArgs mx{static_cast<uint64_t>(sr_seed), kind, master ? 1 : 0, L.sr ? 1 : 0};
+      const MixedArgs mx{static_cast<uint64_t>(a.sr_seed), master ? 1 : 0, L.sr ? 1 : 0};
       dispatch_mixed(L, [&](auto ptag, auto stag) {
         using PT = typename decltype(ptag)::type;
         using ST = typename decltype(stag)::type;
-        if (amsgrad)
-          launch_adam_mixed<PT, ST, true>(dl.dense, li, idx, state_steps, sr_ids, args, mx, stream);
+        if (c.amsgrad)
+          launch_adam_mixed<PT, ST, true>(dl.dense, li, idx, c.state_steps, a.sr_ids, args, mx, stream);
         else
-          launch_adam_mixed<PT, ST, false>(dl.dense, li, idx, state_steps, sr_ids, args, mx, stream);
+          launch_adam_mixed<PT, ST, false>(dl.dense, li, idx, c.state_steps, a.sr_ids, args, mx, stream);
       });
       continue;
     }
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, pt, "fused_wd_adam", [&] {
-      auto run = [&](auto ams, auto decay) {
-        launch_adam<scalar_t, decltype(ams)::value, decltype(decay)::value>(dl.dense, idx, state_steps,
-                                                                           args, stream);
-      };
-      auto with_decay = [&](auto ams) {
-        switch (kind) {
-          case kL2: run(ams, std::integral_constant<int, kL2>{}); break;
-          case kScaleParam: run(ams, std::integral_constant<int, kScaleParam>{}); break;
-          default: run(ams, std::integral_constant<int, kNone>{}); break;
-        }
-      };
-      if (amsgrad) with_decay(std::true_type{}); else with_decay(std::false_type{});
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dl.dense[0][idx[0]].scalar_type(),
+                                    "fused_wd_adam", [&] {
+      with_bool(c.amsgrad, [&](auto ams) {
+        with_decay(args.step.decay, [&](auto decay) {
+          launch_adam<scalar_t, decltype(ams)::value, decltype(decay)::value>(
+              dl.dense, idx, c.state_steps, args, stream);
+        });
+      });
     });
   }
-  increment_steps(state_steps, args.prep, stream);
+  increment_steps(c.state_steps, args.step.prep, stream);
   dl.write_back();
 }
 

@@ -41,15 +41,16 @@ constexpr int kTableBytes = 3584;  // room for the table; the op's own
 
 template <int DEPTH>
 struct ChunkTable {
-  static constexpr int kPerTensor = 8 * DEPTH + 8 + 8 + 4 + 4 + 1;
+  static constexpr int kPerTensor = 8 * DEPTH + 8 + 8 + 4 + 4 + 1 + 1;
   static constexpr int kMax = (kTableBytes - 16) / kPerTensor;
   void* ptr[DEPTH][kMax];
   int64_t numel[kMax];
-  void* step[kMax];     // Adam: the tensor's step counter (else unused)
+  void* step[kMax];     // the tensor's step counter (Adam; SGD with stochastic rounding)
   int chunk_start[kMax];
   uint32_t id[kMax];    // stochastic rounding: the param's id in its key
   int ntensors;
-  uint8_t flag[kMax];   // Adam: step counter is float64; SGD: buffer is new
+  uint8_t flag[kMax];   // SGD: the momentum buffer is new
+  uint8_t step_f64[kMax];  // the step counter is float64 (else float32)
 };
 
 static_assert(sizeof(ChunkTable<1>) <= kTableBytes, "table too large");
@@ -63,6 +64,7 @@ struct Entry {
   int64_t numel;
   void* step = nullptr;
   uint8_t flag = 0;
+  uint8_t step_f64 = 0;
   uint32_t id = 0;
 };
 
@@ -90,6 +92,7 @@ void for_each_table(int64_t count, Get&& get, Launch&& launch) {
     tab.numel[s] = e.numel;
     tab.step[s] = e.step;
     tab.flag[s] = e.flag;
+    tab.step_f64[s] = e.step_f64;
     tab.id[s] = e.id;
     tab.chunk_start[s] = static_cast<int>(chunks);
     chunks += nc;
@@ -355,55 +358,72 @@ struct PrepArgs {
   int skip_nonfinite;
 };
 
-struct Prep {
-  float inv_scale;
-  float coef;
-  bool skip;
+// The skip decision and the unscale/clip factors (math.h), read on the device.
+__device__ __forceinline__ StepPrep read_prep(const PrepArgs& a) {
+  const bool norm = a.grad_norm.ptr != nullptr;
+  return step_prep(a.found_inf.ptr != nullptr,
+                   a.found_inf.ptr != nullptr ? load_scalar(a.found_inf) : 0.0,
+                   a.grad_scale.ptr != nullptr,
+                   a.grad_scale.ptr != nullptr ? load_scalar(a.grad_scale) : 1.0, norm,
+                   norm ? static_cast<float>(load_scalar(a.grad_norm)) : 0.0f, a.clip != 0,
+                   a.max_norm, a.skip_nonfinite != 0);
+}
+
+// The step's arguments as the update kernels read them (by value, in the
+// kernel argument bank), shared by Adam and SGD.
+struct DeviceStep {
+  PrepArgs prep;
+  ScalarRef lr_tensor;  // ptr null: lr below
+  double lr, weight_decay, initial_lr;
+  int decay_mode;  // DecayMode, for decay_factor
+  int decay;       // DecayKind, the kernels' dispatch
+  int maximize;
 };
 
-// The skip decision and the unscale/clip factors, read on the device.
-__device__ __forceinline__ Prep read_prep(const PrepArgs& a) {
-  Prep r{1.0f, 1.0f, false};
-  if (a.found_inf.ptr != nullptr && load_scalar(a.found_inf) != 0.0) r.skip = true;
-  if (a.grad_norm.ptr != nullptr) {
-    const float gn = static_cast<float>(load_scalar(a.grad_norm));
-    if (a.skip_nonfinite && !fused_wd::is_finite(gn)) r.skip = true;
-    if (a.clip) r.coef = fused_wd::clip_coef(gn, a.max_norm);
-  }
-  // 1 / scale in double, rounded once (as GradScaler computes inv_scale)
-  if (a.grad_scale.ptr != nullptr) r.inv_scale = static_cast<float>(1.0 / load_scalar(a.grad_scale));
-  return r;
+// Device: the lr of this step.
+__device__ __forceinline__ double read_lr(const DeviceStep& s) {
+  return s.lr_tensor.ptr != nullptr ? load_scalar(s.lr_tensor) : s.lr;
 }
 
-// Host: checks grad_norm / grad_scale / found_inf (1 element, on `device`)
-// and packs them.
-inline PrepArgs make_prep_args(const char* op, const at::Device& device,
-                               const std::optional<at::Tensor>& grad_norm, double max_norm,
-                               const std::optional<at::Tensor>& grad_scale,
-                               const std::optional<at::Tensor>& found_inf, bool skip_nonfinite) {
-  check_scalar_tensor(op, "grad_norm", grad_norm, device, false);
-  check_scalar_tensor(op, "grad_scale", grad_scale, device, false);
-  check_scalar_tensor(op, "found_inf", found_inf, device, false);
-  PrepArgs a;
-  a.grad_norm = scalar_ref(op, "grad_norm", grad_norm);
-  a.grad_scale = scalar_ref(op, "grad_scale", grad_scale);
-  a.found_inf = scalar_ref(op, "found_inf", found_inf);
-  a.max_norm = static_cast<float>(max_norm);
-  a.clip = a.grad_norm.ptr != nullptr && max_norm > 0.0;
-  a.skip_nonfinite = skip_nonfinite ? 1 : 0;
-  return a;
-}
-
-// Host: the learning rate. A CUDA lr_tensor is read by the kernels (its
-// reference is returned); a CPU one is read here (no device sync).
+// Host: the learning rate. An lr_tensor on the params' device is read by
+// the kernels (its reference is returned); a CPU one is read here (no device
+// sync), which a CUDA graph being captured would freeze: refused then.
 inline ScalarRef lr_ref(const char* op, const at::Device& device,
                         const std::optional<at::Tensor>& lr_tensor, double* lr) {
   check_scalar_tensor(op, "lr_tensor", lr_tensor, device, true);
-  if (lr_tensor.has_value() && lr_tensor->defined() && lr_tensor->device().is_cpu()) {
+  if (lr_tensor.has_value() && lr_tensor->defined() && lr_tensor->device() != device) {
+    TORCH_CHECK(!capturing(), op, ": lr_tensor is on ", lr_tensor->device(),
+                " while a CUDA graph is being captured; its value would be frozen into the "
+                "graph. Put the lr tensor on ", device, " (e.g. lr=torch.tensor(lr, device=\"",
+                device, "\")) to change it between replays");
     *lr = lr_tensor->item<double>();
     return ScalarRef{nullptr, kSF64};
   }
   return scalar_ref(op, "lr_tensor", lr_tensor);
+}
+
+// Host: checks the 1-element arguments (grad_norm, grad_scale, found_inf on
+// `device`; lr_tensor there or on the CPU) and packs the step.
+inline DeviceStep device_step(const char* op, const at::Device& device, const StepArgs& a) {
+  check_scalar_tensor(op, "grad_norm", a.grad_norm, device, false);
+  check_scalar_tensor(op, "grad_scale", a.grad_scale, device, false);
+  check_scalar_tensor(op, "found_inf", a.found_inf, device, false);
+  DeviceStep s;
+  std::memset(&s, 0, sizeof(s));
+  s.prep.grad_norm = scalar_ref(op, "grad_norm", a.grad_norm);
+  s.prep.grad_scale = scalar_ref(op, "grad_scale", a.grad_scale);
+  s.prep.found_inf = scalar_ref(op, "found_inf", a.found_inf);
+  s.prep.max_norm = static_cast<float>(a.max_norm);
+  s.prep.clip = s.prep.grad_norm.ptr != nullptr && a.max_norm > 0.0;
+  s.prep.skip_nonfinite = a.skip_nonfinite ? 1 : 0;
+  s.lr = a.lr;
+  s.lr_tensor = lr_ref(op, device, a.lr_tensor, &s.lr);
+  s.weight_decay = a.weight_decay;
+  s.initial_lr = a.initial_lr;
+  s.decay_mode = static_cast<int>(a.decay_mode);
+  s.decay = decay_kind(s.decay_mode, a.weight_decay);
+  s.maximize = a.maximize ? 1 : 0;
+  return s;
 }
 
 // ------------------------------------------------------------ step counters

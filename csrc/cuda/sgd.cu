@@ -8,24 +8,20 @@ namespace cuda {
 namespace {
 
 struct SgdArgs {
-  PrepArgs prep;
-  ScalarRef lr_tensor;
-  double lr, momentum, dampening, weight_decay, initial_lr;
-  int decay_mode;
-  int maximize;
+  DeviceStep step;
+  double momentum, dampening;
 };
 
 // Thread 0 of a block: the skip decision and the SGD scalars. Returns
 // whether the step goes ahead.
 template <typename T>
 __device__ bool block_sgd_scalars(const SgdArgs& a, int* skip, SgdScalars<T>* out) {
-  const Prep pr = read_prep(a.prep);
+  const StepPrep pr = read_prep(a.step.prep);
   *skip = pr.skip ? 1 : 0;
   if (pr.skip) return false;
-  const double lr = a.lr_tensor.ptr != nullptr ? load_scalar(a.lr_tensor) : a.lr;
-  const GradPrep<T> gp = make_grad_prep<T>(pr.inv_scale, pr.coef, a.maximize != 0);
-  *out = make_sgd_scalars<T>(lr, a.momentum, a.dampening, a.weight_decay, a.decay_mode,
-                             a.initial_lr, gp);
+  const GradPrep<T> gp = make_grad_prep<T>(pr.inv_scale, pr.coef, a.step.maximize != 0);
+  *out = make_sgd_scalars<T>(read_lr(a.step), a.momentum, a.dampening, a.step.weight_decay,
+                             a.step.decay_mode, a.step.initial_lr, gp);
   return true;
 }
 
@@ -82,25 +78,10 @@ void launch_sgd(const std::vector<std::vector<at::Tensor>>& dense, const std::ve
 
 struct SgdMixedArgs {
   uint64_t sr_seed;
-  int decay;
   int momentum, nesterov;
   int master;  // pointer 3 is the fp32 master
   int sr;      // stochastic rounding of bf16 params (no master); steps in the table
 };
-
-__device__ __forceinline__ void sgd_element_rt(const SgdMixedArgs& mx, float& p, float g,
-                                               float& buf, bool first, const SgdScalars<float>& s) {
-#define FWD_SGD_MOM(D)                                                    \
-  if (!mx.momentum) sgd_element<float, D, false, false>(p, g, buf, false, s); \
-  else if (mx.nesterov) sgd_element<float, D, true, true>(p, g, buf, first, s); \
-  else sgd_element<float, D, true, false>(p, g, buf, first, s);
-  switch (mx.decay) {
-    case kL2: FWD_SGD_MOM(kL2) break;
-    case kScaleParam: FWD_SGD_MOM(kScaleParam) break;
-    default: FWD_SGD_MOM(kNone) break;
-  }
-#undef FWD_SGD_MOM
-}
 
 // Table pointers: 0 param (PT), 1 grad (PT), 2 momentum buffer (ST; when
 // momentum), 3 master (float; when mx.master).
@@ -115,7 +96,7 @@ __global__ void __launch_bounds__(kThreads)
     if (block_sgd_scalars(a, &sh_skip, &sh_scalars)) {
       uint64_t key = 0;
       if (mx.sr) {
-        const double t = static_cast<double>(*static_cast<const float*>(tab.step[pos.t]) + 1.0f);
+        const double t = step_after(tab.step[pos.t], tab.step_f64[pos.t] != 0);
         key = sr_key(mx.sr_seed, tab.id[pos.t], static_cast<uint64_t>(t));
       }
       sh_key = key;
@@ -131,10 +112,15 @@ __global__ void __launch_bounds__(kThreads)
   const PT* G = static_cast<const PT*>(tab.ptr[1][pos.t]) + b;
   ST* const S[1] = {mx.momentum ? static_cast<ST*>(tab.ptr[2][pos.t]) + b : nullptr};
   float* MS = mx.master ? static_cast<float*>(tab.ptr[3][pos.t]) + b : nullptr;
-  for_each_mixed<PT, ST, 1>(P, G, MS, S, b, pos.n, mx.sr != 0, key,
-                            [&](float& p, float g, float (&x)[1]) {
-                              sgd_element_rt(mx, p, g, x[0], first, s);
-                            });
+  // the modes as runtime branches (uniform over the launch): one kernel per
+  // storage pair keeps the instantiations few
+  with_sgd_modes(a.step.decay, mx.momentum != 0, mx.nesterov != 0, [&](auto d, auto mom, auto nest) {
+    for_each_mixed<PT, ST, 1>(P, G, MS, S, b, pos.n, mx.sr != 0, key,
+                              [&](float& p, float g, float (&x)[1]) {
+                                sgd_element<float, decltype(d)::value, decltype(mom)::value,
+                                            decltype(nest)::value>(p, g, x[0], first, s);
+                              });
+  });
 }
 
 static_assert(sizeof(ChunkTable<4>) + sizeof(SgdArgs) + sizeof(SgdMixedArgs) <= 4000,
@@ -157,6 +143,7 @@ void launch_sgd_mixed(const std::vector<std::vector<at::Tensor>>& dense, const i
         e.flag = mx.momentum && is_new.get(static_cast<size_t>(i)) ? 1 : 0;
         if (mx.sr) {
           e.step = steps[i].data_ptr();
+          e.step_f64 = steps[i].scalar_type() == at::kDouble;
           e.id = static_cast<uint32_t>(sr_ids[i]);
         }
         return e;
@@ -168,61 +155,37 @@ void launch_sgd_mixed(const std::vector<std::vector<at::Tensor>>& dense, const i
 
 }  // namespace
 
-void sgd_(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
-          const c10::List<bool>& buffer_is_new, double lr,
-          const std::optional<at::Tensor>& lr_tensor, double momentum, double dampening,
-          bool nesterov, double weight_decay, int64_t decay_mode, double initial_lr, bool maximize,
-          const std::optional<at::Tensor>& grad_norm, double max_norm,
-          const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
-          bool skip_nonfinite, at::TensorList master_params, at::TensorList state_steps,
-          bool stochastic_rounding, int64_t sr_seed, at::IntArrayRef sr_ids) {
+void sgd(const SgdCall& c) {
   const char* op = "fused_wd::sgd_";
-  TORCH_CHECK(decay_mode >= 0 && decay_mode <= 2, op, ": decay_mode must be 0, 1 or 2, got ",
-              decay_mode);
-  const bool use_momentum = momentum != 0.0;
-  std::vector<ListSpec> specs = {{"params", params, true, false}, {"grads", grads, false, false}};
+  const StepArgs& a = c.step;
+  check_step_args(op, a, c.params.size());
+  const bool use_momentum = c.momentum != 0.0;
+  std::vector<ListSpec> specs = {{"params", c.params, true, false}, {"grads", c.grads, false, false}};
   if (use_momentum) {
-    TORCH_CHECK(momentum_buffers.size() == params.size(), op, ": momentum ", momentum,
-                " needs one momentum buffer per param, got ", momentum_buffers.size(), " for ",
-                params.size());
-    TORCH_CHECK(buffer_is_new.size() == params.size(), op, ": buffer_is_new has ",
-                buffer_is_new.size(), " entries but params has ", params.size());
-    specs.push_back({"momentum_buffers", momentum_buffers, true, false, kDtypeState});
+    TORCH_CHECK(c.momentum_buffers.size() == c.params.size(), op, ": momentum ", c.momentum,
+                " needs one momentum buffer per param, got ", c.momentum_buffers.size(), " for ",
+                c.params.size());
+    TORCH_CHECK(c.buffer_is_new.size() == c.params.size(), op, ": buffer_is_new has ",
+                c.buffer_is_new.size(), " entries but params has ", c.params.size());
+    specs.push_back({"momentum_buffers", c.momentum_buffers, true, false, kDtypeState});
   }
   int li[4] = {0, 1, use_momentum ? 2 : -1, -1};
-  const bool master = !master_params.empty();
+  const bool master = !c.master_params.empty();
   if (master) {
     li[3] = static_cast<int>(specs.size());
-    specs.push_back({"master_params", master_params, true, false, kDtypeMaster});
+    specs.push_back({"master_params", c.master_params, true, false, kDtypeMaster});
   }
   check_lists(op, specs, kDeviceType);
-  if (stochastic_rounding) {
-    TORCH_CHECK(sr_ids.size() == params.size(), op, ": stochastic_rounding needs one sr_ids "
-                "entry per param, got ", sr_ids.size(), " for ", params.size());
-    TORCH_CHECK(state_steps.size() == params.size(), op, ": stochastic_rounding needs one "
-                "state_steps counter per param, got ", state_steps.size(), " for ", params.size());
-    for (size_t i = 0; i < state_steps.size(); ++i)
-      TORCH_CHECK(state_steps[i].numel() == 1 && state_steps[i].scalar_type() == at::kFloat &&
-                      state_steps[i].device() == params[i].device(),
-                  op, ": state_steps[", i, "] must be a 1-element float32 tensor on the param's device");
-  }
-  if (params.empty()) return;
-  const at::Device device = params[0].device();
+  if (a.stochastic_rounding) check_steps(op, c.state_steps, c.params);
+  if (c.params.empty()) return;
+  const at::Device device = c.params[0].device();
   DeviceGuard guard(device);
-  Stream stream = current_stream(device);
-
+  const Stream stream = current_stream(device);
   SgdArgs args;
   std::memset(&args, 0, sizeof(args));
-  args.prep = make_prep_args(op, device, grad_norm, max_norm, grad_scale, found_inf, skip_nonfinite);
-  args.lr = lr;
-  args.lr_tensor = lr_ref(op, device, lr_tensor, &args.lr);
-  args.momentum = momentum;
-  args.dampening = dampening;
-  args.weight_decay = weight_decay;
-  args.initial_lr = initial_lr;
-  args.decay_mode = static_cast<int>(decay_mode);
-  args.maximize = maximize ? 1 : 0;
-  const int kind = decay_kind(static_cast<int>(decay_mode), weight_decay);
+  args.step = device_step(op, device, a);
+  args.momentum = c.momentum;
+  args.dampening = c.dampening;
 
   DenseLists dl = make_dense(specs);
   const std::vector<at::Tensor> none;
@@ -234,46 +197,32 @@ void sgd_(at::TensorList params, at::TensorList grads, at::TensorList momentum_b
     // (or the param's) dtype, as on the CPU
     const at::ScalarType st =
         use_momentum ? dl.dense[2][idx[0]].scalar_type() : (master ? at::kFloat : pt);
-    layouts.push_back(layout_for(op, static_cast<size_t>(idx[0]), pt, st, master, stochastic_rounding));
+    layouts.push_back(layout_for(op, static_cast<size_t>(idx[0]), pt, st, master, a.stochastic_rounding));
   }
   for (size_t g = 0; g < groups.size(); ++g) {
     const auto& idx = groups[g];
     const Layout& L = layouts[g];
-    const at::ScalarType pt = dl.dense[0][idx[0]].scalar_type();
     if (L.master || L.sr || L.state != L.param) {
-      const SgdMixedArgs mx{static_cast<uint64_t>(sr_seed), kind, use_momentum ? 1 : 0,
-                            nesterov ? 1 : 0, master ? 1 : 0, L.sr ? 1 : 0};
+      const SgdMixedArgs mx{static_cast<uint64_t>(a.sr_seed), use_momentum ? 1 : 0,
+                            c.nesterov ? 1 : 0, master ? 1 : 0, L.sr ? 1 : 0};
       // without momentum the state storage is never touched: float's kernel
       Layout K = L;
       if (!use_momentum) K.state = Storage::kF32;
       dispatch_mixed(K, [&](auto ptag, auto stag) {
         launch_sgd_mixed<typename decltype(ptag)::type, typename decltype(stag)::type>(
-            dl.dense, li, idx, buffer_is_new, state_steps, sr_ids, args, mx, stream);
+            dl.dense, li, idx, c.buffer_is_new, c.state_steps, a.sr_ids, args, mx, stream);
       });
       continue;
     }
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, pt, "fused_wd_sgd", [&] {
-      auto run = [&](auto decay, auto mom, auto nest) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dl.dense[0][idx[0]].scalar_type(),
+                                    "fused_wd_sgd", [&] {
+      with_sgd_modes(args.step.decay, use_momentum, c.nesterov, [&](auto decay, auto mom, auto nest) {
         launch_sgd<scalar_t, decltype(decay)::value, decltype(mom)::value, decltype(nest)::value>(
-            dl.dense, idx, buffer_is_new, args, stream);
-      };
-      auto with_momentum = [&](auto decay) {
-        if (!use_momentum) {
-          run(decay, std::false_type{}, std::false_type{});
-        } else if (nesterov) {
-          run(decay, std::true_type{}, std::true_type{});
-        } else {
-          run(decay, std::true_type{}, std::false_type{});
-        }
-      };
-      switch (kind) {
-        case kL2: with_momentum(std::integral_constant<int, kL2>{}); break;
-        case kScaleParam: with_momentum(std::integral_constant<int, kScaleParam>{}); break;
-        default: with_momentum(std::integral_constant<int, kNone>{}); break;
-      }
+            dl.dense, idx, c.buffer_is_new, args, stream);
+      });
     });
   }
-  if (stochastic_rounding) increment_steps(state_steps, args.prep, stream);
+  if (a.stochastic_rounding) increment_steps(c.state_steps, args.step.prep, stream);
   dl.write_back();
 }
 

@@ -40,6 +40,25 @@ enum DecayKind : int { kNone = 0, kL2 = 1, kScaleParam = 2 };
 // User-facing decay modes, as passed through the op schemas.
 enum DecayMode : int { kModeL2 = 0, kModeDecoupled = 1, kModeIndependent = 2 };
 
+// A flag or a mode as a compile-time constant (the kernels' template
+// parameters come from these dispatchers).
+template <bool B>
+struct BoolC {
+  static constexpr bool value = B;
+};
+template <int K>
+struct IntC {
+  static constexpr int value = K;
+};
+
+// The skip / unscale / clip decision of a step (docs/design.md, "The math",
+// steps 1-3), from the values the step reads.
+struct StepPrep {
+  bool skip;
+  float inv_scale;  // 1 / grad_scale, or 1
+  float coef;       // clip coefficient, or 1
+};
+
 template <typename T>
 struct GradPrep {
   T inv_scale;  // 1 / grad_scale, or 1
@@ -81,6 +100,58 @@ FWD_HD float clip_coef(float total_norm, float max_norm) {
 }
 
 FWD_HD bool is_finite(float x) { return x - x == 0.0f; }
+
+// The step t of the update that follows a step counter: counter + 1 in the
+// counter's dtype. torch.optim keeps float32 counters (and adds 1 in
+// float32, which stops advancing at 2^24); stochastic rounding keeps float64
+// ones, so that its key still advances there.
+FWD_HD double step_after(const void* counter, bool is_double) {
+  return is_double ? *static_cast<const double*>(counter) + 1.0
+                   : static_cast<double>(*static_cast<const float*>(counter) + 1.0f);
+}
+
+// found_inf, grad_scale and grad_norm as read (the has_* flags say which
+// were given); clip: clip to max_norm (grad_norm given and max_norm > 0).
+FWD_HD StepPrep step_prep(bool has_found_inf, double found_inf, bool has_scale, double grad_scale,
+                          bool has_norm, float grad_norm, bool clip, float max_norm,
+                          bool skip_nonfinite) {
+  StepPrep r{false, 1.0f, 1.0f};
+  if (has_found_inf && found_inf != 0.0) r.skip = true;
+  if (has_norm && skip_nonfinite && !is_finite(grad_norm)) r.skip = true;
+  if (has_norm && clip) r.coef = clip_coef(grad_norm, max_norm);
+  // 1 / scale in double, rounded once (as GradScaler computes inv_scale)
+  if (has_scale) r.inv_scale = static_cast<float>(1.0 / grad_scale);
+  return r;
+}
+
+// Calls f(BoolC<b>{}): a runtime flag as a constant.
+template <typename F>
+FWD_HD void with_bool(bool b, F&& f) {
+  if (b) f(BoolC<true>{});
+  else f(BoolC<false>{});
+}
+
+// Calls f(IntC<kind>{}) with the decay kind (DecayKind) as a constant: the
+// one dispatch on it, used by every kernel.
+template <typename F>
+FWD_HD void with_decay(int kind, F&& f) {
+  switch (kind) {
+    case kL2: f(IntC<kL2>{}); break;
+    case kScaleParam: f(IntC<kScaleParam>{}); break;
+    default: f(IntC<kNone>{}); break;
+  }
+}
+
+// Calls f(IntC<decay>{}, BoolC<momentum>{}, BoolC<nesterov>{}): SGD's modes
+// as constants (nesterov only with momentum).
+template <typename F>
+FWD_HD void with_sgd_modes(int kind, bool momentum, bool nesterov, F&& f) {
+  with_decay(kind, [&](auto d) {
+    if (!momentum) f(d, BoolC<false>{}, BoolC<false>{});
+    else if (nesterov) f(d, BoolC<true>{}, BoolC<true>{});
+    else f(d, BoolC<true>{}, BoolC<false>{});
+  });
+}
 
 // Weight-decay kind the kernel runs, from the user mode and strength.
 FWD_HD int decay_kind(int mode, double weight_decay) {
