@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import fused_wd
-from conftest import FP16_CLIPPED_ADAM_EPS, TOL, tol_for
+from conftest import FP16_CLIPPED_ADAM_EPS, FP64_LAST_BITS, TOL, tol_for
 
 CUDA = torch.cuda.is_available()
 pytestmark = pytest.mark.skipif(not CUDA, reason="no CUDA device")
@@ -281,7 +281,7 @@ def test_adam_matches_cpu_kernels_bitwise(dtype, layout, case, clip):
 @pytest.mark.parametrize("case", list(ADAM_BITWISE))
 def test_adam_fp64_usual_betas_match_cpu_kernels_to_ulps(case, clip):
     # 0.9**t and 0.999**t, which glibc and CUDA may round differently (see above)
-    _adam_vs_cpu(torch.float64, "plain", case, clip, (0.9, 0.999), tol=dict(rtol=1e-15, atol=1e-15))
+    _adam_vs_cpu(torch.float64, "plain", case, clip, (0.9, 0.999), tol=FP64_LAST_BITS)
 
 
 def _adam_vs_cpu(dtype, layout, case, clip, betas, tol=None):
