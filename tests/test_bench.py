@@ -192,6 +192,22 @@ def test_presets_and_scaling():
         parse_count("fifty")
 
 
+def test_several_presets_each_with_its_size():
+    parse = cli.build_parser().parse_args
+    args = parse(["--preset", "llama-1b:2M,many-small", "--dtype", "fp32,bf16", "--optim", "adamw"])
+    assert args.preset == [("llama-1b", 2_000_000), ("many-small", None)]
+    planned = cli.plan(args, torch.device("cpu"))
+    assert [(p, s) for p, s, _ in planned] == [("llama-1b", 2_000_000), ("many-small", None)]
+    assert planned[0][2] == [("adamw", True, "fp32"), ("adamw", True, "bf16")]
+    # --params sizes the presets without their own count; no --preset: the default one
+    planned = cli.plan(parse(["--preset", "llama-1b:2M,tiny", "--params", "1M"]), torch.device("cpu"))
+    assert [(p, s) for p, s, _ in planned] == [("llama-1b", 2_000_000), ("tiny", 1_000_000)]
+    assert [p for p, _, _ in cli.plan(parse([]), torch.device("cpu"))] == [cli.DEFAULT_PRESET] * 3
+    for bad in ("nope", "tiny:abc", "tiny:0"):
+        with pytest.raises(SystemExit):
+            parse(["--preset", bad])
+
+
 def test_floor_bytes():
     assert floor_bytes_per_param("adamw", False, 4) == 28
     assert floor_bytes_per_param("adamw", True, 4) == 32

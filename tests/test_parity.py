@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import fused_wd
-from conftest import DEVICES, TOL, clone_leaves, make_grads, make_params
+from conftest import DEVICES, FP16_CLIPPED_ADAM_EPS, clone_leaves, make_grads, make_params, tol_for
 
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
 CLIPS = [None, (0.5, 2.0), (0.05, math.inf)]
@@ -73,14 +73,9 @@ def run_pair(make_torch, make_fused, dtype, device, clip, steps=5, seed=0):
     return a, b, oa, ob
 
 
-# The global norm is a float32 value (the contract of multi_tensor_norm), so
-# with clipping fp64 runs agree with torch's fp64 clip to float32 rounding.
-FP64_CLIPPED = dict(rtol=1e-6, atol=1e-8)
-
-
 def assert_same_state(a, b, oa, ob, dtype, clipped=False, tol=None):
     if tol is None:
-        tol = FP64_CLIPPED if clipped and dtype == torch.float64 else TOL[dtype]
+        tol = tol_for(dtype, clipped)  # torch clips fp64 grads with an fp64 norm
     for x, y in zip(a, b):
         torch.testing.assert_close(y, x, **tol)
     for x, y in zip(a, b):
@@ -106,7 +101,8 @@ def clip_kwargs(clip):
 @pytest.mark.parametrize("weight_decay", [0.0, 0.1])
 @pytest.mark.parametrize("kind", ["Adam", "AdamW", "Adam-decoupled"])
 def test_adam_parity(kind, weight_decay, maximize, amsgrad, clip, dtype, device):
-    hp = dict(lr=0.01, betas=(0.8, 0.95), eps=1e-6, weight_decay=weight_decay, amsgrad=amsgrad,
+    eps = FP16_CLIPPED_ADAM_EPS if dtype == torch.float16 and clip is not None else 1e-6
+    hp = dict(lr=0.01, betas=(0.8, 0.95), eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
               maximize=maximize)
     if kind == "Adam":
         mk_t = lambda p: torch.optim.Adam(p, **hp, **torch_kwargs(dtype))  # noqa: E731
@@ -165,11 +161,7 @@ def test_matches_reference(cls, mode, dtype, device):
         hp.update(momentum=0.9, dampening=0.1)
     a, b, oa, ob = run_pair(lambda p: getattr(fused_wd.reference, cls)(p, **hp),
                             lambda p: getattr(fused_wd, cls)(p, **hp), dtype, device, None)
-    tol = TOL[dtype]
-    if dtype in (torch.float16, torch.bfloat16):
-        # the same fp32 math and one rounding to storage: one ulp apart at most
-        tol = dict(rtol=torch.finfo(dtype).eps, atol=1e-5)
-    assert_same_state(a, b, oa, ob, dtype, tol=tol)
+    assert_same_state(a, b, oa, ob, dtype, tol=tol_for(dtype, reference=True))
 
 
 def test_independent_decay_uses_initial_lr():

@@ -39,6 +39,20 @@ def _csv(choices=None, conv=str):
     return parse
 
 
+def _preset_list(text):
+    """'llama-1b:300M,many-small' -> [("llama-1b", 300000000), ("many-small", None)]"""
+    out = []
+    for part in _csv()(text):
+        name, _, count = part.partition(":")
+        if name not in PRESETS:
+            raise argparse.ArgumentTypeError(f"unknown preset {name!r}; choose from {', '.join(PRESETS)}")
+        try:
+            out.append((name, parse_count(count) if count else None))
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+    return out
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m fused_wd.bench",
@@ -49,10 +63,12 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--device", choices=["cpu", "cuda"], default=None,
                    help="default: cuda if available, else cpu")
-    p.add_argument("--preset", choices=list(PRESETS), default=None,
-                   help=f"parameter shapes (default {DEFAULT_PRESET}); see --list")
+    p.add_argument("--preset", type=_preset_list, default=None,
+                   help=f"parameter shapes (default {DEFAULT_PRESET}); see --list. A comma list runs each in turn; "
+                        "NAME:COUNT scales that one to about COUNT params (llama-1b:300M,many-small)")
     p.add_argument("--params", type=parse_count, default=None,
-                   help="scale the preset to about N params (50M, 1.5B, ...), keeping tensor count and proportions")
+                   help="scale the preset (each one without its own :COUNT) to about N params (50M, 1.5B, ...), "
+                        "keeping tensor count and proportions")
     p.add_argument("--sizes", type=_csv(conv=parse_count), default=None,
                    help="explicit list of parameter counts, e.g. 1M,10M,100M")
     p.add_argument("--sweep", action="store_true",
@@ -104,10 +120,9 @@ def list_things(device: torch.device) -> str:
     return "\n".join(lines)
 
 
-def plan(args, device) -> tuple:
-    """-> (preset name, [sizes or None], [(optim, clip, dtype)], notes)"""
+def plan(args, device) -> list:
+    """-> [(preset name, size or None, [(optim, clip, dtype)])], one entry per table row group, in run order"""
     dev = device.type
-    preset = args.preset or DEFAULT_PRESET
     if args.sizes:
         sizes = args.sizes
     elif args.sweep:
@@ -118,14 +133,17 @@ def plan(args, device) -> tuple:
         sizes = [None]  # the preset's own size
     else:
         sizes = [parse_count(s) for s in (QUICK_SIZES if args.quick else DEFAULT_SIZES)[dev]]
-    if args.optim is None and args.clip is None:
-        runs = list(PRESETS[preset].default_runs)
-    else:
-        optims = args.optim or list(dict.fromkeys(o for o, _ in PRESETS[preset].default_runs))
-        clips = {"on": [True], "off": [False], "both": [True, False], None: [True]}[args.clip]
-        runs = list(itertools.product(optims, clips))
-    combos = [(o, c, d) for d in args.dtype for (o, c) in runs]
-    return preset, sizes, combos
+    out = []
+    for preset, count in args.preset or [(DEFAULT_PRESET, None)]:
+        if args.optim is None and args.clip is None:
+            runs = list(PRESETS[preset].default_runs)
+        else:
+            optims = args.optim or list(dict.fromkeys(o for o, _ in PRESETS[preset].default_runs))
+            clips = {"on": [True], "off": [False], "both": [True, False], None: [True]}[args.clip]
+            runs = list(itertools.product(optims, clips))
+        combos = [(o, c, d) for d in args.dtype for (o, c) in runs]
+        out += [(preset, size, combos) for size in ([count] if count else sizes)]
+    return out
 
 
 def main(argv=None) -> int:
@@ -160,7 +178,7 @@ def main(argv=None) -> int:
                       else (20.0 if device.type == "cpu" else 5.0)) / 1e3,
         max_iters=50 if device.type == "cpu" else 100, fixed_iters=args.iters,
         check=not args.no_check, seed=args.seed, mem_fraction=args.mem_fraction)
-    preset, sizes, combos = plan(args, device)
+    planned = plan(args, device)
 
     env = report.environment(device, argv)
     res = {"env": env, "cases": [], "notices": [], "args": vars(args).copy()}
@@ -172,13 +190,15 @@ def main(argv=None) -> int:
         key = "tiny" if args.e2e == "tiny" else ("gpu" if device.type == "cuda" else ("quick" if quick else "cpu"))
         e2e_cfg = e2e_mod.PRESETS[key]
 
-    total = len(sizes) * len(combos) * (1 + opts.repeats) + (e2e_mod.units(e2e_cfg) if e2e_cfg else 0) + 2
+    total = (sum(len(combos) for _, _, combos in planned) * (1 + opts.repeats)
+             + (e2e_mod.units(e2e_cfg) if e2e_cfg else 0) + 2)
+    all_combos = list(dict.fromkeys(c for _, _, combos in planned for c in combos))
     prog = Progress(total, enabled=not args.no_progress)
     log = prog.write
 
     # which implementations cannot run at all: one line each
     for n in names:
-        whys = {IMPLS[n].check(device.type, o, DTYPES[d]) for (o, _, d) in combos}
+        whys = {IMPLS[n].check(device.type, o, DTYPES[d]) for (o, _, d) in all_combos}
         if all(whys) and whys:
             why = sorted(whys, key=lambda w: ("pip install" not in w, w))[0]
             res["notices"].append(f"{n}: {why}")
@@ -187,7 +207,7 @@ def main(argv=None) -> int:
     # JIT-built peers (DeepSpeed) compile on first use: do it now, not inside a timed table
     for n in names:
         if IMPLS[n].kind == "peer":
-            for (o, _, d) in combos:
+            for (o, _, d) in all_combos:
                 if IMPLS[n].check(device.type, o, DTYPES[d]) is None:
                     prog.set(f"preparing {n} (first use may compile it)")
                     err = IMPLS[n].prepare(device, o, DTYPES[d])
@@ -209,7 +229,7 @@ def main(argv=None) -> int:
 
     interrupted = False
     try:
-        for size in sizes:
+        for preset, size, combos in planned:
             shapes = get_shapes(preset, size)
             for optim, clip, dname in combos:
                 case = Case(preset, shapes, optim, clip, DTYPES[dname], device, size)

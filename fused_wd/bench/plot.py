@@ -1,5 +1,5 @@
 """PNG plot: achieved bandwidth against parameter count, one line per implementation,
-the measured stream bandwidth (the floor) drawn; one panel per (optimizer, clip, dtype)."""
+the measured stream bandwidth (the floor) drawn; one panel per (preset, optimizer, clip, dtype)."""
 from __future__ import annotations
 
 import math
@@ -36,7 +36,7 @@ def plot(res: dict, path: str) -> str:
     for c in res["cases"]:
         if c.get("skipped") or "impls" not in c:
             continue
-        groups.setdefault((c["optim"], c["clip"], c["dtype"]), []).append(c)
+        groups.setdefault((c["preset"], c["optim"], c["clip"], c["dtype"]), []).append(c)
     if not groups:
         raise ValueError("nothing to plot")
     k = len(groups)
@@ -45,7 +45,7 @@ def plot(res: dict, path: str) -> str:
     fig, axes = plt.subplots(nrow, ncol, figsize=(6.4 * ncol, 4.4 * nrow + 0.8), squeeze=False)
     env = res["env"]
     bw0 = (res.get("bandwidth") or {}).get("median_gbps")
-    for ax, ((optim, clip, dtype), cs) in zip(axes.flat, groups.items()):
+    for ax, ((_preset, optim, clip, dtype), cs) in zip(axes.flat, groups.items()):
         cs = sorted(cs, key=lambda c: c["nparams"])
         xs_all = [c["nparams"] for c in cs]
         names = []

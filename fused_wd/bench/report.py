@@ -205,14 +205,14 @@ def case_caption(case: dict) -> str:
 
 
 def sweep_tables(cases: list, env: dict) -> list:
-    """For each (optim, clip, dtype) run at several sizes: GB/s per implementation per size."""
+    """For each (preset, optim, clip, dtype) run at several sizes: GB/s per implementation per size."""
     groups: dict = {}
     for c in cases:
         if "impls" not in c or c.get("skipped"):
             continue
-        groups.setdefault((c["optim"], c["clip"], c["dtype"]), []).append(c)
+        groups.setdefault((c["preset"], c["optim"], c["clip"], c["dtype"]), []).append(c)
     out = []
-    for (optim, clip, dtype), cs in groups.items():
+    for (_preset, optim, clip, dtype), cs in groups.items():
         if len(cs) < 2:
             continue
         cs = sorted(cs, key=lambda c: c["nparams"])

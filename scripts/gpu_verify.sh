@@ -1,0 +1,209 @@
+#!/usr/bin/env bash
+# The GPU check in one call, for a lent H100 (torch with CUDA, nvcc and
+# compute-sanitizer there; nothing installable, no network):
+#   1. builds the CPU and CUDA kernels in place (TORCH_CUDA_ARCH_LIST=9.0, MAX_JOBS=16);
+#   2. runs the whole test suite except the host-emulated CUDA tests: pytest.log, junit.xml;
+#   3. runs compute-sanitizer memcheck and racecheck over a few CUDA parity tests: sanitizer.log;
+#   4. runs the GPU benchmark (llama-1b shapes scaled to 400M params and many-small, fp32 and
+#      bf16, AdamW + clipping; torch for-loop, foreach and fused with clip_grad_norm_,
+#      fused_wd.reference, fused_wd): bench/report.md, bench/results.json, bench/bandwidth.png;
+#   5. prints a summary table last. gpu_verify.log holds everything printed.
+# Every phase has a hard time limit inside an 8-minute budget for the whole run.
+#
+# Usage: scripts/gpu_verify.sh [--dry-run] OUTDIR     (OUTDIR: new or empty)
+#   --dry-run  everything that needs no GPU, so that a typo cannot waste the GPU's
+#              minutes (CI runs it): a CPU-only build in place, the suite and the
+#              sanitizer tests collected, the benchmark's arguments on a tiny CPU run,
+#              and the output layout (at most 8 files, at most 2 folders down).
+set -uo pipefail
+
+usage() { sed -n '/^# Usage/,/^[^#]/p' "$0" | sed '$d; s/^# \{0,1\}//' >&2; }
+dry=0
+out=
+for arg in "$@"; do
+  case $arg in
+    --dry-run) dry=1 ;;
+    -h | --help) usage 2>&1; exit 0 ;;
+    -*) echo "gpu_verify: unknown option $arg" >&2; usage; exit 2 ;;
+    *) [ -z "$out" ] || { echo "gpu_verify: one OUTDIR only" >&2; exit 2; }; out=$arg ;;
+  esac
+done
+[ -n "$out" ] || { usage; exit 2; }
+mkdir -p "$out" && out=$(cd "$out" && pwd) || exit 2
+[ -z "$(ls -A "$out")" ] || { echo "gpu_verify: $out is not empty" >&2; exit 2; }
+root=$(cd "$(dirname "$0")/.." && pwd)
+cd "$root" || exit 2
+exec > >(tee -a "$out/gpu_verify.log") 2>&1
+tee_pid=$!
+
+PY=${PYTHON:-python3}
+export PYTHONPATH="$root" PYTHONUNBUFFERED=1
+start=$(date +%s)
+deadline=$((start + 470))
+rows=()
+failed=0
+
+# limit CAP RESERVE: seconds for the next phase: at most CAP, leaving RESERVE for the ones after it
+limit() {
+  local left=$((deadline - $(date +%s) - $2))
+  ((left > $1)) && left=$1
+  ((left < 20)) && left=20
+  echo "$left"
+}
+# at the limit SIGINT (pytest and the benchmark then write what they have), SIGKILL 20 s later
+limited() { timeout -s INT -k 20 "$@"; }
+begin() {
+  phase=$1
+  t0=$(date +%s)
+  echo
+  echo "=== [$((t0 - start)) s] $phase"
+}
+finish() {  # finish RC DETAIL
+  local dt=$(($(date +%s) - t0)) st
+  case $1 in 0) st=ok ;; 124 | 137) st=TIMEOUT ;; *) st="FAILED ($1)" ;; esac
+  [ "$1" = 0 ] || failed=1
+  rows+=("| $phase | $st | $dt | $2 |")
+  echo "=== $phase: $st in $dt s${2:+: $2}"
+}
+summary() {
+  echo
+  echo "=== summary ($( ((dry)) && echo "dry run, ")$(($(date +%s) - start)) s in all)"
+  echo "| phase | result | s | detail |"
+  echo "|---|---|---:|---|"
+  printf '%s\n' "${rows[@]}"
+  [ -f "$out/bench/results.json" ] && "$PY" - "$out/bench/results.json" <<'EOF'
+import json, sys
+res = json.load(open(sys.argv[1]))
+print("\n| benchmark | fused_wd ms | GB/s | % copy BW | x torch fused | x torch for-loop | launches (fused_wd / torch fused) | check |")
+print("|---|---:|---:|---:|---:|---:|---:|---|")
+for c in res["cases"]:
+    im = c.get("impls", {})
+    f, t = im.get("fused_wd", {}), im.get("torch-fused", {})
+    if "median_s" not in f:
+        print(f"| {c['title']} | {c.get('skipped') or f.get('note') or 'no result'} |||||||")
+        continue
+    sp = f.get("speedup", {})
+    bad = [n for n, r in im.items() if r.get("check") and not r["check"]["ok"]]
+    print(f"| {c['title']} | {f['median_s'] * 1e3:.3f} | {f['gbps']:.0f} | {f.get('pct_bw', 0):.0f}% "
+          f"| {sp.get('torch-fused', 0):.2f} | {sp.get('torch-forloop', 0):.2f} "
+          f"| {f.get('launches') or '-'} / {t.get('launches') or '-'} | {'MISMATCH ' + ', '.join(bad) if bad else 'ok'} |")
+EOF
+}
+end() {  # end STATUS: the summary last, then exit
+  summary
+  exec >&- 2>&-
+  wait "$tee_pid"
+  exit "$1"
+}
+
+begin preflight
+"$PY" -c "import torch, sys; print('python', sys.version.split()[0], '| torch', torch.__version__,
+      '| GPU', torch.cuda.get_device_name() if torch.cuda.is_available() else None)"
+if [ -z "${CUDA_HOME:-}" ] && command -v nvcc >/dev/null; then  # nvcc may be a wrapper script
+  real=$(sed -n 's/^exec \([^ ]*nvcc\).*/\1/p' "$(command -v nvcc)" | head -n1)
+  real=${real:-$(readlink -f "$(command -v nvcc)")}
+  CUDA_HOME=$(dirname "$(dirname "$real")")
+  export CUDA_HOME
+fi
+sanitizer=$(command -v compute-sanitizer || echo "${CUDA_HOME:-/usr/local/cuda}/bin/compute-sanitizer")
+echo "CUDA_HOME=${CUDA_HOME:-none}; compute-sanitizer: $([ -x "$sanitizer" ] && echo "$sanitizer" || echo missing)"
+if ((!dry)) && ! "$PY" -c "import torch; assert torch.cuda.is_available()" 2>/dev/null; then
+  finish 1 "torch sees no GPU (use --dry-run without one)"
+  end 1
+fi
+finish 0 ""
+
+begin build
+if ((dry)); then
+  export FUSED_WD_CUDA=0 MAX_JOBS=${MAX_JOBS:-2}
+  want=0
+else
+  export FUSED_WD_CUDA=1 TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16
+  want=1
+fi
+limited "$(limit 300 170)" "$PY" setup.py -q build_ext --inplace
+rc=$?
+((rc)) || "$PY" -c "import fused_wd, fused_wd._C as C
+assert fused_wd.__file__.startswith('$root/'), fused_wd.__file__
+assert C.with_cuda == $want, 'with_cuda is %d' % C.with_cuda" || rc=1
+finish $rc "FUSED_WD_CUDA=$FUSED_WD_CUDA$( ((dry)) || echo " TORCH_CUDA_ARCH_LIST=9.0") MAX_JOBS=$MAX_JOBS"
+((rc)) && end 1
+
+begin tests
+pytest=("$PY" -m pytest -p no:cacheprovider)
+((dry)) && pytest+=(--collect-only)
+workers=()  # pytest-xdist, where installed: 4 processes share the GPU
+"$PY" -c "import xdist" 2>/dev/null && workers=(-n 4)
+limited "$(limit 200 120)" "${pytest[@]}" "${workers[@]}" -q -rfE tests -m "not cuda_emulated" \
+  --junitxml="$out/junit.xml" >"$out/pytest.log" 2>&1
+rc=$?
+((dry)) || tail -n 12 "$out/pytest.log"
+detail=$("$PY" - "$out/junit.xml" <<'EOF'
+import sys, xml.etree.ElementTree as ET
+try:
+    s = ET.parse(sys.argv[1]).getroot()
+    s = s if s.tag == "testsuite" else s[0]
+    n, f, e, k = (int(s.get(a, 0)) for a in ("tests", "failures", "errors", "skipped"))
+    print(f"{n - f - e - k} pass, {f} fail, {e} error, {k} skipped, of {n}")
+except Exception as ex:
+    print(f"no junit result ({type(ex).__name__})")
+EOF
+)
+((dry)) && detail="collect-only: $(grep -c "::" "$out/pytest.log") test ids${workers:+, with pytest-xdist}"
+finish $rc "$detail"
+
+begin sanitizers
+san_tests=(
+  "tests/test_cuda.py::test_adam_matches_cpu_kernels_bitwise[float32-plain-adamw-clip]"
+  "tests/test_cuda.py::test_adam_matches_cpu_kernels_bitwise[bfloat16-master-amsgrad-maximize-scaled-lrtensor-clip]"
+  "tests/test_cuda.py::test_sgd_matches_cpu_kernels_bitwise[float16-plain-nesterov-independent-maximize-clip]"
+  "tests/test_cuda.py::test_sgd_matches_cpu_kernels_bitwise[float32-bf16-state-momentum-dampening-decoupled-scaled-noclip]"
+  "tests/test_cuda.py::test_multi_tensor_norm_values_and_nonfinite"
+  "tests/test_cuda.py::test_clip_op[0.5]"
+)
+if ((dry)); then
+  "${pytest[@]}" -q "${san_tests[@]}" >"$out/sanitizer.log" 2>&1
+  rc=$?
+  n=$(grep -c "::" "$out/sanitizer.log")
+  [ "$n" = ${#san_tests[@]} ] || rc=1
+  detail="collect-only: $n of ${#san_tests[@]} test ids"
+else
+  rc=0
+  detail=
+  for tool in memcheck racecheck; do
+    envs=()  # memcheck: no caching allocator, so that every tensor is its own allocation
+    [ $tool = memcheck ] && envs=(PYTORCH_NO_CUDA_MEMORY_CACHING=1)
+    log=$(mktemp)
+    reserve=$([ $tool = memcheck ] && echo 90 || echo 60)  # racecheck, benchmark
+    limited "$(limit 90 "$reserve")" env "${envs[@]}" \
+      "$sanitizer" --tool $tool --error-exitcode 99 "${pytest[@]}" -q "${san_tests[@]}" >"$log" 2>&1
+    r=$?
+    ((r)) && rc=$r
+    { echo "--- compute-sanitizer --tool $tool: exit $r"; cat "$log"; } >>"$out/sanitizer.log"
+    detail+="$tool: $(grep -Eo "[0-9]+ (passed|failed).*in [0-9.]+s" "$log" | tail -n1);"
+    detail+=" $(grep -Eo "(ERROR|RACECHECK) SUMMARY: .*" "$log" | tail -n1); "
+    rm -f "$log"
+  done
+fi
+finish $rc "$detail"
+
+begin benchmark
+bench=(--dtype "fp32,bf16" --optim adamw --clip on --impl "fused_wd,torch,reference" --e2e off
+  --repeats 5 --warmup 1 --iters 3 --no-progress --out "$out/bench")
+if ((dry)); then
+  "$PY" -m fused_wd.bench --list >/dev/null &&
+    limited 300 "$PY" -m fused_wd.bench --device cpu --preset llama-1b:1M,tiny --bw-mib 64 "${bench[@]}"
+else
+  limited "$(limit 200 10)" "$PY" -m fused_wd.bench --device cuda --preset llama-1b:400M,many-small "${bench[@]}"
+fi
+finish $? "$(ls "$out/bench" 2>/dev/null | tr '\n' ' ')"
+
+begin "output layout"
+nfiles=$(find "$out" -type f | wc -l)
+deep=$(find "$out" -mindepth 3 -type d | head -n1)  # a folder 3 down
+(cd "$out" && find . -type f | sort | tr '\n' ' ')
+echo
+[ "$nfiles" -le 8 ] && [ -z "$deep" ]
+finish $? "$nfiles files (at most 8)${deep:+, too deep: $deep}"
+
+end $failed
