@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import fused_wd
-from conftest import FP16_CLIPPED_ADAM_EPS, FP64_LAST_BITS, TOL, tol_for
+from conftest import FP16_CLIPPED_ADAM_EPS, FP64_LAST_BITS, TOL, adam_hyper, sgd_hyper, tol_for
 
 CUDA = torch.cuda.is_available()
 pytestmark = pytest.mark.skipif(not CUDA, reason="no CUDA device")
@@ -298,9 +298,11 @@ def _adam_vs_cpu(dtype, layout, case, clip, betas, tol=None):
         scale = torch.tensor(3.0, device=dev) if opt.get("scaled") else None
         found = torch.zeros((), device=dev) if opt.get("scaled") else None
         for gs, (norm, max_norm) in zip(grads, norms):
-            ops.adam_(p, _to_device(gs, dev), m, v, vmax, steps, 0.01, lr_t, betas[0], betas[1], 1e-8, 0.1,
-                      opt["decay_mode"], 0.02, bool(opt.get("amsgrad")), bool(opt.get("maximize")),
-                      None if norm is None else norm.to(dev), max_norm, scale, found, True, master)
+            ops.adam_(p, _to_device(gs, dev), m, v, vmax, steps, master, [], **adam_hyper(
+                lr=0.01, lr_tensor=lr_t, beta1=betas[0], beta2=betas[1], weight_decay=0.1,
+                decay_mode=opt["decay_mode"], initial_lr=0.02, amsgrad=bool(opt.get("amsgrad")),
+                maximize=bool(opt.get("maximize")), grad_norm=None if norm is None else norm.to(dev),
+                max_norm=max_norm, grad_scale=scale, found_inf=found))
         out[dev] = dict(params=p, exp_avgs=m, exp_avg_sqs=v, max_exp_avg_sqs=vmax, master_params=master,
                         state_steps=steps)
     _compare(out, ps, tol)
@@ -333,9 +335,12 @@ def test_sgd_matches_cpu_kernels_bitwise(dtype, layout, case, clip):
         for s, (gs, (norm, max_norm)) in enumerate(zip(grads, norms)):
             # on the first step, every other buffer is new: set to the gradient, not decayed
             new = [s == 0 and i % 2 == 1 for i in range(len(p))] if momentum else []
-            ops.sgd_(p, _to_device(gs, dev), b, new, 0.01, lr_t, momentum, opt.get("dampening", 0.0),
-                     bool(opt.get("nesterov")), 0.1, opt["decay_mode"], 0.02, bool(opt.get("maximize")),
-                     None if norm is None else norm.to(dev), max_norm, scale, found, True, master, [])
+            ops.sgd_(p, _to_device(gs, dev), b, new, master, [], [], **sgd_hyper(
+                lr=0.01, lr_tensor=lr_t, momentum=momentum, dampening=opt.get("dampening", 0.0),
+                nesterov=bool(opt.get("nesterov")), weight_decay=0.1, decay_mode=opt["decay_mode"],
+                initial_lr=0.02, maximize=bool(opt.get("maximize")),
+                grad_norm=None if norm is None else norm.to(dev), max_norm=max_norm, grad_scale=scale,
+                found_inf=found))
         out[dev] = dict(params=p, momentum_buffers=b, master_params=master)
     _compare(out, ps)
 
@@ -361,10 +366,7 @@ def _adam_args(n=3, dtype=torch.float32, **over):
     v = [torch.zeros_like(x) for x in p]
     steps = [torch.zeros((), device=DEV) for _ in p]
     kw = dict(params=p, grads=g, exp_avgs=m, exp_avg_sqs=v, max_exp_avg_sqs=[], state_steps=steps,
-              lr=1e-2, lr_tensor=None, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0,
-              decay_mode=1, initial_lr=1e-2, amsgrad=False, maximize=False, grad_norm=None,
-              max_norm=0.0, grad_scale=None, found_inf=None, skip_nonfinite=True,
-              master_params=[])
+              master_params=[], sr_ids=[], **adam_hyper(lr=1e-2, decay_mode=1, initial_lr=1e-2))
     kw.update(over)
     return kw
 
@@ -729,6 +731,45 @@ def test_cuda_graph_capture(name, lr_kind):
     assert torch.equal(oa.last_grad_norm, ob.last_grad_norm)
 
 
+def test_cpu_lr_tensor_is_refused_under_capture():
+    """A CPU lr tensor would be read once, at capture, and frozen into the
+    graph: refused with a message saying where to put it."""
+    p = leaves(host_params(torch.float32, [(64,)]))
+    opt = fused_wd.AdamW(p, lr=torch.tensor(1e-3), capturable=True)
+    p[0].grad = torch.ones(64, device=DEV)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        opt.step()
+    torch.cuda.current_stream().wait_stream(side)
+    before = p[0].detach().clone()
+    graph = torch.cuda.CUDAGraph()
+    with pytest.raises(RuntimeError, match="frozen into the graph"):
+        with torch.cuda.graph(graph):
+            opt.step()
+    assert torch.equal(p[0], before)
+
+
+@pytest.mark.parametrize("mode", ["independent", "decoupled"])
+def test_tensor_hyperparameters_do_not_sync(mode):
+    """Tensor betas/eps/weight_decay and a tensor lr (whose scheduler-style
+    initial_lr is a tensor too) are not read back on every step."""
+    p = leaves(host_params(torch.float32, [(300,), (7,)]))
+    t = lambda x: torch.tensor(x, device=DEV)  # noqa: E731
+    opt = fused_wd.AdamW(p, lr=t(1e-3), betas=(t(0.9), t(0.99)), eps=t(1e-8), weight_decay=t(0.1),
+                         weight_decay_mode=mode, max_grad_norm=1.0)
+    for x in p:
+        x.grad = torch.ones_like(x)
+    opt.step()  # reads each tensor hyperparameter once
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(3):
+            opt.step()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+
+
 # ------------------------------------------------------------- GradScaler
 
 
@@ -833,17 +874,16 @@ def test_opcheck_cuda(dtype):
     steps = [torch.zeros((), device=DEV) for _ in p]
     scale = torch.tensor(4.0, device=DEV)
     found = torch.zeros((), device=DEV)
-    torch.library.opcheck(ops.adam_.default, (
-        p, g, z(), z(), z(), steps, 1e-3, None, 0.9, 0.999, 1e-8, 0.01, 1, 1e-3, True, False,
-        norm, 1.0, scale, found, True, []))
-    torch.library.opcheck(ops.adam_.default, (
-        p, g, z(), z(), [], steps, 0.0, torch.tensor(1e-3, device=DEV), 0.9, 0.999, 1e-8, 0.01, 0,
-        1e-3, False, True, None, 0.0, None, None, True, []))
-    torch.library.opcheck(ops.sgd_.default, (
-        p, g, z(), [True, False, True], 1e-2, None, 0.9, 0.0, True, 0.01, 0, 1e-2, False,
-        norm, 1.0, scale, found, True, [], []))
-    torch.library.opcheck(ops.sgd_.default, (
-        p, g, [], [], 1e-2, None, 0.0, 0.0, False, 0.0, 0, 1e-2, False, None, 0.0, None, None, False, [], []))
+    torch.library.opcheck(ops.adam_.default, (p, g, z(), z(), z(), steps, [], []), adam_hyper(
+        lr=1e-3, weight_decay=0.01, decay_mode=1, initial_lr=1e-3, amsgrad=True, grad_norm=norm,
+        max_norm=1.0, grad_scale=scale, found_inf=found))
+    torch.library.opcheck(ops.adam_.default, (p, g, z(), z(), [], steps, [], []), adam_hyper(
+        lr=0.0, lr_tensor=torch.tensor(1e-3, device=DEV), weight_decay=0.01, maximize=True))
+    torch.library.opcheck(ops.sgd_.default, (p, g, z(), [True, False, True], [], [], []), sgd_hyper(
+        momentum=0.9, nesterov=True, weight_decay=0.01, grad_norm=norm, max_norm=1.0,
+        grad_scale=scale, found_inf=found))
+    torch.library.opcheck(ops.sgd_.default, (p, g, [], [], [], [], []),
+                          sgd_hyper(skip_nonfinite=False))
 
 
 def test_cpu_checkpoint_into_cuda_optimizer():
