@@ -28,8 +28,17 @@ if _ext.C is not None:
         return None
 
 
+class _Lists:
+    def select(self, idx):
+        """The same lists restricted to the params at idx."""
+        if len(idx) == len(self.params):
+            return self
+        return dataclasses.replace(self, **{f.name: [getattr(self, f.name)[i] for i in idx]
+                                            for f in dataclasses.fields(self) if getattr(self, f.name)})
+
+
 @dataclasses.dataclass
-class AdamLists:
+class AdamLists(_Lists):
     """What adam_ takes, one entry per param (empty lists: not used).
     master_params holds an fp32 master or None per param; the op gets the
     params of one kind per call (see split_by_master)."""
@@ -42,12 +51,9 @@ class AdamLists:
     master_params: list
     sr_ids: list
 
-    def select(self, idx):
-        return _select(self, idx)
-
 
 @dataclasses.dataclass
-class SgdLists:
+class SgdLists(_Lists):
     """What sgd_ takes, one entry per param (empty lists: not used)."""
     params: list
     grads: list
@@ -56,17 +62,6 @@ class SgdLists:
     master_params: list
     state_steps: list
     sr_ids: list
-
-    def select(self, idx):
-        return _select(self, idx)
-
-
-def _select(lists, idx):
-    """The same structure restricted to the params at idx."""
-    if len(idx) == len(lists.params):
-        return lists
-    return dataclasses.replace(lists, **{f.name: [getattr(lists, f.name)[i] for i in idx]
-                                         for f in dataclasses.fields(lists) if getattr(lists, f.name)})
 
 
 def split_by_master(masters):

@@ -205,34 +205,19 @@ void adam(const AdamCall& c) {
     li[4] = static_cast<int>(specs.size());
     specs.push_back({"max_exp_avg_sqs", c.max_exp_avg_sqs, true, false, kDtypeState});
   }
-  const bool master = !c.master_params.empty();
-  if (master) {
-    li[5] = static_cast<int>(specs.size());
-    specs.push_back({"master_params", c.master_params, true, false, kDtypeMaster});
-  }
+  const bool master = add_master(specs, c.master_params, &li[5]);
   check_lists(op, specs, kDeviceType);
   check_same_state_dtype(op, specs);
   check_steps(op, c.state_steps, c.params);
   if (c.params.empty()) return;
-  const at::Device device = c.params[0].device();
-  DeviceGuard guard(device);
-  const Stream stream = current_stream(device);
-  AdamArgs args;
-  std::memset(&args, 0, sizeof(args));
-  args.step = device_step(op, device, a);
-  args.beta1 = c.beta1;
-  args.beta2 = c.beta2;
-  args.eps = c.eps;
+  const Launch on(op, c.params, a);
+  const Stream stream = on.stream;
+  const AdamArgs args{on.step, c.beta1, c.beta2, c.eps};
 
   DenseLists dl = make_dense(specs);
-  const auto groups = group_by_dtypes(dl.dense[0], dl.dense[2]);
-  std::vector<Layout> layouts;  // every group is checked before the first launch
-  for (const auto& idx : groups)
-    layouts.push_back(layout_for(op, static_cast<size_t>(idx[0]), dl.dense[0][idx[0]].scalar_type(),
-                                 dl.dense[2][idx[0]].scalar_type(), master, a.stochastic_rounding));
-  for (size_t g = 0; g < groups.size(); ++g) {
-    const auto& idx = groups[g];
-    const Layout& L = layouts[g];
+  for (const Group& group : plan_groups(op, dl, 2, master, a.stochastic_rounding)) {
+    const auto& idx = group.idx;
+    const Layout& L = group.layout;
     if (L.master || L.sr || L.state != L.param) {
       const MixedArgs mx{static_cast<uint64_t>(a.sr_seed), master ? 1 : 0, L.sr ? 1 : 0};
       dispatch_mixed(L, [&](auto ptag, auto stag) {

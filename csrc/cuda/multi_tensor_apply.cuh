@@ -426,6 +426,56 @@ inline DeviceStep device_step(const char* op, const at::Device& device, const St
   return s;
 }
 
+// ------------------------------------------------- launch groups
+
+// Host: where an update call launches (its params' device, made current,
+// and that device's current stream) and its step arguments for the kernels.
+struct Launch {
+  at::Device device;
+  DeviceGuard guard;
+  Stream stream;
+  DeviceStep step;
+  Launch(const char* op, at::TensorList params, const StepArgs& a)
+      : device(params[0].device()),
+        guard(device),
+        stream(current_stream(device)),
+        step(device_step(op, device, a)) {}
+};
+
+// The tensors of one launch group: one (param dtype, state dtype) pair, and
+// its layout.
+struct Group {
+  std::vector<int64_t> idx;
+  Layout layout;
+};
+
+// The groups of an update call, every layout checked (layout_for) before
+// the caller launches anything. `state`: the dense list whose dtype is the
+// state's, or -1 (no state list: the layout's state is the master's dtype,
+// or the param's).
+inline std::vector<Group> plan_groups(const char* op, const DenseLists& dl, int state, bool master,
+                                      bool stochastic_rounding) {
+  const std::vector<at::Tensor> none;
+  std::vector<Group> groups;
+  for (auto& idx : group_by_dtypes(dl.dense[0], state >= 0 ? dl.dense[state] : none)) {
+    const at::ScalarType pt = dl.dense[0][idx[0]].scalar_type();
+    const at::ScalarType st =
+        state >= 0 ? dl.dense[state][idx[0]].scalar_type() : (master ? at::kFloat : pt);
+    const Layout L = layout_for(op, static_cast<size_t>(idx[0]), pt, st, master, stochastic_rounding);
+    groups.push_back(Group{std::move(idx), L});
+  }
+  return groups;
+}
+
+// Adds the fp32 master list to `specs` when there is one, and records its
+// index in *slot.
+inline bool add_master(std::vector<ListSpec>& specs, at::TensorList masters, int* slot) {
+  if (masters.empty()) return false;
+  *slot = static_cast<int>(specs.size());
+  specs.push_back({"master_params", masters, true, false, kDtypeMaster});
+  return true;
+}
+
 // ------------------------------------------------------------ step counters
 
 constexpr int kStepsPerLaunch = 384;

@@ -170,38 +170,18 @@ void sgd(const SgdCall& c) {
     specs.push_back({"momentum_buffers", c.momentum_buffers, true, false, kDtypeState});
   }
   int li[4] = {0, 1, use_momentum ? 2 : -1, -1};
-  const bool master = !c.master_params.empty();
-  if (master) {
-    li[3] = static_cast<int>(specs.size());
-    specs.push_back({"master_params", c.master_params, true, false, kDtypeMaster});
-  }
+  const bool master = add_master(specs, c.master_params, &li[3]);
   check_lists(op, specs, kDeviceType);
   if (a.stochastic_rounding) check_steps(op, c.state_steps, c.params);
   if (c.params.empty()) return;
-  const at::Device device = c.params[0].device();
-  DeviceGuard guard(device);
-  const Stream stream = current_stream(device);
-  SgdArgs args;
-  std::memset(&args, 0, sizeof(args));
-  args.step = device_step(op, device, a);
-  args.momentum = c.momentum;
-  args.dampening = c.dampening;
+  const Launch on(op, c.params, a);
+  const Stream stream = on.stream;
+  const SgdArgs args{on.step, c.momentum, c.dampening};
 
   DenseLists dl = make_dense(specs);
-  const std::vector<at::Tensor> none;
-  const auto groups = group_by_dtypes(dl.dense[0], use_momentum ? dl.dense[2] : none);
-  std::vector<Layout> layouts;  // every group is checked before the first launch
-  for (const auto& idx : groups) {
-    const at::ScalarType pt = dl.dense[0][idx[0]].scalar_type();
-    // without momentum there is no state: the layout's state is the master's
-    // (or the param's) dtype, as on the CPU
-    const at::ScalarType st =
-        use_momentum ? dl.dense[2][idx[0]].scalar_type() : (master ? at::kFloat : pt);
-    layouts.push_back(layout_for(op, static_cast<size_t>(idx[0]), pt, st, master, a.stochastic_rounding));
-  }
-  for (size_t g = 0; g < groups.size(); ++g) {
-    const auto& idx = groups[g];
-    const Layout& L = layouts[g];
+  for (const Group& group : plan_groups(op, dl, use_momentum ? 2 : -1, master, a.stochastic_rounding)) {
+    const auto& idx = group.idx;
+    const Layout& L = group.layout;
     if (L.master || L.sr || L.state != L.param) {
       const SgdMixedArgs mx{static_cast<uint64_t>(a.sr_seed), use_momentum ? 1 : 0,
                             c.nesterov ? 1 : 0, master ? 1 : 0, L.sr ? 1 : 0};
