@@ -426,21 +426,16 @@ class Adam(_AdamMath):
 
 
 class AdamW(Adam):
-    """Reference AdamW (the arguments of fused_wd.AdamW)."""
+    """Reference AdamW (the arguments of fused_wd.AdamW: Adam's, but a
+    weight_decay of 1e-2 and decoupled decay by default)."""
 
     _default_mode = "decoupled"
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2,
-                 amsgrad=False, *, maximize=False, foreach=None, capturable=False,
-                 differentiable=False, fused=None, max_grad_norm=None, norm_type=2.0,
-                 weight_decay_mode=None, skip_nonfinite=True, master_weights=False,
-                 state_dtype=None, stochastic_rounding=False, sr_seed=None):
-        super().__init__(params, lr, betas, eps, weight_decay, amsgrad, foreach=foreach,
-                         maximize=maximize, capturable=capturable, differentiable=differentiable,
-                         fused=fused, max_grad_norm=max_grad_norm, norm_type=norm_type,
-                         weight_decay_mode=weight_decay_mode, skip_nonfinite=skip_nonfinite,
-                         master_weights=master_weights, state_dtype=state_dtype,
-                         stochastic_rounding=stochastic_rounding, sr_seed=sr_seed)
+                 amsgrad=False, **options):
+        if "decoupled_weight_decay" in options:
+            raise TypeError("AdamW() got an unexpected keyword argument 'decoupled_weight_decay'")
+        super().__init__(params, lr, betas, eps, weight_decay, amsgrad, **options)
 
 
 class SGD(_Reference):
