@@ -4,6 +4,9 @@ installed torch is a CUDA build and a CUDA toolkit is found.
 FUSED_WD_CUDA=1 forces the CUDA build (and fails if it cannot happen),
 FUSED_WD_CUDA=0 skips it. FUSED_WD_SANITIZE=1 builds the CPU code with
 AddressSanitizer and UndefinedBehaviorSanitizer (see scripts/sanitize.sh).
+
+The module uses only the stable (limited) Python C API: one build, one wheel
+tagged abi3, serves every Python that its torch supports.
 """
 import glob
 import os
@@ -13,6 +16,10 @@ from setuptools import setup
 from torch.utils import cpp_extension
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+# The oldest CPython whose stable ABI the module targets: the one torch's
+# build_ext defines for limited-API extensions (3.9 where it defines none).
+LIMITED_API = getattr(cpp_extension, "min_supported_cpython", "0x03090000")
+ABI_TAG = f"cp3{int(LIMITED_API, 16) >> 16 & 0xFF}"
 
 
 def want_cuda():
@@ -43,12 +50,16 @@ def pip_cuda_includes():
 
 def extension():
     with_cuda = want_cuda()
+    # an in-place build from before abi3 would shadow the new _C.abi3.so
+    for stale in glob.glob(os.path.join(ROOT, "fused_wd", "_C.cpython-*.so")):
+        print(f"fused_wd: removing {stale}, a build without the stable ABI")
+        os.remove(stale)
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
     # -fopenmp: at::parallel_for is inline OpenMP code in torch's builds.
     # No errno or FP-exception state to keep: sqrt and the branch-free
     # conversions vectorize. fp-contract off: the same bits on every ISA.
     cxx = ["-O3", "-ffp-contract=off", "-fvisibility=hidden", "-fopenmp",
-           "-fno-math-errno", "-fno-trapping-math",
+           "-fno-math-errno", "-fno-trapping-math", f"-DPy_LIMITED_API={LIMITED_API}",
            f'-DFUSED_WD_TORCH_VERSION="{torch.__version__}"']
     ldflags = ["-fopenmp"]
     if os.environ.get("FUSED_WD_SANITIZE") == "1":
@@ -62,7 +73,7 @@ def extension():
     if with_cuda:
         sources += sorted(glob.glob("csrc/cuda/*.cu"))
         cxx.append("-DFUSED_WD_WITH_CUDA")
-        args["nvcc"] = ["-O3", "--fmad=false", "-DFUSED_WD_WITH_CUDA",
+        args["nvcc"] = ["-O3", "--fmad=false", "-DFUSED_WD_WITH_CUDA", f"-DPy_LIMITED_API={LIMITED_API}",
                         f'-DFUSED_WD_TORCH_VERSION="{torch.__version__}"']
         cls = cpp_extension.CUDAExtension
         include_dirs += pip_cuda_includes()
@@ -74,11 +85,12 @@ def extension():
         include_dirs=include_dirs,
         extra_compile_args=args,
         extra_link_args=ldflags,
-        py_limited_api=False,
+        py_limited_api=True,
     )
 
 
 setup(
     ext_modules=[extension()],
+    options={"bdist_wheel": {"py_limited_api": ABI_TAG}},
     cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
 )

@@ -207,7 +207,7 @@ def scenario_ddp(rank, world, out):
     return dict(params=_full(model.parameters()), norms=norms, counts=counts)
 
 
-def _mixed(world, mesh_shape, placements):
+def _mixed(mesh_shape, placements):
     """One clipped step over params of several layouts on one mesh (None: a
     plain, replicated tensor): each grad must be counted exactly once."""
     from torch.distributed.device_mesh import init_device_mesh
@@ -241,14 +241,14 @@ def _mixed(world, mesh_shape, placements):
 def scenario_mixed(rank, world, out):
     """Shard(0), Shard(1) with an empty local shard, Replicate() and a plain tensor."""
     from torch.distributed.tensor import Replicate, Shard
-    return _mixed(world, (world,), [[Shard(0)], [Shard(1)], [Replicate()], None])
+    return _mixed((world,), [[Shard(0)], [Shard(1)], [Replicate()], None])
 
 
 def scenario_mixed_2d(rank, world, out):
     """On a 2x2 mesh: sharded over both dims (the all-reduce spans the world),
     over one, over none, and a plain tensor."""
     from torch.distributed.tensor import Replicate, Shard
-    return _mixed(world, (2, 2), [[Shard(0), Shard(1)], [Replicate(), Shard(0)],
+    return _mixed((2, 2), [[Shard(0), Shard(1)], [Replicate(), Shard(0)],
                                   [Shard(0), Replicate()], None, [Replicate(), Replicate()]])
 
 

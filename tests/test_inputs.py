@@ -205,16 +205,18 @@ def problems(draw):
     else:
         hp.update(amsgrad=draw(st.booleans()), betas=(draw(st.sampled_from([0.0, 0.9])), 0.999),
                   eps=draw(st.sampled_from([1e-8, 1e-30])))
-    grad_scale = draw(st.sampled_from([1.0, 0.5, 1e4]))
+    # a GradScaler's scale (None: no scaler), and a step whose grads overflow
+    amp = dict(scale=draw(st.sampled_from([None, 1.0, 0.5, 1e4])),
+               overflow_step=draw(st.sampled_from([None, 0, 2])))
     seed = draw(st.integers(0, 2 ** 16))
-    return shapes, dtype, cls, hp, seed
+    return shapes, dtype, cls, hp, amp, seed
 
 
 @settings(max_examples=int(__import__("os").environ.get("FUSED_WD_FUZZ_EXAMPLES", "60")), deadline=None,
           suppress_health_check=[HealthCheck.too_slow])
 @given(problems())
 def test_random_problems_match_reference(problem):
-    shapes, dtype, cls, hp, seed = problem
+    shapes, dtype, cls, hp, amp, seed = problem
     g = torch.Generator().manual_seed(seed)
     ps = [torch.randn(s, generator=g).to(dtype) for s in shapes]
     a, b = clone_leaves(ps), clone_leaves(ps)
@@ -224,15 +226,34 @@ def test_random_problems_match_reference(problem):
         return
     oa = getattr(fused_wd.reference, cls)(a, **hp)
     ob = getattr(fused_wd, cls)(b, **hp)
+    scalers = [None, None]
+    if amp["scale"] is not None:
+        scalers = [torch.amp.GradScaler("cpu", init_scale=amp["scale"]) for _ in (a, b)]
+        for sc in scalers:
+            sc.scale(torch.ones(()))  # (scale() creates the scaler's state)
     for step in range(3):
-        for x, y in zip(a, b):
-            gr = torch.randn(x.shape, generator=g).to(dtype)
-            if torch.rand((), generator=g) < 0.2:
-                gr = None
+        scale = 1.0 if amp["scale"] is None else scalers[0].get_scale()
+        grads = []
+        for x in a:
+            gr = torch.randn(x.shape, generator=g, dtype=torch.float64)
+            grads.append(None if torch.rand((), generator=g) < 0.2 else (gr * scale).to(dtype))
+        if step == amp["overflow_step"] and any(gr is not None and gr.numel() for gr in grads):
+            next(gr for gr in grads if gr is not None and gr.numel()).view(-1)[0] = math.inf
+        for x, y, gr in zip(a, b, grads):
             x.grad = None if gr is None else gr.clone()
             y.grad = None if gr is None else gr.clone()
-        oa.step()
-        ob.step()
+        if amp["scale"] is None:
+            oa.step()
+            ob.step()
+        elif any(gr is not None for gr in grads):  # (a GradScaler needs a grad)
+            for opt, sc in zip((oa, ob), scalers):
+                sc.step(opt)
+                sc.update()
+    if amp["scale"] is not None:
+        assert scalers[0].get_scale() == scalers[1].get_scale()
+    if hp["max_grad_norm"] is not None and oa.last_grad_norm is not None:
+        torch.testing.assert_close(ob.last_grad_norm, oa.last_grad_norm, rtol=1e-5, atol=0,
+                                   equal_nan=True)
     tol = TOL[dtype] if dtype in (torch.float32, torch.float64) else dict(rtol=torch.finfo(dtype).eps, atol=1e-5)
     if dtype == torch.float64:
         # the clip coefficient is a float32 value (from the float32 norm)

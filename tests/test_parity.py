@@ -1,6 +1,8 @@
 """Parity of fused_wd.Adam/AdamW/SGD with torch.optim (preceded by
 torch.nn.utils.clip_grad_norm_ when clipping) over several steps, comparing
 params and every state tensor, across the option matrix and dtypes."""
+import ast
+import inspect
 import math
 
 import pytest
@@ -178,10 +180,91 @@ def test_independent_decay_uses_initial_lr():
     torch.testing.assert_close(p.detach(), torch.full((4,), 0.9 * 0.95))
 
 
-def test_reference_matches_torch():
-    """The oracle itself agrees with torch.optim."""
-    hp = dict(lr=0.01, weight_decay=0.1, amsgrad=True)
-    a, b, oa, ob = run_pair(lambda p: torch.optim.AdamW(p, **hp, foreach=False),
-                            lambda p: fused_wd.reference.AdamW(p, **hp, max_grad_norm=0.5),
-                            torch.float32, "cpu", (0.5, 2.0))
+REFERENCE_CASES = [
+    ("Adam", dict(lr=0.01, betas=(0.8, 0.95), eps=1e-6, weight_decay=0.1, amsgrad=True, maximize=True)),
+    ("AdamW", dict(lr=0.01, weight_decay=0.1, amsgrad=True)),
+    ("SGD", dict(lr=0.05, momentum=0.9, dampening=0.1, weight_decay=0.05, maximize=True)),
+    ("SGD", dict(lr=0.05, momentum=0.9, nesterov=True, weight_decay=0.05)),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("clip", CLIPS, ids=["noclip", "clip2", "clipinf"])
+@pytest.mark.parametrize("cls,hp", REFERENCE_CASES, ids=["adam", "adamw", "sgd", "nesterov"])
+def test_reference_matches_torch(cls, hp, clip, dtype):
+    """The oracle itself agrees with torch.optim (after clip_grad_norm_)."""
+    a, b, oa, ob = run_pair(lambda p: getattr(torch.optim, cls)(p, **hp, foreach=False),
+                            lambda p: getattr(fused_wd.reference, cls)(p, **hp, **clip_kwargs(clip)),
+                            dtype, "cpu", clip)
+    assert_same_state(a, b, oa, ob, dtype, clip is not None)
+
+
+@pytest.mark.parametrize("cls", ["AdamW", "SGD"])
+def test_reference_under_grad_scaler_matches_torch(cls):
+    """With a GradScaler the oracle unscales, clips and skips an overflowed
+    step inside its step() as torch does with unscale_, clip_grad_norm_ and
+    the scaler's skip."""
+    hp = dict(lr=0.05, weight_decay=0.1, **(dict(momentum=0.9) if cls == "SGD" else {}))
+    ps = make_params(torch.float32, "cpu")
+    a, b = clone_leaves(ps), clone_leaves(ps)
+    oa = getattr(torch.optim, cls)(a, **hp, foreach=False)
+    ob = getattr(fused_wd.reference, cls)(b, **hp, max_grad_norm=0.5)
+    sa, sb = (torch.amp.GradScaler("cpu", init_scale=2.0 ** 10) for _ in range(2))
+    for sc in (sa, sb):
+        sc.scale(torch.ones(()))  # (scale() creates the scaler's state)
+    for s in range(5):
+        gs = make_grads(ps, s, scale=sa.get_scale())
+        if s == 2:
+            gs[0].view(-1)[0] = math.inf  # an overflow: both skip the step
+        assign_grads(a, gs, s)
+        assign_grads(b, gs, s)
+        sa.unscale_(oa)
+        torch.nn.utils.clip_grad_norm_(a, 0.5)
+        sa.step(oa)
+        sa.update()
+        sb.step(ob)
+        sb.update()
+    assert sa.get_scale() == sb.get_scale() == 2.0 ** 9
     assert_same_state(a, b, oa, ob, torch.float32)
+
+
+def test_reference_is_its_own_code():
+    """fused_wd.reference shares nothing with the optimizers it checks: plain
+    torch.optim.Optimizer subclasses, and it imports nothing of fused_wd."""
+    for name in ("Adam", "AdamW", "SGD"):
+        cls = getattr(fused_wd.reference, name)
+        assert issubclass(cls, torch.optim.Optimizer)
+        assert all(c.__module__ in ("fused_wd.reference", "torch.optim.optimizer", "builtins",
+                                    "typing", "typing_extensions")
+                   for c in cls.__mro__), cls.__mro__
+    tree = ast.parse(inspect.getsource(fused_wd.reference))
+    imported = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    imported |= {"." * n.level + (n.module or "") for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+    assert imported and not [m for m in imported if m.startswith((".", "fused_wd"))], imported
+
+
+@pytest.mark.parametrize("cls,hp", [("AdamW", dict(amsgrad=True)), ("SGD", dict(momentum=0.9))])
+def test_reference_state_dict_is_torch_layout(cls, hp):
+    """Its state_dict has torch's state keys and fused_wd's param-group keys,
+    and loads into torch.optim and from it."""
+    ps = make_params(torch.float32, "cpu")
+    leaves = [clone_leaves(ps) for _ in range(3)]
+    opts = [getattr(torch.optim, cls)(leaves[0], **hp, foreach=False),
+            getattr(fused_wd, cls)(leaves[1], **hp), getattr(fused_wd.reference, cls)(leaves[2], **hp)]
+    for s in range(2):
+        gs = make_grads(ps, s)
+        for params, opt in zip(leaves, opts):
+            assign_grads(params, gs, s)
+            opt.step()
+    sd_torch, sd_fused, sd_ref = (opt.state_dict() for opt in opts)
+    assert sd_ref["param_groups"][0].keys() == sd_fused["param_groups"][0].keys()
+    assert sd_ref["param_groups"][0].keys() >= sd_torch["param_groups"][0].keys()
+    assert sd_ref["state"].keys() == sd_torch["state"].keys() == sd_fused["state"].keys()
+    for i, st in sd_ref["state"].items():
+        assert list(st) == list(sd_torch["state"][i]), i
+        assert all(st[k].dtype == v.dtype for k, v in sd_torch["state"][i].items())
+    back = getattr(torch.optim, cls)(clone_leaves(ps), **hp, foreach=False)
+    back.load_state_dict(sd_ref)
+    ref = getattr(fused_wd.reference, cls)(clone_leaves(ps), **hp)
+    ref.load_state_dict(sd_torch)
+    assert ref.param_groups[0]["max_grad_norm"] is None  # the extras from the defaults

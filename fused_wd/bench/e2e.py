@@ -89,7 +89,7 @@ class TinyGPT(nn.Module):
         return self.head(self.ln_f(x))
 
 
-def _contenders(model: nn.Module, cfg: E2EConfig, device: torch.device):
+def _contenders(cfg: E2EConfig, device: torch.device):
     """name -> (label, make(model) -> optimizer part callable)."""
     out = {}
     default = torch_default_variant(device.type)
@@ -127,7 +127,7 @@ def run_e2e(device: torch.device, cfg: E2EConfig, progress=None, seed: int = 0) 
     data = torch.randint(0, cfg.vocab, (n_batches, cfg.batch, cfg.seq + 1), generator=gen, device=device)
 
     runners = []
-    for name, (label, make) in _contenders(base, cfg, device).items():
+    for name, (label, make) in _contenders(cfg, device).items():
         m = copy.deepcopy(base)
         opt, opt_part = make(m)
         runners.append({"name": name, "label": label, "model": m, "opt": opt, "opt_part": opt_part,

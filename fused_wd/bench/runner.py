@@ -101,13 +101,13 @@ def _err_text(e: BaseException) -> str:
 
 class CaseRunner:
     def __init__(self, case: Case, names: list, hp: Hyper, opts: RunOpts, probe: StreamProbe | None,
-                 progress=None, log=print):
+                 progress=None, verbose=False):
         self.case = case
         self.names = names
         self.opts = opts
         self.probe = probe
         self.progress = progress
-        self.log = log
+        self.verbose = verbose
         self.dev = case.device
         self.hp_base = hp
         self.iters: int | None = None
@@ -146,7 +146,7 @@ class CaseRunner:
         return c
 
     def _debug(self, e):
-        if getattr(self, "verbose", False):
+        if self.verbose:
             traceback.print_exception(type(e), e, e.__traceback__)
 
     def _drop(self, c: Contender, keep_params: bool = False):
@@ -404,11 +404,4 @@ class CaseRunner:
 
 
 def run_case(case: Case, names, hp: Hyper, opts: RunOpts, probe, progress=None, verbose=False) -> dict:
-    r = CaseRunner(case, names, hp, opts, probe, progress)
-    r.verbose = verbose
-    return r.run()
-
-
-def units_for_case(opts: RunOpts, n_groups_hint: int = 1) -> int:
-    """Progress units one case takes (warm-up phase + one per round), per group."""
-    return n_groups_hint * (1 + opts.repeats)
+    return CaseRunner(case, names, hp, opts, probe, progress, verbose).run()

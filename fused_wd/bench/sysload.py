@@ -39,9 +39,9 @@ class Snapshot:
         self.busy = _busy_s()
         self.own = _own_s()
 
-    def others_share(self, later: "Snapshot | None" = None) -> float | None:
-        """Fraction of all CPUs used by other processes between self and later (now)."""
-        later = later or Snapshot()
+    def others_share(self) -> float | None:
+        """Fraction of all CPUs used by other processes since self was taken."""
+        later = Snapshot()
         dt = later.t - self.t
         if self.busy is None or later.busy is None or dt <= 0.05:
             return None
