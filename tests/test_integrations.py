@@ -200,7 +200,12 @@ def test_hf_trainer_optimizer_cls_and_kwargs(monkeypatch):
             opt = opt.optimizer  # accelerate's wrapper
         assert isinstance(opt, cls)
         results[name] = (flat(trainer.model), list(calls), opt)
-    assert all(math.isinf(c) for c in results["fused"][1]), results["fused"][1]
+    # the README says so: with max_grad_norm=0 (transformers 5.x) every step still
+    # measures the norm through clip_grad_norm_(params, inf), and nothing clips
+    fused_calls = results["fused"][1]
+    assert all(math.isinf(c) for c in fused_calls), fused_calls
+    if int(transformers.__version__.split(".")[0]) >= 5:
+        assert len(fused_calls) == MAX_STEPS, fused_calls
     assert results["torch"][1] and all(c == MAX_NORM for c in results["torch"][1])
     fused_opt = results["fused"][2]
     assert fused_opt.last_grad_norm is not None and float(fused_opt.last_grad_norm) > MAX_NORM
