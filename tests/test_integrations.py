@@ -281,6 +281,41 @@ def test_lightning_16_mixed_refuses_gradient_clip_val():
     plugin.clip_gradients(torch_opt, clip_val=MAX_NORM)  # torch's for-loop AdamW: Lightning clips
 
 
+def test_lightning_16_mixed_hands_the_scaler_to_fused_wd():
+    """fp16 AMP with a GradScaler, the plugin given explicitly (Lightning's
+    precision="16-mixed" flag picks bf16 on the CPU): Lightning leaves the
+    unscaling to fused_wd's step, which matches torch.optim.AdamW with
+    Lightning's unscale + gradient_clip_val, skipped overflow steps included."""
+    L = need("lightning")
+    from lightning.pytorch.plugins.precision import MixedPrecision
+    out = {}
+    for fused in (True, False):
+        ds, model = make_dataset(), make_model()
+
+        class Lit(L.LightningModule):
+            def __init__(self, model):
+                super().__init__()
+                self.model = model
+
+            def training_step(self, batch, batch_idx):
+                return self.model(**batch)["loss"]
+
+            def configure_optimizers(self):
+                if fused:
+                    return fused_wd.AdamW(self.parameters(), lr=3e-4, weight_decay=0.1, max_grad_norm=MAX_NORM)
+                return torch.optim.AdamW(self.parameters(), lr=3e-4, weight_decay=0.1)
+
+        plugin = MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu"))
+        trainer = L.Trainer(max_steps=MAX_STEPS, plugins=[plugin], gradient_clip_val=None if fused else MAX_NORM,
+                            logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                            enable_model_summary=False)
+        trainer.fit(Lit(model), make_loader(ds))
+        assert trainer.precision_plugin is plugin
+        out[fused] = (flat(model), plugin.scaler.get_scale())
+    assert out[True][1] == out[False][1] < 65536.0  # the same overflow steps were skipped
+    assert rel_err(out[True][0], out[False][0], flat(make_model())) < 3e-4
+
+
 # ------------------------------------------------------------ Accelerate ----
 
 def accelerate_run(kind):
