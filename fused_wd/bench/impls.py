@@ -228,8 +228,8 @@ def _make_deepspeed(params, optim, clip, hp):
 
 
 def _torchao_adamw():
-    """torchao's full-precision AdamW: `AdamW` in older releases, `_AdamW` since
-    the public name was dropped (0.18 has `_AdamW` beside the 8/4-bit ones)."""
+    """torchao's full-precision AdamW: `AdamW` where torchao.optim exports one,
+    else `_AdamW` (0.18 exports only `_AdamW` beside the 8/4-bit and fp8 ones)."""
     optim = importlib.import_module("torchao.optim")
     cls = getattr(optim, "AdamW", None) or getattr(optim, "_AdamW", None)
     if cls is None:
