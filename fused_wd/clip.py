@@ -4,7 +4,7 @@ import math
 
 import torch
 
-from fused_wd import _ext
+from fused_wd import _clip_guard, _ext
 from fused_wd import distributed as _dist
 from fused_wd._ops import group_by_device, multi_tensor_norm
 from fused_wd.optim import _local_real, _real
@@ -18,6 +18,7 @@ def clip_grad_norm_(parameters, max_norm, norm_type=2.0, error_if_nonfinite=Fals
     if isinstance(parameters, torch.Tensor):
         parameters = [parameters]
     parameters = list(parameters)
+    _clip_guard.check(parameters, max_norm, "fused_wd.clip_grad_norm_")
     norm_type = float(norm_type)
     if norm_type not in (2.0, math.inf):
         return torch.nn.utils.clip_grad_norm_(parameters, max_norm, norm_type,

@@ -33,7 +33,7 @@ from torch.optim import Optimizer
 
 import dataclasses
 
-from fused_wd import _ext, _ops
+from fused_wd import _clip_guard, _ext, _ops
 from fused_wd import distributed as _dist
 from fused_wd._ops import AdamLists, SgdLists, group_by_device, multi_tensor_norm, split_by_master
 
@@ -191,6 +191,8 @@ class _FusedOptimizer(Optimizer):
             if _scalar(group["initial_lr"], "initial_lr") == 0.0:
                 raise ValueError("weight_decay_mode='independent' divides by the initial lr, "
                                  "which is 0 here; give a nonzero lr")
+        if group["max_grad_norm"] is not None:
+            _clip_guard.mark(self, group["params"])
 
     # ------------------------------------------------------------------ step
 
@@ -324,6 +326,9 @@ class _FusedOptimizer(Optimizer):
                 if isinstance(c, torch.Tensor) and c.dtype != v.dtype and v.dtype == want:
                     cur[k] = v.to(device=c.device, copy=True)
         self._param_ids = None
+        for group in self.param_groups:
+            if group["max_grad_norm"] is not None:
+                _clip_guard.mark(self, group["params"])
 
     def _global_norm(self, per_group, grad_scale, sharded=False):
         """The pre-clip global norm over the grads of every group, unscaled;

@@ -218,9 +218,42 @@ def _make_deepspeed(params, optim, clip, hp):
         from deepspeed.ops.adam import FusedAdam as cls
     kw = dict(lr=hp.lr(optim), betas=hp.betas, eps=hp.eps, weight_decay=hp.weight_decay)
     if dev == "cpu":
-        opt = cls(params, adamw_mode=(optim == "adamw"), **kw)
+        # states in the param's dtype, as torch.optim and fused_wd keep them
+        # (DeepSpeed's default makes fp32 moments for bf16 params)
+        low = params[0].dtype in (torch.bfloat16, torch.float16)
+        opt = cls(params, adamw_mode=(optim == "adamw"), fp32_optimizer_states=not low, **kw)
     else:
         opt = cls(params, adam_w_mode=(optim == "adamw"), **kw)
+    return opt, _clip_then(params, hp, clip, opt)
+
+
+def _torchao_adamw():
+    """torchao's full-precision AdamW: `AdamW` where torchao.optim exports one,
+    else `_AdamW` (0.18 exports only `_AdamW` beside the 8/4-bit and fp8 ones)."""
+    optim = importlib.import_module("torchao.optim")
+    cls = getattr(optim, "AdamW", None) or getattr(optim, "_AdamW", None)
+    if cls is None:
+        raise ImportError("torchao.optim has neither AdamW nor _AdamW")
+    return cls
+
+
+def _check_torchao(dev, optim, dtype):
+    if optim != "adamw":
+        return "torchao.optim has a full-precision AdamW only"
+    if not _have("torchao"):
+        return "not installed: pip install torchao  (or pip install .[peers])"
+    try:
+        _torchao_adamw()
+    except Exception as e:  # noqa: BLE001
+        return f"torchao.optim unusable ({type(e).__name__}: {e})"[:200]
+    if dtype not in (torch.float32, torch.bfloat16):
+        return f"not measured for {dtype}"
+    return None
+
+
+def _make_torchao(params, optim, clip, hp):
+    # one torch.compile'd step per parameter (compiled once per shape, in the warm-up)
+    opt = _torchao_adamw()(params, lr=hp.lr(optim), betas=hp.betas, eps=hp.eps, weight_decay=hp.weight_decay)
     return opt, _clip_then(params, hp, clip, opt)
 
 
@@ -258,6 +291,7 @@ IMPLS: dict[str, Impl] = {
              half_math=True),
         Impl("reference", "fused_wd.reference", "reference", _check_reference, _make_reference),
         Impl("deepspeed", "DeepSpeed Adam", "peer", _check_deepspeed, _make_deepspeed),
+        Impl("torchao", "torchao AdamW", "peer", _check_torchao, _make_torchao),
         Impl("apex", "apex Fused*", "peer", _check_apex, _make_apex),
     ]
 }
@@ -270,7 +304,7 @@ def resolve(spec: str | None) -> list[str]:
     """'all' / None / 'fused_wd,torch-fused' -> ids, validated, in canonical order."""
     if not spec or spec.strip() == "all":
         return list(IMPLS)
-    aliases = {"torch": ["torch-fused", "torch-foreach", "torch-forloop"], "peers": ["deepspeed", "apex"],
+    aliases = {"torch": ["torch-fused", "torch-foreach", "torch-forloop"], "peers": ["deepspeed", "torchao", "apex"],
                "ref": ["reference"], "fused": ["fused_wd"]}
     out: list[str] = []
     for part in spec.split(","):
