@@ -213,17 +213,9 @@ def test_hf_trainer_optimizer_cls_and_kwargs(monkeypatch):
     assert rel_err(results["fused"][0], results["torch"][0], start) < 1e-3
 
 
-# ------------------------------------------------------------- Lightning ----
-
-def lightning_run(kind, precision="32-true"):
-    L = need("lightning")
-    ds = make_dataset()
-    model = make_model()
-    if kind == "recipe" and precision == "32-true":
-        ns = dict(model=model, train_loader=make_loader(ds), max_steps=MAX_STEPS)
-        exec(snippet("lightning"), ns)
-        return model, ds
-    fused = kind in ("recipe", "double")
+def lit_module(L, model, fused):
+    """A LightningModule training `model` with fused_wd.AdamW (clipping
+    fused) or torch's AdamW."""
 
     class Lit(L.LightningModule):
         def __init__(self, model):
@@ -238,11 +230,26 @@ def lightning_run(kind, precision="32-true"):
                 return fused_wd.AdamW(self.parameters(), lr=3e-4, weight_decay=0.1, max_grad_norm=MAX_NORM)
             return torch.optim.AdamW(self.parameters(), lr=3e-4, weight_decay=0.1)
 
+    return Lit(model)
+
+
+# ------------------------------------------------------------- Lightning ----
+
+def lightning_run(kind, precision="32-true"):
+    L = need("lightning")
+    ds = make_dataset()
+    model = make_model()
+    if kind == "recipe" and precision == "32-true":
+        ns = dict(model=model, train_loader=make_loader(ds), max_steps=MAX_STEPS)
+        exec(snippet("lightning"), ns)
+        return model, ds
+    fused = kind in ("recipe", "double")
+
     clip = MAX_NORM if kind in ("reference", "double") else None
     trainer = L.Trainer(max_steps=MAX_STEPS, gradient_clip_val=clip, precision=precision,
                         logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False)
-    trainer.fit(Lit(model), make_loader(ds))
+    trainer.fit(lit_module(L, model, fused), make_loader(ds))
     return model, ds
 
 
@@ -292,24 +299,11 @@ def test_lightning_16_mixed_hands_the_scaler_to_fused_wd():
     for fused in (True, False):
         ds, model = make_dataset(), make_model()
 
-        class Lit(L.LightningModule):
-            def __init__(self, model):
-                super().__init__()
-                self.model = model
-
-            def training_step(self, batch, batch_idx):
-                return self.model(**batch)["loss"]
-
-            def configure_optimizers(self):
-                if fused:
-                    return fused_wd.AdamW(self.parameters(), lr=3e-4, weight_decay=0.1, max_grad_norm=MAX_NORM)
-                return torch.optim.AdamW(self.parameters(), lr=3e-4, weight_decay=0.1)
-
         plugin = MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu"))
         trainer = L.Trainer(max_steps=MAX_STEPS, plugins=[plugin], gradient_clip_val=None if fused else MAX_NORM,
                             logger=False, enable_checkpointing=False, enable_progress_bar=False,
                             enable_model_summary=False)
-        trainer.fit(Lit(model), make_loader(ds))
+        trainer.fit(lit_module(L, model, fused), make_loader(ds))
         assert trainer.precision_plugin is plugin
         out[fused] = (flat(model), plugin.scaler.get_scale())
     assert out[True][1] == out[False][1] < 65536.0  # the same overflow steps were skipped
