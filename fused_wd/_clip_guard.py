@@ -29,8 +29,7 @@ import torch
 
 # id(param) -> (weakref to the param, weakref to the optimizer that clips it)
 _clipped = {}
-_state = {"installed": False, "warned": False}
-_original = {}
+_state = {"warned": False}
 
 
 def enabled():
@@ -106,13 +105,15 @@ def _warn(opt, max_norm, who):
 
 
 def install():
-    if _state["installed"]:
-        return
+    """Wrap torch.nn.utils.clip_grad_norm_, unless the wrapper is in place
+    (checked each time: a test or a library may have put another function
+    there since)."""
     import torch.nn.utils as nn_utils
     import torch.nn.utils.clip_grad as clip_mod
 
     original = nn_utils.clip_grad_norm_
-    _original["clip_grad_norm_"] = original
+    if getattr(original, "__fused_wd_guard__", False):
+        return
 
     def clip_grad_norm_(parameters, max_norm, *args, **kwargs):
         if not _state["warned"] and _clipped and not _compiling():
@@ -129,7 +130,6 @@ def install():
     for mod in (nn_utils, clip_mod):
         if getattr(mod, "clip_grad_norm_", None) is original:
             mod.clip_grad_norm_ = clip_grad_norm_
-    _state["installed"] = True
 
 
 def _compiling():

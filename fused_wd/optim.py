@@ -145,10 +145,20 @@ class _FusedOptimizer(Optimizer):
         if defaults.get("differentiable"):
             raise RuntimeError(f"fused_wd.{type(self).__name__} does not support differentiable=True")
         super().__init__(params, defaults)
-        self.last_grad_norm = None
+        # a one-slot list, written in place by step(): dynamo (torch 2.11)
+        # refuses an attribute store on the optimizer inside a compiled step
+        self._last_grad_norm = [None]
+
+    @property
+    def last_grad_norm(self):
+        """The pre-clip global norm of the last step that clipped (a 0-dim
+        tensor, unscaled), or None."""
+        box = self.__dict__.get("_last_grad_norm")
+        return None if box is None else box[0]
 
     def __setstate__(self, state):
         super().__setstate__(state)
+        self.__dict__.setdefault("_last_grad_norm", [self.__dict__.pop("last_grad_norm", None)])
         for group in self.param_groups:
             for key in _EXTRA:
                 group.setdefault(key, self.defaults.get(key, False if key in (
@@ -370,7 +380,7 @@ class _FusedOptimizer(Optimizer):
         sharded = _dist.refresh() and _dist.any_dtensor(p for pairs in per_group for p, _ in pairs)
         norm = self._global_norm(per_group, grad_scale, sharded)
         if norm is not None:
-            self.last_grad_norm = norm
+            self._last_grad_norm[0] = norm
         # Every group's lists and arguments are built and checked before the
         # first kernel runs: a step that raises changes nothing.
         plan = []

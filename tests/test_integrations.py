@@ -450,6 +450,16 @@ def test_guard_follows_the_groups_and_dies_with_the_optimizer():
     assert not warned
 
 
+def test_guard_reinstalls_after_a_replacement(monkeypatch):
+    """Something (a test's spy, another library) replaced torch's function
+    after the wrapper was installed: the next clipping optimizer wraps again."""
+    guard_setup()
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", torch.nn.utils.clip_grad_norm_.__wrapped__)
+    model, opt = guard_setup()
+    with pytest.warns(UserWarning, match=TWICE):
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+
+
 def test_guard_off_by_env(monkeypatch):
     monkeypatch.setenv("FUSED_WD_CLIP_GUARD", "0")
     model, opt = guard_setup()
