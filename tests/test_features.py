@@ -484,6 +484,10 @@ def test_opcheck(device, dtype):
     torch.library.opcheck(ops.multi_tensor_norm.default, (gs, 2.0))
     torch.library.opcheck(ops.multi_tensor_norm.default, (gs, math.inf))
     torch.library.opcheck(ops.clip_.default, ([g.clone() for g in gs], norm, 1.0))
+    partials = torch.zeros(3, dtype=torch.float64, device=device)
+    for nt in (2.0, math.inf):
+        torch.library.opcheck(ops.norm_partials_.default, (gs + [None], partials, [2, 0, 1], nt))
+        torch.library.opcheck(ops.norm_from_partials.default, (partials, nt))
     torch.library.opcheck(ops.adam_.default, (
         [p.clone() for p in ps], gs, [t.clone() for t in z], [t.clone() for t in z],
         [t.clone() for t in z], [s.clone() for s in steps], [], []),
