@@ -198,8 +198,12 @@ def test_norm_partials_do_not_depend_on_the_call(emu, norm_type):
     emu.norm_partials_(ts[2::2], halves, list(range(2, n, 2)), norm_type)
     emu.norm_partials_(ts[:1], halves, [0], norm_type)
     assert_bitwise(halves, whole, "partials in two interleaved calls")
-    want = [t.double().abs().max() if norm_type == math.inf else t.double().square().sum()
-            if t.numel() else torch.zeros((), dtype=torch.float64) for t in ts]
+    def part(t):
+        if not t.numel():
+            return torch.zeros((), dtype=torch.float64)
+        return t.double().abs().max() if norm_type == math.inf else t.double().square().sum()
+
+    want = [part(t) for t in ts]
     # per-thread opmath sums of at most 64 elements, then float64
     torch.testing.assert_close(whole, torch.stack(want), rtol=1e-6, atol=0)
     cpu = torch.full((n,), math.nan, dtype=torch.float64)
