@@ -16,6 +16,7 @@ one's ratio to the unclipped fused_wd AdamW of the same round.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import statistics
@@ -24,9 +25,10 @@ import time
 
 import torch
 
+from . import e2e
 from .bandwidth import sync
 from .presets import get_shapes, parse_count
-from .report import environment
+from .report import e2e_table, environment
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -119,6 +121,9 @@ def main(argv=None):
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--repeats", type=int, default=9)
     ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--e2e-repeats", type=int, default=0,
+                    help="also run the end-to-end small-GPT loop (fused_wd.bench.e2e, its CPU or "
+                         "GPU config) with this many interleaved rounds")
     ap.add_argument("--out", default=None, help="directory for report.md and results.json")
     args = ap.parse_args(argv)
     shapes = get_shapes(args.preset, parse_count(args.params) if args.params else None)
@@ -139,6 +144,17 @@ def main(argv=None):
         results["tables"][name] = rows
         report += [f"## AdamW, {name}", "", _table(rows), ""]
         print(f"\n{name}\n" + _table(rows), flush=True)
+    if args.e2e_repeats:
+        cfg = dataclasses.replace(e2e.PRESETS["gpu" if device.type == "cuda" else "cpu"],
+                                  repeats=args.e2e_repeats)
+        res = e2e.run_e2e(device, cfg)
+        results["e2e"] = res
+        text = e2e_table(res)
+        report += [f"## End-to-end: {res['model']}, {res['nparams'] / 1e6:.1f}M params", "",
+                   "Forward, backward and the optimizer part, per training step; \"time / "
+                   "unclipped\" is the median over rounds of the ratio to the unclipped fused_wd "
+                   "loop of the same round.", "", text, ""]
+        print("\n" + text, flush=True)
     if args.out:
         os.makedirs(args.out, exist_ok=True)
         with open(os.path.join(args.out, "report.md"), "w") as f:
