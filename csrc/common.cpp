@@ -1,5 +1,7 @@
 #include "common.h"
 
+#include <cmath>
+
 #include "fused_wd/math.h"
 
 #include <sstream>
@@ -91,6 +93,49 @@ void check_same_state_dtype(const char* op, const std::vector<ListSpec>& lists) 
                   i, "] has dtype ", first->tensors[i].scalar_type(),
                   "; the states of one param share one dtype");
   }
+}
+
+bool norm_kind(const char* op, double norm_type) {
+  const bool inf = std::isinf(norm_type) && norm_type > 0;
+  TORCH_CHECK(inf || norm_type == 2.0, op, ": norm_type must be 2.0 or inf, got ", norm_type);
+  return inf;
+}
+
+void check_partials(const char* op, const at::Tensor& partials, c10::DeviceType device_type) {
+  TORCH_CHECK(partials.device().type() == device_type, op, ": partials are on ",
+              partials.device(), ", not on a ", device_type, " device");
+  TORCH_CHECK(partials.layout() == at::kStrided && partials.dim() == 1 &&
+                  partials.is_contiguous() && partials.scalar_type() == at::kDouble,
+              op, ": partials must be a contiguous 1-D float64 tensor, got ",
+              partials.scalar_type(), " of shape ", partials.sizes());
+}
+
+NormInputs norm_inputs(const char* op, const c10::List<std::optional<at::Tensor>>& tensors,
+                       at::IntArrayRef index, int64_t nslots, const at::Device& device) {
+  TORCH_CHECK(index.size() == tensors.size(), op, ": index has ", index.size(),
+              " entries for ", tensors.size(), " tensors");
+  std::vector<bool> taken(static_cast<size_t>(nslots), false);
+  NormInputs in;
+  for (size_t j = 0; j < tensors.size(); ++j) {
+    const int64_t s = index[j];
+    TORCH_CHECK(s >= 0 && s < nslots, op, ": index[", j, "] = ", s, " is outside out (",
+                nslots, " slots)");
+    TORCH_CHECK(!taken[s], op, ": index[", j, "] = ", s, " names a slot twice");
+    taken[s] = true;
+    const std::optional<at::Tensor> t = tensors.get(j);
+    if (!t.has_value() || !t->defined() || t->numel() == 0) {
+      in.zero.push_back(s);
+      continue;
+    }
+    TORCH_CHECK(t->layout() == at::kStrided, op, ": tensors[", j,
+                "] is sparse; dense tensors only");
+    TORCH_CHECK(t->device() == device, op, ": tensors[", j, "] is on ", t->device(), ", not on ",
+                device);
+    storage_of(op, "a tensor", t->scalar_type());
+    in.present.push_back(t->is_non_overlapping_and_dense() ? *t : t->contiguous());
+    in.slot.push_back(s);
+  }
+  return in;
 }
 
 void check_scalar_tensor(const char* op, const char* name, const std::optional<at::Tensor>& t,

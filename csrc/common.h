@@ -46,6 +46,26 @@ void check_lists(const char* op, const std::vector<ListSpec>& lists, c10::Device
 // on the param's device.
 void check_steps(const char* op, at::TensorList steps, at::TensorList params);
 
+// The norm ops' arguments (schemas: csrc/schema.h). norm_kind: true for
+// inf, false for 2, an error otherwise.
+bool norm_kind(const char* op, double norm_type);
+
+// The tensors whose norm is taken: `present[k]` is the dense form of the
+// k-th defined, non-empty entry and `slot[k]` where its partial goes;
+// `zero` the slots of None or empty entries. Checks every entry (strided, on
+// `device`, a kernel dtype) and `index` (one slot in [0, nslots) per tensor,
+// no slot twice).
+struct NormInputs {
+  std::vector<at::Tensor> present;
+  std::vector<int64_t> slot, zero;
+};
+NormInputs norm_inputs(const char* op, const c10::List<std::optional<at::Tensor>>& tensors,
+                       at::IntArrayRef index, int64_t nslots, const at::Device& device);
+
+// Checks `partials` for norm_from_partials: 1-D, contiguous, float64, on a
+// device of `device_type`.
+void check_partials(const char* op, const at::Tensor& partials, c10::DeviceType device_type);
+
 // Checks one 1-element (0-dim or 1-element) optional tensor argument.
 void check_scalar_tensor(const char* op, const char* name, const std::optional<at::Tensor>& t,
                          const at::Device& device, bool allow_cpu);

@@ -11,6 +11,17 @@ constexpr const char* kSchemas[] = {
   // 0-dim tensor on that device. norm_type: 2.0 or inf. Deterministic.
   "multi_tensor_norm(Tensor[] tensors, float norm_type) -> Tensor",
 
+  // The norm in two deterministic halves (docs/design.md, "The global norm"):
+  // norm_partials_ writes the partial of tensors[j] (its sum of squares, or
+  // max |x| for inf, in float64) at out[index[j]]; a None or empty tensor
+  // writes 0. A tensor's partial depends on nothing but the tensor, so
+  // partials written one by one (as backward finishes each grad) equal those
+  // of one call over all of them, bit for bit. norm_from_partials reduces
+  // every partial of `partials` in a fixed order and returns the norm as a
+  // float32 0-dim tensor; multi_tensor_norm is the two in one.
+  "norm_partials_(Tensor?[] tensors, Tensor(a!) out, int[] index, float norm_type) -> ()",
+  "norm_from_partials(Tensor partials, float norm_type) -> Tensor",
+
   // tensors[i] *= min(1, max_norm / (total_norm + 1e-6)), the scaling of
   // torch.nn.utils.clip_grad_norm_, with total_norm read on the device.
   "clip_(Tensor(a!)[] tensors, Tensor total_norm, float max_norm) -> ()",

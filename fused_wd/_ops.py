@@ -15,6 +15,14 @@ if _ext.C is not None:
         torch._check(len(tensors) > 0, lambda: "multi_tensor_norm needs at least one tensor")
         return tensors[0].new_empty((), dtype=torch.float32)
 
+    @torch.library.register_fake("fused_wd::norm_partials_")
+    def _norm_partials_fake(tensors, out, index, norm_type):
+        return None
+
+    @torch.library.register_fake("fused_wd::norm_from_partials")
+    def _norm_from_partials_fake(partials, norm_type):
+        return partials.new_empty((), dtype=torch.float32)
+
     @torch.library.register_fake("fused_wd::clip_")
     def _clip_fake(tensors, total_norm, max_norm):
         return None
@@ -111,3 +119,18 @@ def multi_tensor_norm(tensors, norm_type=2.0):
     first = norms[0].device
     stacked = torch.stack([n.to(first, non_blocking=True) for n in norms])
     return torch.linalg.vector_norm(stacked, ord=float(norm_type))
+
+
+def norm_partials_(tensors, out, index, norm_type):
+    """torch.ops.fused_wd.norm_partials_: the partial of tensors[j] (None or
+    empty: 0) written at out[index[j]]."""
+    _ext.require()
+    torch.ops.fused_wd.norm_partials_(tensors=tensors, out=out, index=index,
+                                      norm_type=float(norm_type))
+
+
+def norm_from_partials(partials, norm_type):
+    """torch.ops.fused_wd.norm_from_partials: the norm of every partial, in
+    slot order (float32 0-dim, on the partials' device)."""
+    _ext.require()
+    return torch.ops.fused_wd.norm_from_partials(partials=partials, norm_type=float(norm_type))

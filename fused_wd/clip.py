@@ -10,6 +10,12 @@ from fused_wd._ops import group_by_device, multi_tensor_norm
 from fused_wd.optim import _local_real, _real
 
 
+def _counted_norm(entries, norm_type):
+    """The norm of the entries this rank counts (None: it counts none)."""
+    counted = [t for t in entries if t is not None]
+    return multi_tensor_norm(counted, norm_type) if counted else None
+
+
 def clip_grad_norm_(parameters, max_norm, norm_type=2.0, error_if_nonfinite=False, foreach=None):
     """Clips the gradients of `parameters` in place so that their global norm
     is at most `max_norm`, and returns the pre-clip global norm (a float32
@@ -31,7 +37,7 @@ def clip_grad_norm_(parameters, max_norm, norm_type=2.0, error_if_nonfinite=Fals
             raise RuntimeError("fused_wd.clip_grad_norm_ does not support sparse gradients")
     if _dist.refresh() and _dist.any_dtensor(grads):
         # DTensor grads (FSDP2): one local pass, one all-reduce, local scaling
-        total = _dist.global_norm(grads, norm_type, multi_tensor_norm, _real)
+        total = _dist.global_norm(grads, norm_type, _counted_norm, _real)
         grads = [_local_real(g) for g in grads]
     else:
         grads = [_real(g) for g in grads]

@@ -53,6 +53,19 @@ def local(t):
     return t._local_tensor if isinstance(t, DTensor) else t
 
 
+def reduced_after_backward(p):
+    """Whether p's grad may still be rewritten by a collective after its
+    post-accumulate-grad hook ran: a plain (non-DTensor) param while a
+    process group of more than one rank exists, as under DDP, whose
+    all-reduce averages the grads after the hooks. FSDP2's sharded DTensor
+    params run their hooks after the reduce-scatter, on the final grad."""
+    refresh()
+    if isinstance(p, DTensor):
+        return False
+    dist = torch.distributed
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
 def _describe(t):
     if isinstance(t, DTensor):
         return f"a DTensor with placements {tuple(t.placements)} on {t.device_mesh}"
@@ -147,9 +160,11 @@ def global_norm(grads, norm_type, local_norm, real=lambda t: t):
     """The global norm_type-norm (2.0 or inf) of grads spread over ranks, as a
     float32 0-dim tensor on the first grad's device, with exactly one
     all-reduce. `grads` mixes DTensors (one mesh) and plain tensors (taken as
-    replicated on every rank); `local_norm(tensors, norm_type)` is the fused
-    local pass (the optimizer's `_norm`); `real` maps a local tensor to the
-    tensor whose norm counts (view_as_real of complex)."""
+    replicated on every rank); `local_norm(entries, norm_type)` is the fused
+    local pass, given one entry per grad: the tensor whose norm counts on
+    this rank, or None for a grad this rank does not count; it returns a
+    float32 0-dim tensor, or None when nothing counts. `real` maps a local
+    tensor to the tensor whose norm counts (view_as_real of complex)."""
     import torch.distributed as dist
 
     mesh = None
@@ -177,17 +192,16 @@ def global_norm(grads, norm_type, local_norm, real=lambda t: t):
     # harmless; for a sum, a grad replicated along a reduced dim is counted
     # by the rank at coordinate 0 of that dim only.
     lead = {d: coord[d] == 0 for d in reduce_dims}
-    counted = []
-    for g, dims in zip(grads, sharded):
-        if inf or all(lead[d] for d in reduce_dims if dims is None or d not in dims):
-            counted.append(real(local(g)))
+    entries = [real(local(g)) if inf or all(lead[d] for d in reduce_dims
+                                             if dims is None or d not in dims) else None
+               for g, dims in zip(grads, sharded)]
 
     device = local(grads[0]).device
-    counted = [t for t in counted if t.numel()]
-    if counted:
-        part = local_norm(counted, norm_type).to(torch.float64)
-    else:
+    part = local_norm(entries, norm_type)
+    if part is None:
         part = torch.zeros((), dtype=torch.float64, device=device)
+    else:
+        part = part.to(torch.float64)
     if not reduce_dims:  # every grad replicated: the local norm is the norm
         return part.float().to(device)
 

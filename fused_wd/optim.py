@@ -24,6 +24,12 @@ Mixed precision (per param group; see the README's "Mixed precision"):
 Clipping does not rewrite p.grad: the clipped gradient only exists inside
 the kernel. `last_grad_norm` holds the pre-clip global norm (a 0-dim tensor,
 unscaled when a GradScaler drives the step).
+
+Optimizer-level (not per group, not in the state_dict):
+  norm_in_backward=False  gather each param's part of the global norm in a
+                        hook as backward finishes its grad, so that a clipped
+                        step makes one pass over memory; bitwise the same
+                        result (see the README's "The norm in backward")
 """
 import math
 import weakref
@@ -35,7 +41,8 @@ import dataclasses
 
 from fused_wd import _clip_guard, _ext, _ops
 from fused_wd import distributed as _dist
-from fused_wd._ops import AdamLists, SgdLists, group_by_device, multi_tensor_norm, split_by_master
+from fused_wd._norm_slots import NormSlots
+from fused_wd._ops import AdamLists, SgdLists, group_by_device, split_by_master
 
 DECAY_MODES = {"l2": 0, "decoupled": 1, "independent": 2}
 _EXTRA = ("max_grad_norm", "norm_type", "weight_decay_mode", "skip_nonfinite", "master_weights",
@@ -141,9 +148,13 @@ class _FusedOptimizer(Optimizer):
     _step_supports_amp_scaling = True
     _default_mode = "l2"
 
-    def __init__(self, params, defaults):
+    def __init__(self, params, defaults, norm_in_backward=False):
         if defaults.get("differentiable"):
             raise RuntimeError(f"fused_wd.{type(self).__name__} does not support differentiable=True")
+        if not isinstance(norm_in_backward, bool):
+            raise TypeError(f"norm_in_backward must be True or False, got {norm_in_backward!r}")
+        self._norm_in_backward = norm_in_backward
+        self._norm_slots = NormSlots(self, _local_real)
         super().__init__(params, defaults)
         # a one-slot list, written in place by step(): dynamo (torch 2.11)
         # refuses an attribute store on the optimizer inside a compiled step
@@ -156,9 +167,36 @@ class _FusedOptimizer(Optimizer):
         box = self.__dict__.get("_last_grad_norm")
         return None if box is None else box[0]
 
+    @property
+    def norm_in_backward(self):
+        """Whether hooks gather the global norm's partials during backward."""
+        return self.__dict__.get("_norm_in_backward", False)
+
+    @property
+    def norm_stats(self):
+        """How many params' partials of the global norm came from backward
+        hooks, and how many a step computed (hook not run, or its grad changed
+        since); cumulative."""
+        return dict(self._norm_slots.counts)
+
+    def remove_norm_hooks(self):
+        """Undo norm_in_backward=True: remove the hooks; steps then compute
+        the whole norm themselves (same bits)."""
+        self._norm_slots.remove()
+        self._norm_in_backward = False
+
+    def _clip_norm_type(self):
+        """The norm_type of the groups that clip (None: no group clips, or
+        they disagree, which step() reports)."""
+        types = {g["norm_type"] for g in self.param_groups if g["max_grad_norm"] is not None}
+        return types.pop() if len(types) == 1 else None
+
     def __setstate__(self, state):
         super().__setstate__(state)
         self.__dict__.setdefault("_last_grad_norm", [self.__dict__.pop("last_grad_norm", None)])
+        self.__dict__.setdefault("_norm_in_backward", False)
+        if "_norm_slots" not in self.__dict__:
+            self._norm_slots = NormSlots(self, _local_real)
         for group in self.param_groups:
             for key in _EXTRA:
                 group.setdefault(key, self.defaults.get(key, False if key in (
@@ -195,6 +233,9 @@ class _FusedOptimizer(Optimizer):
         self._param_ids = None
         super().add_param_group(param_group)
         group = self.param_groups[-1]
+        self._norm_slots.invalidate()
+        if self._norm_in_backward:
+            self._norm_slots.register(group["params"])
         if group["weight_decay_mode"] == "independent":
             lr = group["lr"]
             group.setdefault("initial_lr", lr.clone() if isinstance(lr, torch.Tensor) else lr)
@@ -342,27 +383,28 @@ class _FusedOptimizer(Optimizer):
 
     def _global_norm(self, per_group, grad_scale, sharded=False):
         """The pre-clip global norm over the grads of every group, unscaled;
-        across ranks when `sharded` (DTensors: one local pass, one all-reduce)."""
+        across ranks when `sharded` (DTensors: one local pass, one all-reduce).
+        Each param's partial comes from its slot (fused_wd/_norm_slots.py)."""
         clipping = [g for g in self.param_groups if g["max_grad_norm"] is not None]
         if not clipping:
             return None
         norm_types = {g["norm_type"] for g in clipping}
         if len(norm_types) > 1:
             raise ValueError(f"param groups that clip must share one norm_type, got {sorted(norm_types)}")
-        if sharded:
-            grads = [g for pairs in per_group for _, g in pairs]
-            norm = _dist.global_norm(grads, norm_types.pop(), self._norm, _real) if grads else None
-        else:
-            grads = [_real(g) for pairs in per_group for _, g in pairs]
-            norm = self._norm(grads, norm_types.pop()) if grads else None
-        if norm is None:
+        norm_type = norm_types.pop()
+        pairs = [pg for pairs in per_group for pg in pairs]
+        if not pairs:
             return None
+        params = [p for p, _ in pairs]
+        if sharded:
+            norm = _dist.global_norm([g for _, g in pairs], norm_type,
+                                     lambda entries, nt: self._norm_slots.norm(params, entries, nt),
+                                     _real)
+        else:
+            norm = self._norm_slots.norm(params, [_real(g) for _, g in pairs], norm_type)
         if grad_scale is not None:
             norm = norm / grad_scale.to(norm.device, non_blocking=True).reshape(())
         return norm
-
-    def _norm(self, grads, norm_type):
-        return multi_tensor_norm(grads, norm_type)
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -472,7 +514,8 @@ class _AdamBase(_FusedOptimizer):
                  amsgrad=False, *, foreach=None, maximize=False, capturable=False,
                  differentiable=False, fused=None, decoupled_weight_decay=False,
                  max_grad_norm=None, norm_type=2.0, weight_decay_mode=None, skip_nonfinite=True,
-                 master_weights=False, state_dtype=None, stochastic_rounding=False, sr_seed=None):
+                 master_weights=False, state_dtype=None, stochastic_rounding=False, sr_seed=None,
+                 norm_in_backward=False):
         _check_lr(lr)
         if not 0.0 <= _scalar(eps, "eps"):
             raise ValueError(f"Invalid epsilon value: {eps}")
@@ -491,7 +534,7 @@ class _AdamBase(_FusedOptimizer):
                         differentiable=differentiable, fused=fused,
                         decoupled_weight_decay=extras["weight_decay_mode"] != "l2", **extras,
                         **_check_mixed(master_weights, state_dtype, stochastic_rounding, sr_seed))
-        super().__init__(params, defaults)
+        super().__init__(params, defaults, norm_in_backward)
 
     def __setstate__(self, state):
         super().__setstate__(state)
@@ -555,14 +598,14 @@ class AdamW(_AdamBase):
                  amsgrad=False, *, maximize=False, foreach=None, capturable=False,
                  differentiable=False, fused=None, max_grad_norm=None, norm_type=2.0,
                  weight_decay_mode=None, skip_nonfinite=True, master_weights=False,
-                 state_dtype=None, stochastic_rounding=False, sr_seed=None):
+                 state_dtype=None, stochastic_rounding=False, sr_seed=None, norm_in_backward=False):
         super().__init__(params, lr, betas, eps, weight_decay, amsgrad, foreach=foreach,
                          maximize=maximize, capturable=capturable, differentiable=differentiable,
                          fused=fused, decoupled_weight_decay=False, max_grad_norm=max_grad_norm,
                          norm_type=norm_type, weight_decay_mode=weight_decay_mode,
                          skip_nonfinite=skip_nonfinite, master_weights=master_weights,
                          state_dtype=state_dtype, stochastic_rounding=stochastic_rounding,
-                         sr_seed=sr_seed)
+                         sr_seed=sr_seed, norm_in_backward=norm_in_backward)
 
 
 class SGD(_FusedOptimizer):
@@ -574,7 +617,7 @@ class SGD(_FusedOptimizer):
                  nesterov=False, *, maximize=False, foreach=None, differentiable=False,
                  fused=None, max_grad_norm=None, norm_type=2.0, weight_decay_mode=None,
                  skip_nonfinite=True, master_weights=False, state_dtype=None,
-                 stochastic_rounding=False, sr_seed=None):
+                 stochastic_rounding=False, sr_seed=None, norm_in_backward=False):
         _check_lr(lr)
         if _scalar(momentum, "momentum") < 0.0:
             raise ValueError(f"Invalid momentum value: {momentum}")
@@ -588,7 +631,7 @@ class SGD(_FusedOptimizer):
                         nesterov=nesterov, maximize=maximize, foreach=foreach,
                         differentiable=differentiable, fused=fused, **extras,
                         **_check_mixed(master_weights, state_dtype, stochastic_rounding, sr_seed))
-        super().__init__(params, defaults)
+        super().__init__(params, defaults, norm_in_backward)
 
     def __setstate__(self, state):
         super().__setstate__(state)

@@ -233,12 +233,11 @@ class _Reference(Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        grad_scale = getattr(self, "grad_scale", None)
-        found_inf = getattr(self, "found_inf", None)
+        # torch.optim's closure protocol; a GradScaler hands over its scale
+        # and inf flag as attributes (_step_supports_amp_scaling)
+        with torch.enable_grad():
+            loss = None if closure is None else closure()
+        grad_scale, found_inf = self.__dict__.get("grad_scale"), self.__dict__.get("found_inf")
         with_grad = [[p for p in group["params"] if p.grad is not None] for group in self.param_groups]
         norm = self._clip_norm([p.grad for ps in with_grad for p in ps], grad_scale)
         if norm is not None:

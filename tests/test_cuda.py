@@ -909,3 +909,33 @@ def test_cpu_checkpoint_into_cuda_optimizer():
     for k, v in opt.state[p].items():
         assert v.device.type == "cuda", k
     torch.testing.assert_close(p.detach().cpu(), p_cpu.detach(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("norm_type", [2.0, math.inf])
+def test_norm_in_backward_is_bitwise_and_syncs_nothing(norm_type):
+    """80 small params (batched into a few launches by the hooks) and one
+    large one (written at once): the hooks and the step do not sync with the
+    host, and the result is the default path's, bit for bit."""
+    results = []
+    for nib in (True, False):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(*[torch.nn.Linear(32, 32) for _ in range(40)],
+                                    torch.nn.Linear(32, 40000)).cuda()
+        opt = fused_wd.AdamW(model.parameters(), lr=1e-2, max_grad_norm=0.05,
+                             norm_type=norm_type, norm_in_backward=nib)
+        x = torch.randn(16, 32, device="cuda")
+        for i in range(3):
+            opt.zero_grad()
+            loss = model(x).square().mean()
+            torch.cuda.set_sync_debug_mode("error" if i else 0)  # step 0 creates the state
+            try:
+                loss.backward()
+                opt.step()
+            finally:
+                torch.cuda.set_sync_debug_mode(0)
+        results.append(([p.detach().clone() for p in model.parameters()],
+                        opt.last_grad_norm.clone(), opt.norm_stats))
+    (pa, na, sa), (pb, nb, sb) = results
+    assert torch.equal(na, nb)
+    assert all(torch.equal(a, b) for a, b in zip(pa, pb))
+    assert sa == {"from_backward": 82 * 3, "at_step": 0}

@@ -7,8 +7,8 @@ Both sides run the element math of csrc/fused_wd/math.h, compiled with FMA
 contraction off and IEEE division and sqrt, so every update (all dtypes,
 every mixed layout) must match bit for bit given the same global norm. The
 norm itself is summed in another order than the CPU's (per-chunk float64
-partials of per-thread float sums), so it is compared with a float64
-reference instead.
+partials of per-thread float sums, combined per tensor, then over the
+tensors), so it is compared with a float64 reference instead.
 
 Every tensor sits in a buffer of its own at an element offset (0 keeps the
 vector path, other offsets misalign it), between poisoned guard elements,
@@ -174,6 +174,51 @@ def test_norm_propagates_nonfinite(emu, norm_type, special):
     want = norm64(ts, norm_type)
     assert (got.isnan() and want.isnan()) or (got == want), (got, want)
     assert got.isnan() == (special != "inf")
+
+
+@pytest.mark.parametrize("norm_type", [2.0, math.inf])
+def test_norm_partials_do_not_depend_on_the_call(emu, norm_type):
+    """What norm_in_backward relies on, on the CUDA code: a tensor's partial
+    is the same bits whether it is written alone, in a batch of other dtypes
+    or in a call of more tensors than one table holds; None and empty
+    tensors write 0; the norm of the partials is multi_tensor_norm's."""
+    gen = torch.Generator().manual_seed(4)
+    sizes = [int(n) for n in torch.randint(0, 40, (120,), generator=gen)] + [50000, 16384, 0]
+    dts = itertools.cycle(DTYPES)
+    ts = [Placed(rand((n,), next(dts), gen), i % 4).make() for i, n in enumerate(sizes)]
+    n = len(ts)
+    whole = torch.full((n,), math.nan, dtype=torch.float64)
+    emu.norm_partials_(ts, whole, list(range(n)), norm_type)
+    single = torch.full((n,), math.nan, dtype=torch.float64)
+    for i in range(n - 1, -1, -1):
+        emu.norm_partials_([ts[i]], single, [i], norm_type)
+    assert_bitwise(single, whole, "partials one by one")
+    halves = torch.full((n,), math.nan, dtype=torch.float64)
+    emu.norm_partials_(ts[1::2] + [None], halves, list(range(1, n, 2)) + [0], norm_type)
+    emu.norm_partials_(ts[2::2], halves, list(range(2, n, 2)), norm_type)
+    emu.norm_partials_(ts[:1], halves, [0], norm_type)
+    assert_bitwise(halves, whole, "partials in two interleaved calls")
+    def part(t):
+        if not t.numel():
+            return torch.zeros((), dtype=torch.float64)
+        return t.double().abs().max() if norm_type == math.inf else t.double().square().sum()
+
+    want = [part(t) for t in ts]
+    # per-thread opmath sums of at most 64 elements, then float64
+    torch.testing.assert_close(whole, torch.stack(want), rtol=1e-6, atol=0)
+    cpu = torch.full((n,), math.nan, dtype=torch.float64)
+    CPU.norm_partials_(ts, cpu, list(range(n)), norm_type)
+    torch.testing.assert_close(whole, cpu, rtol=1e-6, atol=0)
+    norm = emu.norm_from_partials(whole, norm_type)
+    assert_bitwise(norm, emu.multi_tensor_norm(ts, norm_type), "norm of the partials")
+    torch.testing.assert_close(norm, norm64(ts, norm_type), rtol=2e-6, atol=0)
+
+
+def test_norm_from_partials_of_nothing_is_zero(emu):
+    assert emu.norm_from_partials(torch.zeros(0, dtype=torch.float64), 2.0).item() == 0.0
+    out = torch.full((3,), math.nan, dtype=torch.float64)
+    emu.norm_partials_([None, torch.zeros(0)], out, [2, 0], 2.0)
+    assert out[0] == 0 and out[2] == 0 and out[1].isnan()
 
 
 def test_norm_refuses_empty_list(emu):

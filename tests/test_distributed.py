@@ -207,6 +207,30 @@ def scenario_ddp(rank, world, out):
     return dict(params=_full(model.parameters()), norms=norms, counts=counts)
 
 
+def _nib_pair(rank, world, build):
+    """The same training with norm_in_backward on and off: each one's params,
+    norms and norm_stats."""
+    out = {}
+    for nib in (True, False):
+        model = build()
+        opt = fused_wd.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1, max_grad_norm=0.05,
+                             norm_in_backward=nib)
+        norms, _ = _train(model, opt, range(STEPS), rank, world)
+        out[nib] = dict(params=_full(model.parameters()), norms=norms, stats=opt.norm_stats)
+    return out
+
+
+def scenario_nib_fsdp(rank, world, out):
+    from torch.distributed.device_mesh import init_device_mesh
+    mesh = init_device_mesh("cpu", (world,))
+    return _nib_pair(rank, world, lambda: _fsdp_model(mesh))
+
+
+def scenario_nib_ddp(rank, world, out):
+    from torch.nn.parallel import DistributedDataParallel
+    return _nib_pair(rank, world, lambda: DistributedDataParallel(make_model()))
+
+
 def _mixed(mesh_shape, placements):
     """One clipped step over params of several layouts on one mesh (None: a
     plain, replicated tensor): each grad must be counted exactly once."""
@@ -448,7 +472,7 @@ class World:
 
 
 WORLD2 = ["clip_grad_norm", "fsdp_adamw_l2", "fsdp_adamw_inf", "fsdp_sgd", "ddp", "mixed", "nonfinite",
-          "hsdp_2x1", "hsdp_1x2", "dcp", "refused"]
+          "hsdp_2x1", "hsdp_1x2", "dcp", "refused", "nib_fsdp", "nib_ddp"]
 
 
 @pytest.fixture(scope="module")
@@ -497,6 +521,30 @@ def test_clip_grad_norm_on_fsdp2_grads(world2):
 
 def test_ddp_matches_with_no_collective_in_the_step(world2):
     _check_against_reference(world2.result("ddp"), "adamw_l2", [])
+
+
+def _same_bits(a, b):
+    assert torch.equal(a["norms"], b["norms"])
+    assert len(a["params"]) == len(b["params"])
+    for x, y in zip(a["params"], b["params"]):
+        assert torch.equal(x, y)
+
+
+def test_norm_in_backward_on_fsdp2_uses_the_hooks_and_matches_bitwise(world2):
+    """FSDP2 runs the hooks of its sharded params after the reduce-scatter:
+    the parts come from backward (local shards), the step's all-reduce
+    remains."""
+    for r in world2.result("nib_fsdp"):
+        _same_bits(r[True], r[False])
+        assert r[True]["stats"] == {"from_backward": 6 * STEPS, "at_step": 0}
+
+
+def test_norm_in_backward_under_ddp_falls_back_and_matches_bitwise(world2):
+    """DDP averages the grads after the hooks ran: the hooks leave them alone
+    and the step computes every part."""
+    for r in world2.result("nib_ddp"):
+        _same_bits(r[True], r[False])
+        assert r[True]["stats"] == {"from_backward": 0, "at_step": 6 * STEPS}
 
 
 @pytest.mark.parametrize("shape", ["2x1", "1x2"])

@@ -156,14 +156,19 @@ for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
 """
 
 
+def run_python(code, *args, timeout=120, **env):
+    """`python -c code args` in a fresh interpreter with `env` added to the
+    environment; the CompletedProcess (text output)."""
+    return subprocess.run([sys.executable, "-c", code, *args], env=dict(os.environ, **env),
+                          capture_output=True, text=True, timeout=timeout)
+
+
 @functools.lru_cache(maxsize=None)
 def run_on_isa(isa, script, *args, timeout=120):
     """The output lines after the first of `script` run with
     FUSED_WD_CPU_ISA=isa (the script prints the ISA it got first), or None
     when this CPU lacks the ISA."""
-    env = dict(os.environ, FUSED_WD_CPU_ISA=isa)
-    r = subprocess.run([sys.executable, "-c", script, *args], env=env, capture_output=True,
-                       text=True, timeout=timeout)
+    r = run_python(script, *args, timeout=timeout, FUSED_WD_CPU_ISA=isa)
     if r.returncode != 0 and "lacks" in r.stderr:
         assert isa != "base", r.stderr
         return None
@@ -259,9 +264,7 @@ def test_16_bit_rounding_matches_torch_on_every_isa():
 
 
 def test_bad_isa_env_is_a_clear_error():
-    env = dict(os.environ, FUSED_WD_CPU_ISA="sse9")
-    r = subprocess.run([sys.executable, "-c", "import fused_wd; fused_wd._ext.C.cpu_isa()"],
-                       env=env, capture_output=True, text=True, timeout=120)
+    r = run_python("import fused_wd; fused_wd._ext.C.cpu_isa()", FUSED_WD_CPU_ISA="sse9")
     assert r.returncode != 0 and "FUSED_WD_CPU_ISA must be" in r.stderr
 
 
@@ -484,6 +487,10 @@ def test_opcheck(device, dtype):
     torch.library.opcheck(ops.multi_tensor_norm.default, (gs, 2.0))
     torch.library.opcheck(ops.multi_tensor_norm.default, (gs, math.inf))
     torch.library.opcheck(ops.clip_.default, ([g.clone() for g in gs], norm, 1.0))
+    partials = torch.zeros(3, dtype=torch.float64, device=device)
+    for nt in (2.0, math.inf):
+        torch.library.opcheck(ops.norm_partials_.default, (gs + [None], partials, [2, 0, 1], nt))
+        torch.library.opcheck(ops.norm_from_partials.default, (partials, nt))
     torch.library.opcheck(ops.adam_.default, (
         [p.clone() for p in ps], gs, [t.clone() for t in z], [t.clone() for t in z],
         [t.clone() for t in z], [s.clone() for s in steps], [], []),
@@ -565,7 +572,7 @@ def test_missing_extension_is_a_clear_message():
             "import torch\n"
             "p = torch.nn.Parameter(torch.ones(2)); p.grad = torch.ones(2)\n"
             "try:\n    fused_wd.AdamW([p]).step()\nexcept RuntimeError as e:\n    print('ERR', e)\n")
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    r = run_python(code)
     assert r.returncode == 0, r.stderr
     assert "could not be loaded" in r.stdout and "pip install --no-build-isolation" in r.stdout
     assert "ERR fused_wd: the compiled extension" in r.stdout
@@ -577,7 +584,7 @@ def test_extension_built_for_another_torch_is_named():
             "with warnings.catch_warnings(record=True) as w:\n"
             "    warnings.simplefilter('always'); importlib.reload(ext)\n"
             "print(w[0].message)\n")
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    r = run_python(code)
     assert r.returncode == 0, r.stderr
     assert "built against torch 2.0.0+old" in r.stdout and torch.__version__ in r.stdout
     assert "pip install --no-build-isolation" in r.stdout

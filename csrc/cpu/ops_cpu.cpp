@@ -117,36 +117,73 @@ Layout layout_of(const char* op, const at::Tensor& p, const at::Tensor& state, b
 
 // ------------------------------------------------------------------ norm
 
-at::Tensor multi_tensor_norm(at::TensorList tensors, double norm_type) {
-  const char* op = "fused_wd.multi_tensor_norm";
-  TORCH_CHECK(!tensors.empty(), op, ": needs at least one tensor");
-  const bool inf = std::isinf(norm_type) && norm_type > 0;
-  TORCH_CHECK(inf || norm_type == 2.0, op, ": norm_type must be 2.0 or inf, got ", norm_type);
-  for (size_t i = 0; i < tensors.size(); ++i) {
-    const at::Tensor& t = tensors[i];
-    TORCH_CHECK(t.layout() == at::kStrided, op, ": tensors[", i, "] is sparse; dense tensors only");
-    TORCH_CHECK(t.device().is_cpu(), op, ": tensors[", i, "] is on ", t.device(), ", not the CPU");
-    storage_of(op, "a tensor", t.scalar_type());
-  }
-  std::vector<at::Tensor> dense;
-  dense.reserve(tensors.size());
-  for (const auto& t : tensors) dense.push_back(t.is_non_overlapping_and_dense() ? t : t.contiguous());
+// The partial of each tensor (float64): the partials of its chunks (fixed
+// size, computed in parallel), combined in chunk order. It depends on the
+// tensor alone, never on the list it came in or the thread count.
+std::vector<double> tensor_partials(const char* op, const std::vector<at::Tensor>& dense, bool inf) {
   const auto items = make_items(dense);
-  std::vector<double> partial(items.size());
+  std::vector<double> chunk(items.size());
   const KernelTable& k = table();
   at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t b, int64_t e) {
     for (int64_t j = b; j < e; ++j) {
       const Item& it = items[j];
       const at::Tensor& t = dense[it.tensor];
       const Storage st = storage_of(op, "a tensor", t.scalar_type());
-      partial[j] = inf ? k.absmax(st, t.data_ptr(), it.begin, it.end)
-                       : k.sumsq(st, t.data_ptr(), it.begin, it.end);
+      chunk[j] = inf ? k.absmax(st, t.data_ptr(), it.begin, it.end)
+                     : k.sumsq(st, t.data_ptr(), it.begin, it.end);
     }
   });
+  std::vector<double> out(dense.size(), 0.0);
+  for (size_t j = 0; j < items.size(); ++j) {
+    double& acc = out[items[j].tensor];
+    acc = inf ? nan_max(chunk[j], acc) : acc + chunk[j];
+  }
+  return out;
+}
+
+// The norm of n partials, combined in index order.
+at::Tensor reduce_partials(const double* partials, int64_t n, bool inf) {
   double total = 0.0;
-  for (double v : partial) total = inf ? nan_max(v, total) : total + v;
+  for (int64_t i = 0; i < n; ++i) total = inf ? nan_max(partials[i], total) : total + partials[i];
   const double norm = inf ? total : std::sqrt(total);
   return at::scalar_tensor(static_cast<float>(norm), at::TensorOptions().dtype(at::kFloat));
+}
+
+at::Tensor multi_tensor_norm(at::TensorList tensors, double norm_type) {
+  const char* op = "fused_wd.multi_tensor_norm";
+  TORCH_CHECK(!tensors.empty(), op, ": needs at least one tensor");
+  const bool inf = norm_kind(op, norm_type);
+  std::vector<int64_t> index(tensors.size());
+  c10::List<std::optional<at::Tensor>> opt;
+  for (size_t i = 0; i < tensors.size(); ++i) {
+    index[i] = static_cast<int64_t>(i);
+    opt.push_back(tensors[i]);
+  }
+  const NormInputs in = norm_inputs(op, opt, index, static_cast<int64_t>(tensors.size()),
+                                    at::Device(at::kCPU));
+  std::vector<double> all(tensors.size(), 0.0);
+  const std::vector<double> part = tensor_partials(op, in.present, inf);
+  for (size_t k = 0; k < part.size(); ++k) all[in.slot[k]] = part[k];
+  return reduce_partials(all.data(), static_cast<int64_t>(all.size()), inf);
+}
+
+void norm_partials_(const c10::List<std::optional<at::Tensor>>& tensors, at::Tensor& out,
+                    at::IntArrayRef index, double norm_type) {
+  const char* op = "fused_wd.norm_partials_";
+  const bool inf = norm_kind(op, norm_type);
+  check_partials(op, out, c10::DeviceType::CPU);
+  const NormInputs in = norm_inputs(op, tensors, index, out.numel(), out.device());
+  const std::vector<double> part = tensor_partials(op, in.present, inf);
+  double* o = out.data_ptr<double>();
+  for (int64_t s : in.zero) o[s] = 0.0;
+  for (size_t k = 0; k < part.size(); ++k) o[in.slot[k]] = part[k];
+}
+
+at::Tensor norm_from_partials(const at::Tensor& partials, double norm_type) {
+  const char* op = "fused_wd.norm_from_partials";
+  const bool inf = norm_kind(op, norm_type);
+  check_partials(op, partials, c10::DeviceType::CPU);
+  return reduce_partials(partials.data_ptr<double>(), partials.numel(), inf);
 }
 
 // ------------------------------------------------------------------ clip
@@ -294,6 +331,8 @@ void sgd(const SgdCall& c) {
 
 TORCH_LIBRARY_IMPL(fused_wd, CPU, m) {
   m.impl("multi_tensor_norm", &fused_wd::cpu::multi_tensor_norm);
+  m.impl("norm_partials_", &fused_wd::cpu::norm_partials_);
+  m.impl("norm_from_partials", &fused_wd::cpu::norm_from_partials);
   m.impl("clip_", &fused_wd::cpu::clip_);
   m.impl("adam_", &fused_wd::adam_op<fused_wd::cpu::adam>);
   m.impl("sgd_", &fused_wd::sgd_op<fused_wd::cpu::sgd>);

@@ -1,11 +1,13 @@
-// multi_tensor_norm and clip_ on CUDA.
+// The norm ops and clip_ on CUDA.
 //
-// The norm is a deterministic two-stage reduction: every chunk (block) of
-// every tensor writes one float64 partial (sum of squares, or max |x|) at its
-// own slot of a scratch buffer, slots numbered in a fixed order (dtype
-// bucket, tensor, chunk); a single-block kernel then reduces the partials in
-// a fixed order and writes the float32 result. No atomics: the same inputs
-// give the same bits on every run, whatever the scheduling.
+// A tensor's partial (sum of squares, or max |x|, in float64) is a fixed
+// two-stage reduction: every chunk (block) writes one float64 partial at its
+// own slot of a scratch buffer, then one block per tensor combines that
+// tensor's chunk partials in a fixed shape. The norm is a third fixed-shape
+// reduction, by one block, over the partials in slot order. No atomics, and a
+// tensor's partial depends on the tensor alone (not on the other tensors of
+// the call, the dtype buckets or the tables), so partials written one param
+// at a time during backward equal those of one call over every grad.
 #include <cmath>
 #include <limits>
 
@@ -61,7 +63,24 @@ __global__ void __launch_bounds__(kThreads)
   if (threadIdx.x == 0) partials[blockIdx.x] = r;
 }
 
-// Stage 2: one block reduces the n partials in a fixed order.
+// Stage 2: block s combines the chunk partials of table slot s (thread j:
+// chunks j, j + kThreads, ... in order, then the block tree) and writes the
+// tensor's partial at out[tab.id[s]].
+template <bool INF>
+__global__ void __launch_bounds__(kThreads)
+    tensor_partials_kernel(ChunkTable<1> tab, const double* __restrict__ chunk_partials,
+                           double* __restrict__ out) {
+  __shared__ double sh[kThreads];
+  const int s = static_cast<int>(blockIdx.x);
+  const int64_t nc = (tab.numel[s] + kChunk - 1) / kChunk;
+  const double* part = chunk_partials + tab.chunk_start[s];
+  double acc = 0.0;
+  for (int64_t c = threadIdx.x; c < nc; c += kThreads) acc = combine<INF>(part[c], acc);
+  const double r = block_reduce<INF, kThreads>(acc, sh);
+  if (threadIdx.x == 0) out[tab.id[s]] = r;
+}
+
+// The norm: one block reduces the n partials in a fixed order.
 template <bool INF>
 __global__ void __launch_bounds__(kFinalThreads)
     norm_final_kernel(const double* __restrict__ partials, int64_t n, float* __restrict__ out) {
@@ -84,10 +103,12 @@ __global__ void __launch_bounds__(kThreads) clip_kernel(ChunkTable<1> tab, Scala
   for_each_element<scalar_t, 1, 1u>(p, pos.n, [&](T(&x)[1]) { x[0] = x[0] * coef; });
 }
 
+// Packs dense (grouped by dtype) into tables and calls per_table(dtype,
+// table, nchunks) for each; entry k carries id ids[k] when ids is given.
 template <typename PerTable>
-void for_each_bucket_table(const std::vector<at::Tensor>& dense,
-                           const std::vector<std::vector<int64_t>>& groups, PerTable&& per_table) {
-  for (const auto& idx : groups) {
+void for_each_bucket_table(const std::vector<at::Tensor>& dense, const std::vector<int64_t>* ids,
+                           PerTable&& per_table) {
+  for (const auto& idx : group_by_dtype(dense)) {
     const at::ScalarType st = dense[idx[0]].scalar_type();
     for_each_table<1>(
         static_cast<int64_t>(idx.size()),
@@ -96,10 +117,49 @@ void for_each_bucket_table(const std::vector<at::Tensor>& dense,
           Entry<1> e;
           e.numel = t.numel();
           e.ptr[0] = e.numel ? t.data_ptr() : nullptr;
+          if (ids) e.id = static_cast<uint32_t>((*ids)[idx[k]]);
           return e;
         },
         [&](const ChunkTable<1>& tab, int nchunks) { per_table(st, tab, nchunks); });
   }
+}
+
+// Writes the partial of every tensor of `in` at its slot of `out` (and 0 at
+// the slots of None or empty entries), on `stream`.
+void write_partials(const NormInputs& in, bool inf, at::Tensor& out, Stream stream) {
+  TORCH_CHECK(out.numel() <= static_cast<int64_t>(UINT32_MAX), "fused_wd: more than 2^32 norm slots");
+  if (!in.zero.empty()) {
+    if (in.zero.size() + in.present.size() == static_cast<size_t>(out.numel()))
+      out.zero_();
+    else
+      for (int64_t s : in.zero) out.narrow(0, s, 1).zero_();
+  }
+  if (in.present.empty()) return;
+  int64_t total_chunks = 0;
+  for (const auto& t : in.present) total_chunks += (t.numel() + kChunk - 1) / kChunk;
+  at::Tensor chunk = scratch(total_chunks, out.options());
+  double* base = chunk.data_ptr<double>();
+  double* dst = out.data_ptr<double>();
+  int64_t offset = 0;
+  for_each_bucket_table(in.present, &in.slot, [&](at::ScalarType st, const ChunkTable<1>& tab, int nchunks) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, st, "fused_wd_norm", [&] {
+      launch(inf ? norm_partials_kernel<scalar_t, true> : norm_partials_kernel<scalar_t, false>,
+             nchunks, kThreads, stream, tab, base + offset);
+    });
+    launch(inf ? tensor_partials_kernel<true> : tensor_partials_kernel<false>, tab.ntensors,
+           kThreads, stream, tab, static_cast<const double*>(base + offset), dst);
+    offset += nchunks;
+  });
+  TORCH_INTERNAL_ASSERT(offset == total_chunks);
+}
+
+// The norm of `partials` as a float32 0-dim tensor.
+at::Tensor reduce_partials(const at::Tensor& partials, bool inf, Stream stream) {
+  at::Tensor out = at::empty({}, partials.options().dtype(at::kFloat));
+  launch(inf ? norm_final_kernel<true> : norm_final_kernel<false>, 1, kFinalThreads, stream,
+         static_cast<const double*>(partials.data_ptr<double>()), partials.numel(),
+         out.data_ptr<float>());
+  return out;
 }
 
 }  // namespace
@@ -107,36 +167,41 @@ void for_each_bucket_table(const std::vector<at::Tensor>& dense,
 at::Tensor multi_tensor_norm(at::TensorList tensors, double norm_type) {
   const char* op = "fused_wd::multi_tensor_norm";
   TORCH_CHECK(!tensors.empty(), op, ": got an empty list of tensors");
-  const bool inf = std::isinf(norm_type) && norm_type > 0;
-  TORCH_CHECK(inf || norm_type == 2.0, op, ": norm_type must be 2 or inf, got ", norm_type);
+  const bool inf = norm_kind(op, norm_type);
   const std::vector<ListSpec> specs = {{"tensors", tensors, false, false}};
   check_lists(op, specs, kDeviceType);
   const at::Device device = tensors[0].device();
+  const int64_t n = static_cast<int64_t>(tensors.size());
+  std::vector<int64_t> index(tensors.size());
+  c10::List<std::optional<at::Tensor>> opt;
+  for (int64_t i = 0; i < n; ++i) {
+    index[i] = i;
+    opt.push_back(tensors[i]);
+  }
+  const NormInputs in = norm_inputs(op, opt, index, n, device);
   DeviceGuard guard(device);
   Stream stream = current_stream(device);
+  at::Tensor partials = scratch(n, tensors[0].options().dtype(at::kDouble));
+  write_partials(in, inf, partials, stream);
+  return reduce_partials(partials, inf, stream);
+}
 
-  DenseLists dl = make_dense(specs);
-  const std::vector<at::Tensor>& dense = dl.dense[0];
-  const auto groups = group_by_dtype(dense);
+void norm_partials_(const c10::List<std::optional<at::Tensor>>& tensors, at::Tensor& out,
+                    at::IntArrayRef index, double norm_type) {
+  const char* op = "fused_wd::norm_partials_";
+  const bool inf = norm_kind(op, norm_type);
+  check_partials(op, out, kDeviceType);
+  const NormInputs in = norm_inputs(op, tensors, index, out.numel(), out.device());
+  DeviceGuard guard(out.device());
+  write_partials(in, inf, out, current_stream(out.device()));
+}
 
-  int64_t total_chunks = 0;
-  for (const auto& t : dense) total_chunks += (t.numel() + kChunk - 1) / kChunk;
-  at::Tensor partials = scratch(std::max<int64_t>(total_chunks, 1), dense[0].options().dtype(at::kDouble));
-  at::Tensor out = at::empty({}, dense[0].options().dtype(at::kFloat));
-
-  double* base = partials.data_ptr<double>();
-  int64_t offset = 0;
-  for_each_bucket_table(dense, groups, [&](at::ScalarType st, const ChunkTable<1>& tab, int nchunks) {
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, st, "fused_wd_norm", [&] {
-      launch(inf ? norm_partials_kernel<scalar_t, true> : norm_partials_kernel<scalar_t, false>,
-             nchunks, kThreads, stream, tab, base + offset);
-    });
-    offset += nchunks;
-  });
-  TORCH_INTERNAL_ASSERT(offset == total_chunks);
-  launch(inf ? norm_final_kernel<true> : norm_final_kernel<false>, 1, kFinalThreads, stream, base,
-         total_chunks, out.data_ptr<float>());
-  return out;
+at::Tensor norm_from_partials(const at::Tensor& partials, double norm_type) {
+  const char* op = "fused_wd::norm_from_partials";
+  const bool inf = norm_kind(op, norm_type);
+  check_partials(op, partials, kDeviceType);
+  DeviceGuard guard(partials.device());
+  return reduce_partials(partials, inf, current_stream(partials.device()));
 }
 
 void clip_(at::TensorList tensors, const at::Tensor& total_norm, double max_norm) {
@@ -152,8 +217,7 @@ void clip_(at::TensorList tensors, const at::Tensor& total_norm, double max_norm
   const float mn = static_cast<float>(max_norm);
 
   DenseLists dl = make_dense(specs);
-  const auto groups = group_by_dtype(dl.dense[0]);
-  for_each_bucket_table(dl.dense[0], groups, [&](at::ScalarType st, const ChunkTable<1>& tab, int nchunks) {
+  for_each_bucket_table(dl.dense[0], nullptr, [&](at::ScalarType st, const ChunkTable<1>& tab, int nchunks) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, st, "fused_wd_clip", [&] {
       launch(clip_kernel<scalar_t>, nchunks, kThreads, stream, tab, norm, mn);
     });

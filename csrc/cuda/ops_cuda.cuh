@@ -4,6 +4,7 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <torch/library.h>
 
 #include "common.h"
 
@@ -12,11 +13,27 @@ namespace cuda {
 
 at::Tensor multi_tensor_norm(at::TensorList tensors, double norm_type);
 
+void norm_partials_(const c10::List<std::optional<at::Tensor>>& tensors, at::Tensor& out,
+                    at::IntArrayRef index, double norm_type);
+
+at::Tensor norm_from_partials(const at::Tensor& partials, double norm_type);
+
 void clip_(at::TensorList tensors, const at::Tensor& total_norm, double max_norm);
 
 void adam(const AdamCall& c);
 
 void sgd(const SgdCall& c);
+
+// The kernels of every op, for a TORCH_LIBRARY_IMPL block: fused_wd's for
+// the CUDA key (register.cu), fused_wd_emu's for the host build (csrc/emu).
+inline void impl_ops(torch::Library& m) {
+  m.impl("multi_tensor_norm", &multi_tensor_norm);
+  m.impl("norm_partials_", &norm_partials_);
+  m.impl("norm_from_partials", &norm_from_partials);
+  m.impl("clip_", &clip_);
+  m.impl("adam_", &adam_op<adam>);
+  m.impl("sgd_", &sgd_op<sgd>);
+}
 
 }  // namespace cuda
 }  // namespace fused_wd

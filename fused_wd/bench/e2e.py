@@ -6,7 +6,9 @@ same batches): forward, backward, then the optimizer part that differs:
 - torch AdamW (torch's default for this device: for-loop on CPU, foreach on
   GPU) after ``torch.nn.utils.clip_grad_norm_``;
 - torch AdamW(fused=True) after ``clip_grad_norm_``;
-- ``fused_wd.AdamW(max_grad_norm=...)``: clipping inside the step.
+- ``fused_wd.AdamW(max_grad_norm=...)``: clipping inside the step;
+- the same with ``norm_in_backward=True``: the norm gathered during backward;
+- ``fused_wd.AdamW`` without clipping: what a clipped step should cost.
 
 Rounds are interleaved like the optimizer tables; the median over rounds is
 reported, with the time of the optimizer part measured inside the same loop.
@@ -110,10 +112,17 @@ def _contenders(cfg: E2EConfig, device: torch.device):
     out["torch-fused"] = ("torch AdamW(fused=True) + clip_grad_norm_", torch_make({"fused": True}))
     fw = import_fused_wd()
     if fw is not None:
-        def fw_make(m):
-            opt = fw.AdamW(m.parameters(), **kw, max_grad_norm=cfg.max_grad_norm)
-            return opt, opt.step
-        out["fused_wd"] = ("fused_wd.AdamW(max_grad_norm=...)", fw_make)
+        def fw_make(**extra):
+            def make(m):
+                opt = fw.AdamW(m.parameters(), **kw, **extra)
+                return opt, opt.step
+            return make
+        out["fused_wd"] = ("fused_wd.AdamW(max_grad_norm=...)",
+                           fw_make(max_grad_norm=cfg.max_grad_norm))
+        out["fused_wd-nib"] = ("fused_wd.AdamW(max_grad_norm=..., norm_in_backward=True)",
+                               fw_make(max_grad_norm=cfg.max_grad_norm, norm_in_backward=True))
+        out["fused_wd-noclip"] = ("fused_wd.AdamW, no clipping (the floor of a clipped step)",
+                                  fw_make())
     return out
 
 
@@ -191,6 +200,10 @@ def run_e2e(device: torch.device, cfg: E2EConfig, progress=None, seed: int = 0) 
             row["speedup_vs_torch_default"] = ref / row["median_step_s"]
         if "torch-fused" in rows:
             row["speedup_vs_torch_fused"] = rows["torch-fused"]["median_step_s"] / row["median_step_s"]
+        if "fused_wd-noclip" in rows:
+            # paired by round: each round ran every contender back to back
+            row["time_vs_unclipped"] = statistics.median(
+                a / b for a, b in zip(row["step_s"], rows["fused_wd-noclip"]["step_s"]))
     return {
         "model": f"GPT, d={cfg.d_model}, {cfg.n_layer} layers, {cfg.n_head} heads, vocab {cfg.vocab}, "
                  f"seq {cfg.seq}, batch {cfg.batch}",

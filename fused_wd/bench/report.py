@@ -250,10 +250,11 @@ def e2e_table(e2e: dict) -> str:
         rows.append([r["label"], _ms(r["median_step_s"]), f"{_ms(r['min_step_s'])}-{_ms(r['max_step_s'])}",
                      f"{r['steps_per_s']:.2f}", _num(r.get("speedup_vs_torch_default"), "{:.2f}"),
                      _num(r.get("speedup_vs_torch_fused"), "{:.2f}"),
+                     _num(r.get("time_vs_unclipped"), "{:.3f}"),
                      _ms(r.get("opt_median_s")) if r.get("opt_median_s") is not None else "n/a",
                      f"{r['final_loss']:.4f}"])
     return table(["training loop", "step ms", "min-max ms", "steps/s", "x torch default", "x torch fused",
-                  "clip+step ms", "final loss"], rows)
+                  "time / unclipped", "clip+step ms", "final loss"], rows)
 
 
 def _header_rows(res: dict) -> list:

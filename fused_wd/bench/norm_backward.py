@@ -1,0 +1,167 @@
+"""The clipped step with the global norm gathered in backward
+(norm_in_backward=True) against the unclipped step, side by side in one
+process:
+
+    python -m fused_wd.bench.norm_backward [--preset cpu-50m] [--dtype fp32,bf16]
+
+Every contender steps its own copy of the same params (a preset's shapes)
+after the same backward: `torch.autograd.backward(params, grads)` with fixed
+grads, so that autograd runs each param's AccumulateGrad and its hooks as in
+training, and backward itself is as cheap as a backward can be (a copy into
+.grad). Per round and contender: zero_grad(set_to_none=True), backward
+(timed), step (timed, clipping included). Rounds are interleaved and the
+order rotates. Reported: median times, and the median over rounds of each
+one's ratio to the unclipped fused_wd AdamW of the same round.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+from . import e2e
+from .bandwidth import sync
+from .presets import get_shapes, parse_count
+from .report import e2e_table, environment
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def _contenders(max_norm):
+    import fused_wd
+
+    def fw(**kw):
+        def make(params):
+            opt = fused_wd.AdamW(params, lr=1e-3, weight_decay=0.01, **kw)
+            return opt, opt.step
+        return make
+
+    def torch_fused(params):
+        opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.01, fused=True)
+
+        def step():
+            torch.nn.utils.clip_grad_norm_(params, max_norm)
+            opt.step()
+        return opt, step
+
+    return {
+        "fused_wd, no clip": fw(),
+        "fused_wd + clip (norm at the step)": fw(max_grad_norm=max_norm),
+        "fused_wd + clip, norm_in_backward=True": fw(max_grad_norm=max_norm, norm_in_backward=True),
+        "torch fused + clip_grad_norm_": torch_fused,
+    }
+
+
+def run(shapes, dtype, device, repeats, warmup, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    init = [torch.randn(s, generator=gen).to(device=device, dtype=dtype) for s in shapes]
+    grads = [torch.randn(s, generator=gen).to(device=device, dtype=dtype) for s in shapes]
+    norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.double()) for g in grads]))
+    max_norm = 0.5 * float(norm)  # every step clips
+    rows = []
+    for name, make in _contenders(max_norm).items():
+        params = [p.clone().requires_grad_(True) for p in init]
+        opt, step = make(params)
+        rows.append(dict(name=name, params=params, opt=opt, step=step, bwd=[], stp=[]))
+
+    def one(r, record):
+        r["opt"].zero_grad(set_to_none=True)
+        sync(device)
+        t0 = time.perf_counter()
+        torch.autograd.backward(r["params"], grads)
+        sync(device)
+        t1 = time.perf_counter()
+        r["step"]()
+        sync(device)
+        t2 = time.perf_counter()
+        if record:
+            r["bwd"].append(t1 - t0)
+            r["stp"].append(t2 - t1)
+
+    for _ in range(warmup):
+        for r in rows:
+            one(r, False)
+    for k in range(repeats):
+        for r in rows[k % len(rows):] + rows[:k % len(rows)]:
+            one(r, True)
+    base = rows[0]
+    out = []
+    for r in rows:
+        out.append(dict(
+            name=r["name"], step_ms=1e3 * statistics.median(r["stp"]),
+            backward_ms=1e3 * statistics.median(r["bwd"]),
+            step_vs_unclipped=statistics.median(a / b for a, b in zip(r["stp"], base["stp"])),
+            iteration_vs_unclipped=statistics.median(
+                (a + c) / (b + d) for a, b, c, d in zip(r["stp"], base["stp"], r["bwd"], base["bwd"])),
+            norm_stats=getattr(r["opt"], "norm_stats", None)))
+    return out
+
+
+def _table(rows):
+    lines = ["| contender | step ms | backward ms | step x unclipped | backward + step x unclipped |",
+             "| --- | ---: | ---: | ---: | ---: |"]
+    for r in rows:
+        lines.append(f"| {r['name']} | {r['step_ms']:.1f} | {r['backward_ms']:.1f} | "
+                     f"{r['step_vs_unclipped']:.3f} | {r['iteration_vs_unclipped']:.3f} |")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(prog="python -m fused_wd.bench.norm_backward", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", default="cpu-50m")
+    ap.add_argument("--params", default=None, help="scale the preset to about N params (50M, 1.5B)")
+    ap.add_argument("--dtype", default="fp32,bf16")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--repeats", type=int, default=9)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--e2e-repeats", type=int, default=0,
+                    help="also run the end-to-end small-GPT loop (fused_wd.bench.e2e, its CPU or "
+                         "GPU config) with this many interleaved rounds")
+    ap.add_argument("--out", default=None, help="directory for report.md and results.json")
+    args = ap.parse_args(argv)
+    shapes = get_shapes(args.preset, parse_count(args.params) if args.params else None)
+    device = torch.device(args.device)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    env = environment(device, argv)
+    env["command"] = " ".join(["python -m fused_wd.bench.norm_backward"] + argv)
+    report = ["# The clipped step with the norm gathered in backward", "",
+              f"Command: `{env['command']}`", "",
+              f"- device: {env['device_name']}, {env['torch_threads']} threads; torch {env['torch']}; "
+              f"fused_wd at {env['git_commit']} (dirty: {env['git_dirty']}); {env['date']}",
+              f"- "
+              f"{sum(int(torch.Size(s).numel()) for s in shapes) / 1e6:.1f}M params in "
+              f"{len(shapes)} tensors ({args.preset}); {args.repeats} interleaved rounds", ""]
+    results = {"env": env, "args": vars(args), "tables": {}}
+    for name in args.dtype.split(","):
+        rows = run(shapes, DTYPES[name], device, args.repeats, args.warmup)
+        results["tables"][name] = rows
+        report += [f"## AdamW, {name}", "", _table(rows), ""]
+        print(f"\n{name}\n" + _table(rows), flush=True)
+    if args.e2e_repeats:
+        cfg = dataclasses.replace(e2e.PRESETS["gpu" if device.type == "cuda" else "cpu"],
+                                  repeats=args.e2e_repeats)
+        res = e2e.run_e2e(device, cfg)
+        results["e2e"] = res
+        text = e2e_table(res)
+        report += [f"## End-to-end: {res['model']}, {res['nparams'] / 1e6:.1f}M params", "",
+                   "Forward, backward and the optimizer part, per training step; \"time / "
+                   "unclipped\" is the median over rounds of the ratio to the unclipped fused_wd "
+                   "loop of the same round.", "", text, ""]
+        print("\n" + text, flush=True)
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, "report.md"), "w") as f:
+            f.write("\n".join(report) + "\n")
+        with open(os.path.join(args.out, "results.json"), "w") as f:
+            json.dump(results, f, indent=1, default=str)
+
+
+if __name__ == "__main__":
+    main()
