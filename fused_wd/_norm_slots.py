@@ -20,10 +20,12 @@ import torch
 from fused_wd import _ops
 from fused_wd import distributed as _dist
 
-# CUDA: grads smaller than this are batched (one launch for many params);
-# a batch goes once it holds this many elements or grads, and at the step.
-_CUDA_BATCH_ELEMS = 1 << 20
-_CUDA_BATCH_COUNT = 256
+# Grads smaller than this are batched (one op call, one CUDA launch or one
+# CPU parallel region, for many params); a batch goes once it holds this many
+# elements (4 MB of fp32: still in the last-level cache) or grads, and at the
+# step. Larger grads are read at once.
+_BATCH_ELEMS = 1 << 20
+_BATCH_COUNT = 256
 
 
 class NormSlots:
@@ -45,7 +47,7 @@ class NormSlots:
         self._params_at = {}    # device -> [param id per slot]
         self._buffers = {}      # device -> float64 partials
         self._records = {}      # id(param) -> (weakref(grad), version, data_ptr, norm_type)
-        self._pending = {}      # device -> [(param, grad, view of grad, slot)]
+        self._pending = {}      # device -> ({slot: (param, grad, view of grad, slot)}, elements)
 
     def _layout(self):
         if self._slot_of is None:
@@ -104,14 +106,19 @@ class NormSlots:
         if e.device != dev:  # the param moved since the layout was made
             self.invalidate()
             return
-        if dev.type == "cuda" and e.numel() < _CUDA_BATCH_ELEMS:
-            queue = self._pending.setdefault(dev, [])
-            queue.append((p, g, e, slot))
-            if len(queue) >= _CUDA_BATCH_COUNT or \
-                    sum(x[2].numel() for x in queue) >= _CUDA_BATCH_ELEMS:
-                self._flush(dev, norm_type)
-        else:
+        n = e.numel()
+        if n >= _BATCH_ELEMS:
             self._write(dev, [(p, g, e, slot)], norm_type)
+            return
+        # one entry per slot: a later grad of the same param (accumulation)
+        # replaces the earlier one, whose part was never written
+        queue, elems = self._pending.get(dev, ({}, 0))
+        before = queue.get(slot)
+        queue[slot] = (p, g, e, slot)
+        elems += n - (0 if before is None else before[2].numel())
+        self._pending[dev] = (queue, elems)
+        if len(queue) >= _BATCH_COUNT or elems >= _BATCH_ELEMS:
+            self._flush(dev, norm_type)
 
     def _write(self, dev, items, norm_type, zero=()):
         """Writes the partials of items [(param, grad, view, slot)] and zeros
@@ -123,9 +130,9 @@ class NormSlots:
             self._records[id(p)] = (weakref.ref(g), e._version, e.data_ptr(), norm_type)
 
     def _flush(self, dev, norm_type):
-        queue = self._pending.pop(dev, None)
+        queue, _ = self._pending.pop(dev, ({}, 0))
         if queue:
-            self._write(dev, queue, norm_type)
+            self._write(dev, list(queue.values()), norm_type)
 
     def _current(self, p, e, norm_type):
         """Whether p's slot holds the partial of its grad as it is now."""

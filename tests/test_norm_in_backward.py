@@ -107,6 +107,14 @@ def both(loop, device, **kw):
     return opt.norm_stats
 
 
+@pytest.fixture
+def read_at_once(monkeypatch):
+    """The hooks read every grad at once instead of batching the small ones
+    (which are then read at the step, after any change): a change after
+    backward then meets a part already read, and the step must notice."""
+    monkeypatch.setattr(fused_wd._norm_slots, "_BATCH_ELEMS", 1)
+
+
 def n_params(opt):
     return sum(len(g["params"]) for g in opt.param_groups)
 
@@ -123,6 +131,28 @@ def test_plain_loop_uses_the_backward_parts_and_matches_bitwise(device, opt_name
     stats = both(plain, device, opt_name=opt_name, norm_type=norm_type)
     # the branch has no grad (its part is 0); every other part came from a hook
     assert stats == {"from_backward": 6 * STEPS, "at_step": 0}
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_large_and_many_small_params(device):
+    """A param above the batch size (its part written at once) and more small
+    ones than one batch holds (several batches, the last one at the step)."""
+    def build(model):
+        model.big = torch.nn.Linear(16, 70_000).to(device)   # 1.1M elements
+        model.small = torch.nn.ParameterList(
+            [torch.nn.Parameter(torch.randn(3, device=device)) for _ in range(300)])
+        return model
+
+    def loop(model, opt, s):
+        opt.zero_grad()
+        x, y = data(s, device)
+        h = model(x)
+        extra = model.big(torch.tanh(model.a(x))).square().mean() * 1e-3
+        extra = extra + sum((q * q).sum() for q in model.small) * 1e-3
+        (torch.nn.functional.mse_loss(h, y) + extra).backward()
+
+    stats = both(loop, device, model_fn=build)
+    assert stats == {"from_backward": (6 + 2 + 300) * STEPS, "at_step": 0}
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -147,7 +177,7 @@ def test_zero_grad_without_set_to_none(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_grads_edited_in_place_after_backward_are_recomputed(device):
+def test_grads_edited_in_place_after_backward_are_recomputed(device, read_at_once):
     def loop(model, opt, s):
         plain(model, opt, s)
         model.b.weight.grad.mul_(3.0)  # e.g. a user's own gradient surgery
@@ -156,7 +186,18 @@ def test_grads_edited_in_place_after_backward_are_recomputed(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_grads_replaced_after_backward_are_recomputed(device):
+def test_a_batched_grad_edited_before_the_step_is_read_as_edited(device):
+    """Small grads wait in a batch read at the step: an edit made before it
+    is simply read (no stale part, no fallback needed)."""
+    def loop(model, opt, s):
+        plain(model, opt, s)
+        model.b.weight.grad.mul_(3.0)
+
+    assert both(loop, device) == {"from_backward": 6 * STEPS, "at_step": 0}
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_grads_replaced_after_backward_are_recomputed(device, read_at_once):
     def loop(model, opt, s):
         plain(model, opt, s)
         model.a.bias.grad = model.a.bias.grad * 2.0
@@ -176,7 +217,7 @@ def test_params_without_grads_on_some_steps(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_a_grad_put_back_after_a_step_without_it_is_not_stale(device):
+def test_a_grad_put_back_after_a_step_without_it_is_not_stale(device, read_at_once):
     """A step where a param has no grad zeroes its part; the grad the hook
     read before, handed back unchanged with no backward since, must not
     reuse the part that step wiped."""
@@ -195,7 +236,7 @@ def test_a_grad_put_back_after_a_step_without_it_is_not_stale(device):
     assert stats == {"from_backward": 6 + 5 + 5 + 6, "at_step": 1}
 
 
-def test_grad_scaler_with_and_without_unscale():
+def test_grad_scaler_with_and_without_unscale(read_at_once):
     device = "cpu"
 
     def loop_with(unscale):
@@ -228,7 +269,7 @@ def test_grad_scaler_with_and_without_unscale():
         assert results[0][1] == expect, unscale
 
 
-def test_unscale_then_a_plain_step():
+def test_unscale_then_a_plain_step(read_at_once):
     """scaler.unscale_(opt) followed by opt.step() itself (no scaler.step):
     the grads were unscaled in place, the parts must be read again."""
     results = []
@@ -257,7 +298,7 @@ def test_compiled_model():
     assert stats == {"from_backward": 6 * STEPS, "at_step": 0}
 
 
-def test_remove_norm_hooks():
+def test_remove_norm_hooks(read_at_once):
     model = make("cpu")
     opt = fused_wd.AdamW(model.parameters(), max_grad_norm=0.05, norm_in_backward=True)
     assert opt.norm_in_backward

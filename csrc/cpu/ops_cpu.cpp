@@ -57,6 +57,9 @@ namespace {
 // depend on it, never on the thread count.
 constexpr int64_t kChunk = int64_t(1) << 16;
 
+// The norm reads fewer chunks than this on the calling thread.
+constexpr int64_t kNormSerialChunks = 4;
+
 struct Item {
   int64_t tensor, begin, end;
 };
@@ -124,7 +127,9 @@ std::vector<double> tensor_partials(const char* op, const std::vector<at::Tensor
   const auto items = make_items(dense);
   std::vector<double> chunk(items.size());
   const KernelTable& k = table();
-  at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t b, int64_t e) {
+  // a few chunks are read on the calling thread: waking the pool would cost
+  // more (this runs once per param when backward hooks write the parts)
+  at::parallel_for(0, static_cast<int64_t>(items.size()), kNormSerialChunks, [&](int64_t b, int64_t e) {
     for (int64_t j = b; j < e; ++j) {
       const Item& it = items[j];
       const at::Tensor& t = dense[it.tensor];
