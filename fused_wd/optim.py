@@ -207,8 +207,8 @@ class _FusedOptimizer(Optimizer):
             raise ValueError(f"weight_decay_mode must be one of {sorted(DECAY_MODES)}, got {mode!r}")
         if "norm_type" in param_group:
             param_group["norm_type"] = _norm_type(param_group["norm_type"])
-        _check_cautious(param_group.get("cautious_weight_decay", self.defaults.get("cautious_weight_decay", False)),
-                        mode if mode is not None else self._default_mode)
+        cautious = param_group.get("cautious_weight_decay", self.defaults.get("cautious_weight_decay", False))
+        _check_cautious(cautious, mode if mode is not None else self._default_mode)
         mixed = {k: param_group.get(k, self.defaults.get(k)) for k in
                  ("master_weights", "state_dtype", "stochastic_rounding", "sr_seed")}
         param_group.update(_check_mixed(**mixed))
@@ -505,7 +505,7 @@ class _AdamBase(_FusedOptimizer):
         if not 0.0 <= _scalar(weight_decay, "weight_decay"):
             raise ValueError(f"Invalid weight_decay value: {weight_decay}")
         default_mode = "decoupled" if decoupled_weight_decay else self._default_mode
-        if decoupled_weight_decay and weight_decay_mode not in (None, "decoupled", "independent", "corrected"):
+        if decoupled_weight_decay and weight_decay_mode not in (None, "decoupled", *_INITIAL_LR_MODES):
             raise ValueError("decoupled_weight_decay=True contradicts weight_decay_mode="
                              f"{weight_decay_mode!r}")
         extras = _check_extras(max_grad_norm, norm_type, weight_decay_mode, skip_nonfinite, default_mode,

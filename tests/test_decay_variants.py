@@ -94,6 +94,7 @@ VARIANTS = {
     "cautious-independent": ("independent", True),
     "cautious-corrected": ("corrected", True),
 }
+STATE_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "momentum_buffer", "step")
 # the other variant a wrong kernel might have run instead: the test checks
 # that it would have been caught
 CONFUSED = {
@@ -149,7 +150,7 @@ def test_matches_the_equations_under_a_scheduler(case, variant, clip, dtype, dev
         opt.step()
         sched.step()
         for p, g, (p0, st) in zip(params, g64, before):
-            st = {k: st.get(k) for k in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "momentum_buffer", "step")}
+            st = {k: st.get(k) for k in STATE_KEYS}
             if name == "SGD":
                 want, mask = sgd_equation(p0, g * coef, st, hp)
                 alt, _ = sgd_equation(p0, g * coef, st, dict(hp, mode=CONFUSED[variant][0],
@@ -169,9 +170,9 @@ def test_matches_the_equations_under_a_scheduler(case, variant, clip, dtype, dev
                                            msg=lambda m: f"step {step}, {k}: {m}")
             seen_masked += int((mask == 0).sum())
             seen_decayed += int((mask == 1).sum())
-            off = (alt["param"].to(dtype) - p.detach().cpu()).abs()
-            confused_off = max(confused_off, (off / (tol["atol"] + tol["rtol"] * p.detach().cpu().abs())).max().item()
-                               if p.numel() else 0.0)
+            got = p.detach().cpu()
+            off = (alt["param"].to(dtype) - got).abs() / (tol["atol"] + tol["rtol"] * got.abs())
+            confused_off = max(confused_off, off.max().item())
     assert seen_decayed > 0
     assert seen_masked > 0 or not cautious
     assert confused_off > 2.0, "the confused variant would have passed too"
