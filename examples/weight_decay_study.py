@@ -33,7 +33,7 @@ It sweeps learning rate x decay for every mode but "none" and writes to
   summary.json       every number behind the plots
 
     pip install -e ".[examples]"        # scikit-learn, matplotlib
-    python examples/weight_decay_study.py              # full run, ~1-2 min on 2 cores
+    python examples/weight_decay_study.py              # full run, ~5 min on 2 shared cores
     python examples/weight_decay_study.py --tiny       # seconds, a smoke test
 
 Every function takes plain tensors, so the tests run it on synthetic data
