@@ -101,6 +101,7 @@ struct StepArgs {
   std::optional<at::Tensor> lr_tensor;
   double weight_decay;
   int64_t decay_mode;
+  bool cautious_wd;
   double initial_lr;
   bool maximize;
   std::optional<at::Tensor> grad_norm;
@@ -128,8 +129,9 @@ struct SgdCall {
   StepArgs step;
 };
 
-// Checks of StepArgs that need no tensor list: the decay mode, and one
-// stochastic-rounding id per param.
+// Checks of StepArgs that need no tensor list: the decay mode (and cautious
+// decay only with a mode that scales the param), and one stochastic-rounding
+// id per param.
 void check_step_args(const char* op, const StepArgs& a, size_t nparams);
 
 // The kernels of adam_ / sgd_ as the dispatcher calls them (the schema's
@@ -140,14 +142,14 @@ void adam_op(at::TensorList params, at::TensorList grads, at::TensorList exp_avg
              at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs, at::TensorList state_steps,
              at::TensorList master_params, at::IntArrayRef sr_ids, double lr,
              const std::optional<at::Tensor>& lr_tensor, double beta1, double beta2, double eps,
-             double weight_decay, int64_t decay_mode, double initial_lr, bool amsgrad,
+             double weight_decay, int64_t decay_mode, bool cautious_wd, double initial_lr, bool amsgrad,
              bool maximize, const std::optional<at::Tensor>& grad_norm, double max_norm,
              const std::optional<at::Tensor>& grad_scale,
              const std::optional<at::Tensor>& found_inf, bool skip_nonfinite,
              bool stochastic_rounding, int64_t sr_seed) {
   Impl(AdamCall{params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, master_params,
                 beta1, beta2, eps, amsgrad,
-                StepArgs{lr, lr_tensor, weight_decay, decay_mode, initial_lr, maximize, grad_norm,
+                StepArgs{lr, lr_tensor, weight_decay, decay_mode, cautious_wd, initial_lr, maximize, grad_norm,
                          max_norm, grad_scale, found_inf, skip_nonfinite, stochastic_rounding,
                          sr_seed, sr_ids}});
 }
@@ -157,14 +159,14 @@ void sgd_op(at::TensorList params, at::TensorList grads, at::TensorList momentum
             const c10::List<bool>& buffer_is_new, at::TensorList master_params,
             at::TensorList state_steps, at::IntArrayRef sr_ids, double lr,
             const std::optional<at::Tensor>& lr_tensor, double momentum, double dampening,
-            bool nesterov, double weight_decay, int64_t decay_mode, double initial_lr,
+            bool nesterov, double weight_decay, int64_t decay_mode, bool cautious_wd, double initial_lr,
             bool maximize, const std::optional<at::Tensor>& grad_norm, double max_norm,
             const std::optional<at::Tensor>& grad_scale,
             const std::optional<at::Tensor>& found_inf, bool skip_nonfinite,
             bool stochastic_rounding, int64_t sr_seed) {
   Impl(SgdCall{params, grads, momentum_buffers, buffer_is_new, master_params, state_steps, momentum,
                dampening, nesterov,
-               StepArgs{lr, lr_tensor, weight_decay, decay_mode, initial_lr, maximize, grad_norm,
+               StepArgs{lr, lr_tensor, weight_decay, decay_mode, cautious_wd, initial_lr, maximize, grad_norm,
                         max_norm, grad_scale, found_inf, skip_nonfinite, stochastic_rounding,
                         sr_seed, sr_ids}});
 }

@@ -30,7 +30,9 @@ constexpr const char* kSchemas[] = {
   // norm (clipping happens when it is given and max_norm > 0); grad_scale and
   // found_inf come from a GradScaler. When found_inf is set, or the norm is
   // not finite and skip_nonfinite, nothing is written and the step counters
-  // do not advance. decay_mode: 0 l2, 1 decoupled, 2 independent.
+  // do not advance. decay_mode: 0 l2, 1 decoupled, 2 independent, 3
+  // corrected; cautious_wd: the decay shrinks only the elements where the
+  // update and the param agree in sign (modes 1-3; refused with 0).
   //
   // Mixed precision (all optional): exp_avgs/exp_avg_sqs/max_exp_avg_sqs may
   // be float32 or bfloat16 for float32/float16/bfloat16 params (math in
@@ -48,7 +50,8 @@ constexpr const char* kSchemas[] = {
       "Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] max_exp_avg_sqs, Tensor(e!)[] state_steps, "
       "Tensor(f!)[] master_params, int[] sr_ids, *, "
       "float lr, Tensor? lr_tensor, float beta1, float beta2, float eps, "
-      "float weight_decay, int decay_mode, float initial_lr, bool amsgrad, bool maximize, "
+      "float weight_decay, int decay_mode, bool cautious_wd, float initial_lr, bool amsgrad, "
+      "bool maximize, "
       "Tensor? grad_norm, float max_norm, Tensor? grad_scale, Tensor? found_inf, "
       "bool skip_nonfinite, bool stochastic_rounding, int sr_seed) -> ()",
 
@@ -61,7 +64,8 @@ constexpr const char* kSchemas[] = {
   "sgd_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, "
       "bool[] buffer_is_new, Tensor(c!)[] master_params, Tensor(d!)[] state_steps, "
       "int[] sr_ids, *, float lr, Tensor? lr_tensor, float momentum, float dampening, "
-      "bool nesterov, float weight_decay, int decay_mode, float initial_lr, bool maximize, "
+      "bool nesterov, float weight_decay, int decay_mode, bool cautious_wd, float initial_lr, "
+      "bool maximize, "
       "Tensor? grad_norm, float max_norm, Tensor? grad_scale, Tensor? found_inf, "
       "bool skip_nonfinite, bool stochastic_rounding, int sr_seed) -> ()",
 };

@@ -12,6 +12,8 @@ test accuracy for this model (at most ~1 point), hence the noise
   adam_l2      Adam, coupled L2:            g += wd * p
   adamw        AdamW, decoupled:            p *= 1 - lr * wd
   independent  AdamW, "independent":        p *= 1 - wd * lr / initial_lr
+  corrected    AdamW, "corrected":          p *= 1 - wd * lr**2 / initial_lr
+  cautious     AdamW, decoupled, cautious:  p *= 1 - lr * wd where update * p >= 0
   sgd_l2       SGD + momentum 0.9, L2:      g += wd * p
 
 Decay goes to the weight matrices only (`fused_wd.param_groups_for_decay`);
@@ -19,17 +21,19 @@ biases are not decayed. The learning rate follows a cosine schedule, so for
 "independent" the per-step shrink is `wd * schedule(t)`, the decay of
 Loshchilov & Hutter's AdamW (their Algorithm 2), and not `lr * wd`.
 
-It sweeps learning rate x decay for adam_l2, adamw, independent and sgd_l2
-and writes to --out (default examples/out/):
+It sweeps learning rate x decay for every mode but "none" and writes to
+--out (default examples/out/):
 
   curves.png         train/test loss and accuracy, each mode at its best wd for one lr
   heatmaps.png       final test accuracy over (lr x wd), one panel per mode
   weight_norms.png   norm of the decayed weights over training, per mode
   grad_norms.png     global gradient norm with and without clipping (AdamW, SGD)
+  variants.png       AdamW against its corrected and cautious variants: test
+                     accuracy over wd at the reference lr, weight norm over training
   summary.json       every number behind the plots
 
     pip install -e ".[examples]"        # scikit-learn, matplotlib
-    python examples/weight_decay_study.py              # full run, ~1-2 min on 2 cores
+    python examples/weight_decay_study.py              # full run, ~5 min on 2 shared cores
     python examples/weight_decay_study.py --tiny       # seconds, a smoke test
 
 Every function takes plain tensors, so the tests run it on synthetic data
@@ -53,17 +57,23 @@ except ImportError:          # run from a source checkout without installing: th
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     import fused_wd
 
-MODES = ("none", "adam_l2", "adamw", "independent", "sgd_l2")
-SWEPT = ("adam_l2", "adamw", "independent", "sgd_l2")
+MODES = ("none", "adam_l2", "adamw", "independent", "corrected", "cautious", "sgd_l2")
+SWEPT = ("adam_l2", "adamw", "independent", "corrected", "cautious", "sgd_l2")
+# the decoupled variants compared in variants.png
+VARIANTS = ("adamw", "corrected", "cautious")
 LABELS = {
     "none": "Adam, no decay",
     "adam_l2": "Adam + L2 (coupled)",
     "adamw": "AdamW (decoupled, lr*wd)",
     "independent": "AdamW, independent (wd*lr/lr0)",
+    "corrected": "AdamW, corrected (wd*lr^2/lr0)",
+    "cautious": "AdamW, cautious (lr*wd, masked)",
     "sgd_l2": "SGD momentum 0.9 + L2",
 }
 COLORS = {"none": "#444444", "adam_l2": "#d62728", "adamw": "#1f77b4",
-          "independent": "#2ca02c", "sgd_l2": "#ff7f0e"}
+          "independent": "#2ca02c", "corrected": "#9467bd", "cautious": "#8c564b",
+          "sgd_l2": "#ff7f0e"}
+DOTTED = ("independent", "corrected", "cautious")
 
 
 @dataclasses.dataclass
@@ -85,6 +95,8 @@ class Config:
         "adam_l2": [1e-3, 3e-3, 1e-2, 3e-2, 0.1],
         "adamw": [0.3, 1.0, 3.0, 10.0, 30.0],
         "independent": [1e-3, 3e-3, 1e-2, 3e-2, 0.1],
+        "corrected": [0.3, 1.0, 3.0, 10.0, 30.0],
+        "cautious": [1.0, 3.0, 10.0, 30.0, 100.0],
         "sgd_l2": [1e-3, 3e-3, 1e-2, 3e-2, 0.1],
     })
     # the lr of the curves, weight-norm and clipping runs (each mode at its best wd there)
@@ -99,7 +111,8 @@ def full_config():
 def tiny_config():
     return Config(n_train=64, hidden=32, batch_size=16, steps=40, eval_every=10,
                   lrs={"adam": [1e-3, 1e-2], "sgd": [0.03, 0.3]},
-                  wds={"adam_l2": [0.1], "adamw": [3.0], "independent": [3e-2], "sgd_l2": [3e-2]},
+                  wds={"adam_l2": [0.1], "adamw": [3.0], "independent": [3e-2], "corrected": [3.0],
+                       "cautious": [3.0], "sgd_l2": [3e-2]},
                   ref_lr={"adam": 1e-2, "sgd": 0.3})
 
 
@@ -177,8 +190,10 @@ def make_optimizer(mode, model, lr, wd, max_grad_norm=None):
         return fused_wd.Adam(groups, **kw)                       # "l2" is Adam's default
     if mode == "adamw":
         return fused_wd.AdamW(groups, **kw)                      # "decoupled" is AdamW's default
-    if mode == "independent":
-        return fused_wd.AdamW(groups, weight_decay_mode="independent", **kw)
+    if mode in ("independent", "corrected"):
+        return fused_wd.AdamW(groups, weight_decay_mode=mode, **kw)
+    if mode == "cautious":
+        return fused_wd.AdamW(groups, cautious_weight_decay=True, **kw)
     if mode == "sgd_l2":
         return fused_wd.SGD(groups, momentum=0.9, **kw)          # "l2" is SGD's default
     raise ValueError(f"unknown mode {mode!r}; one of {MODES}")
@@ -334,7 +349,7 @@ def plot_curves(runs, path):
         h = r["history"]
         for ax, key in zip(axes.flat, keys):
             ax.plot(h["step"], h[key], color=COLORS[mode], label=_label(mode, r), lw=1.5,
-                    ls=":" if mode == "independent" else "-")
+                    ls=":" if mode in DOTTED else "-")
     for ax, key in zip(axes.flat, ("train loss (noisy labels)", "test loss", "train accuracy (noisy labels)",
                                    "test accuracy")):
         ax.set_title(key, fontsize=10)
@@ -360,8 +375,13 @@ def plot_heatmaps(sw, path):
     allacc = [a for m in modes for row in sw[m]["test_acc"] for a in row]
     vmax = max(allacc)
     vmin = max(min(allacc), vmax - 0.3)
-    fig, axes = plt.subplots(1, len(modes), figsize=(3.3 * len(modes) + 0.8, 3.9), constrained_layout=True)
-    axes = [axes] if len(modes) == 1 else list(axes)
+    ncol = min(len(modes), 3)
+    nrow = (len(modes) + ncol - 1) // ncol
+    fig, axes = plt.subplots(nrow, ncol, figsize=(3.3 * ncol + 0.8, 3.9 * nrow), constrained_layout=True,
+                             squeeze=False)
+    for ax in axes.flat[len(modes):]:
+        ax.axis("off")
+    axes = list(axes.flat)[:len(modes)]
     for ax, mode in zip(axes, modes):
         c = sw[mode]
         acc = c["test_acc"]
@@ -383,7 +403,8 @@ def plot_heatmaps(sw, path):
         d = ridge_drift(c)
         drift = "" if d is None else f"best wd moves {d:.1f} decades"
         ax.set_title(f"{LABELS[mode]}\n{drift}", fontsize=8.5)
-    axes[0].set_ylabel("learning rate", fontsize=8)
+    for ax in axes[::ncol]:
+        ax.set_ylabel("learning rate", fontsize=8)
     fig.colorbar(im, ax=axes, shrink=0.9, pad=0.01, label="final test accuracy")
     fig.suptitle("Test accuracy (%) over lr x weight_decay; red box: best wd at each lr; "
                  "left of the white line: no decay", fontsize=9)
@@ -397,7 +418,7 @@ def plot_weight_norms(runs, path):
     for mode, r in runs.items():
         h = r["history"]
         ax.plot(h["step"], h["weight_norm"], color=COLORS[mode], lw=1.6, label=_label(mode, r),
-                ls=":" if mode == "independent" else "-")
+                ls=":" if mode in DOTTED else "-")
     ax.set_xlabel("step")
     ax.set_ylabel("||W||, all weight matrices (the decayed params)")
     ax.set_title("Weight norm under each mode (the runs of the curves figure)", fontsize=10)
@@ -436,6 +457,40 @@ def plot_grad_norms(clip_runs, path):
     plt.close(fig)
 
 
+def plot_variants(sw, runs, path):
+    """AdamW against its corrected and cautious variants: final test
+    accuracy over wd in the sweep's row of the reference lr, and the weight
+    norm over training of each at its best wd there."""
+    plt = _plt()
+    fig, (a0, a1) = plt.subplots(1, 2, figsize=(11, 4.2))
+    lr = runs["adamw"]["lr"]
+    for mode in VARIANTS:
+        c = sw[mode]
+        row = c["test_acc"][c["lrs"].index(lr)]
+        wds = c["wds"][1:]
+        a0.plot(wds, [100 * a for a in row[1:]], "o-", color=COLORS[mode], label=LABELS[mode], lw=1.5)
+        h = runs[mode]["history"]
+        a1.plot(h["step"], h["weight_norm"], color=COLORS[mode], lw=1.6, label=_label(mode, runs[mode]),
+                ls=":" if mode in DOTTED else "-")
+    a0.axhline(100 * sw["adamw"]["test_acc"][sw["adamw"]["lrs"].index(lr)][0], color=COLORS["none"],
+               ls="--", lw=1, label="no decay")
+    a0.set_xscale("log")
+    a0.set_xlabel("weight_decay")
+    a0.set_ylabel("final test accuracy (%)")
+    a0.set_title(f"Test accuracy over weight_decay at lr = {lr:g} (cosine schedule)", fontsize=9)
+    h = runs["none"]["history"]
+    a1.plot(h["step"], h["weight_norm"], color=COLORS["none"], lw=1.2, label="Adam, no decay")
+    a1.set_xlabel("step")
+    a1.set_ylabel("||W||, all weight matrices")
+    a1.set_title("Weight norm, each variant at its best wd there", fontsize=9)
+    for ax in (a0, a1):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
 # ------------------------------------------------------------------ study
 
 def run_study(cfg, out, data=None, plots=True, progress=print):
@@ -467,11 +522,13 @@ def run_study(cfg, out, data=None, plots=True, progress=print):
     files = {}
     if plots:
         files = {"curves": "curves.png", "heatmaps": "heatmaps.png",
-                 "weight_norms": "weight_norms.png", "grad_norms": "grad_norms.png"}
+                 "weight_norms": "weight_norms.png", "grad_norms": "grad_norms.png",
+                 "variants": "variants.png"}
         plot_curves(runs, os.path.join(out, files["curves"]))
         plot_heatmaps(sw, os.path.join(out, files["heatmaps"]))
         plot_weight_norms(runs, os.path.join(out, files["weight_norms"]))
         plot_grad_norms(clip_runs, os.path.join(out, files["grad_norms"]))
+        plot_variants(sw, runs, os.path.join(out, files["variants"]))
 
     best = {"none": dict(zip(("lr", "wd", "test_acc"), best_setting(
         dict(sw["adam_l2"], wds=[0.0], test_acc=[[row[0]] for row in sw["adam_l2"]["test_acc"]]))))}

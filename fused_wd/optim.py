@@ -5,7 +5,10 @@ the update, in the fused_wd kernels.
 Extra keyword-only options (per param group, in `defaults`):
   max_grad_norm=None    clip the global gradient norm to this (None: no clip)
   norm_type=2.0         2.0 or inf
-  weight_decay_mode     "l2" | "decoupled" | "independent" (None: the class default)
+  weight_decay_mode     "l2" | "decoupled" | "independent" | "corrected" (None: the
+                        class default); "corrected" shrinks by wd*lr**2/initial_lr
+  cautious_weight_decay=False  shrink only where the update and the param agree
+                        in sign (not with "l2"; docs/weight-decay.md)
   skip_nonfinite=True   skip the whole step when the global norm is not finite
 
 Mixed precision (per param group; see the README's "Mixed precision"):
@@ -44,9 +47,12 @@ from fused_wd import distributed as _dist
 from fused_wd._norm_slots import NormSlots
 from fused_wd._ops import AdamLists, SgdLists, group_by_device, split_by_master
 
-DECAY_MODES = {"l2": 0, "decoupled": 1, "independent": 2}
+DECAY_MODES = {"l2": 0, "decoupled": 1, "independent": 2, "corrected": 3}
+# the modes that divide by the group's initial lr
+_INITIAL_LR_MODES = ("independent", "corrected")
 _EXTRA = ("max_grad_norm", "norm_type", "weight_decay_mode", "skip_nonfinite", "master_weights",
-          "state_dtype", "stochastic_rounding", "sr_seed")
+          "state_dtype", "stochastic_rounding", "sr_seed", "cautious_weight_decay")
+_FALSE_EXTRAS = ("master_weights", "stochastic_rounding", "cautious_weight_decay")
 _LOW = (torch.float16, torch.bfloat16)
 _KERNEL_DTYPES = (torch.float32, torch.float64) + _LOW
 _STATE_DTYPES = (None, torch.float32, torch.bfloat16)
@@ -114,7 +120,19 @@ def _check_mixed(master_weights, state_dtype, stochastic_rounding, sr_seed):
                 stochastic_rounding=stochastic_rounding, sr_seed=sr_seed)
 
 
-def _check_extras(max_grad_norm, norm_type, weight_decay_mode, skip_nonfinite, default_mode):
+def _check_cautious(cautious, mode):
+    """cautious_weight_decay as given, checked against the group's mode."""
+    if not isinstance(cautious, bool):
+        raise ValueError(f"cautious_weight_decay must be a bool, got {cautious!r}")
+    if cautious and mode == "l2":
+        raise ValueError("cautious_weight_decay=True needs weight_decay_mode 'decoupled', 'independent' "
+                         "or 'corrected': with 'l2' the decay is part of the gradient, so there is no "
+                         "separate shrink to mask")
+    return cautious
+
+
+def _check_extras(max_grad_norm, norm_type, weight_decay_mode, skip_nonfinite, default_mode,
+                  cautious_weight_decay=False):
     if max_grad_norm is not None:
         if not isinstance(max_grad_norm, (int, float)) or isinstance(max_grad_norm, bool) \
                 or not (max_grad_norm > 0 and math.isfinite(max_grad_norm)):
@@ -127,7 +145,8 @@ def _check_extras(max_grad_norm, norm_type, weight_decay_mode, skip_nonfinite, d
     if not isinstance(skip_nonfinite, bool):
         raise ValueError(f"skip_nonfinite must be a bool, got {skip_nonfinite!r}")
     return dict(max_grad_norm=max_grad_norm, norm_type=norm_type, weight_decay_mode=mode,
-                skip_nonfinite=skip_nonfinite)
+                skip_nonfinite=skip_nonfinite,
+                cautious_weight_decay=_check_cautious(cautious_weight_decay, mode))
 
 
 def _real(t):
@@ -199,8 +218,7 @@ class _FusedOptimizer(Optimizer):
             self._norm_slots = NormSlots(self, _local_real)
         for group in self.param_groups:
             for key in _EXTRA:
-                group.setdefault(key, self.defaults.get(key, False if key in (
-                    "master_weights", "stochastic_rounding") else None))
+                group.setdefault(key, self.defaults.get(key, False if key in _FALSE_EXTRAS else None))
             if group["sr_seed"] is None:
                 group["sr_seed"] = torch.initial_seed() % (1 << 62)
             group.setdefault("maximize", False)
@@ -227,6 +245,8 @@ class _FusedOptimizer(Optimizer):
             raise ValueError(f"weight_decay_mode must be one of {sorted(DECAY_MODES)}, got {mode!r}")
         if "norm_type" in param_group:
             param_group["norm_type"] = _norm_type(param_group["norm_type"])
+        cautious = param_group.get("cautious_weight_decay", self.defaults.get("cautious_weight_decay", False))
+        _check_cautious(cautious, mode if mode is not None else self._default_mode)
         mixed = {k: param_group.get(k, self.defaults.get(k)) for k in
                  ("master_weights", "state_dtype", "stochastic_rounding", "sr_seed")}
         param_group.update(_check_mixed(**mixed))
@@ -236,12 +256,12 @@ class _FusedOptimizer(Optimizer):
         self._norm_slots.invalidate()
         if self._norm_in_backward:
             self._norm_slots.register(group["params"])
-        if group["weight_decay_mode"] == "independent":
+        if group["weight_decay_mode"] in _INITIAL_LR_MODES:
             lr = group["lr"]
             group.setdefault("initial_lr", lr.clone() if isinstance(lr, torch.Tensor) else lr)
             if _scalar(group["initial_lr"], "initial_lr") == 0.0:
-                raise ValueError("weight_decay_mode='independent' divides by the initial lr, "
-                                 "which is 0 here; give a nonzero lr")
+                raise ValueError(f"weight_decay_mode={group['weight_decay_mode']!r} divides by the "
+                                 "initial lr, which is 0 here; give a nonzero lr")
         if group["max_grad_norm"] is not None:
             _clip_guard.mark(self, group["params"])
 
@@ -484,18 +504,20 @@ class _FusedOptimizer(Optimizer):
             lr_tensor = lr if lr.device == device or lr.device.type == "cpu" else lr.to(device)
             lr = 0.0
         mode = group["weight_decay_mode"]
-        initial_lr = 1.0  # read by the kernels in "independent" mode only
-        if mode == "independent":
+        cautious = _check_cautious(group["cautious_weight_decay"], mode)
+        initial_lr = 1.0  # read by the kernels in "independent" and "corrected" modes only
+        if mode in _INITIAL_LR_MODES:
             # a tensor initial_lr (set by a scheduler for a tensor lr) is read
             # on the host once (see _scalar)
             initial_lr = _scalar(group.get("initial_lr", self.defaults["lr"]), "initial_lr")
             if initial_lr == 0.0:
-                raise ValueError("weight_decay_mode='independent' needs a nonzero initial_lr")
+                raise ValueError(f"weight_decay_mode={mode!r} needs a nonzero initial_lr")
         clip = group["max_grad_norm"] is not None and norm is not None
         return dict(
             lr=float(lr), lr_tensor=lr_tensor,
             weight_decay=_scalar(group["weight_decay"], "weight_decay"),
-            decay_mode=DECAY_MODES[mode], initial_lr=initial_lr, maximize=bool(group["maximize"]),
+            decay_mode=DECAY_MODES[mode], cautious_wd=cautious, initial_lr=initial_lr,
+            maximize=bool(group["maximize"]),
             grad_norm=on_device(norm) if clip else None,
             max_norm=float(group["max_grad_norm"]) if clip else 0.0,
             grad_scale=on_device(grad_scale), found_inf=on_device(found_inf),
@@ -515,7 +537,7 @@ class _AdamBase(_FusedOptimizer):
                  differentiable=False, fused=None, decoupled_weight_decay=False,
                  max_grad_norm=None, norm_type=2.0, weight_decay_mode=None, skip_nonfinite=True,
                  master_weights=False, state_dtype=None, stochastic_rounding=False, sr_seed=None,
-                 norm_in_backward=False):
+                 cautious_weight_decay=False, norm_in_backward=False):
         _check_lr(lr)
         if not 0.0 <= _scalar(eps, "eps"):
             raise ValueError(f"Invalid epsilon value: {eps}")
@@ -525,10 +547,11 @@ class _AdamBase(_FusedOptimizer):
         if not 0.0 <= _scalar(weight_decay, "weight_decay"):
             raise ValueError(f"Invalid weight_decay value: {weight_decay}")
         default_mode = "decoupled" if decoupled_weight_decay else self._default_mode
-        if decoupled_weight_decay and weight_decay_mode not in (None, "decoupled", "independent"):
+        if decoupled_weight_decay and weight_decay_mode not in (None, "decoupled", *_INITIAL_LR_MODES):
             raise ValueError("decoupled_weight_decay=True contradicts weight_decay_mode="
                              f"{weight_decay_mode!r}")
-        extras = _check_extras(max_grad_norm, norm_type, weight_decay_mode, skip_nonfinite, default_mode)
+        extras = _check_extras(max_grad_norm, norm_type, weight_decay_mode, skip_nonfinite, default_mode,
+                               cautious_weight_decay)
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
                         maximize=maximize, foreach=foreach, capturable=capturable,
                         differentiable=differentiable, fused=fused,
@@ -598,14 +621,16 @@ class AdamW(_AdamBase):
                  amsgrad=False, *, maximize=False, foreach=None, capturable=False,
                  differentiable=False, fused=None, max_grad_norm=None, norm_type=2.0,
                  weight_decay_mode=None, skip_nonfinite=True, master_weights=False,
-                 state_dtype=None, stochastic_rounding=False, sr_seed=None, norm_in_backward=False):
+                 state_dtype=None, stochastic_rounding=False, sr_seed=None,
+                 cautious_weight_decay=False, norm_in_backward=False):
         super().__init__(params, lr, betas, eps, weight_decay, amsgrad, foreach=foreach,
                          maximize=maximize, capturable=capturable, differentiable=differentiable,
                          fused=fused, decoupled_weight_decay=False, max_grad_norm=max_grad_norm,
                          norm_type=norm_type, weight_decay_mode=weight_decay_mode,
                          skip_nonfinite=skip_nonfinite, master_weights=master_weights,
                          state_dtype=state_dtype, stochastic_rounding=stochastic_rounding,
-                         sr_seed=sr_seed, norm_in_backward=norm_in_backward)
+                         sr_seed=sr_seed, cautious_weight_decay=cautious_weight_decay,
+                         norm_in_backward=norm_in_backward)
 
 
 class SGD(_FusedOptimizer):
@@ -617,7 +642,8 @@ class SGD(_FusedOptimizer):
                  nesterov=False, *, maximize=False, foreach=None, differentiable=False,
                  fused=None, max_grad_norm=None, norm_type=2.0, weight_decay_mode=None,
                  skip_nonfinite=True, master_weights=False, state_dtype=None,
-                 stochastic_rounding=False, sr_seed=None, norm_in_backward=False):
+                 stochastic_rounding=False, sr_seed=None, cautious_weight_decay=False,
+                 norm_in_backward=False):
         _check_lr(lr)
         if _scalar(momentum, "momentum") < 0.0:
             raise ValueError(f"Invalid momentum value: {momentum}")
@@ -626,7 +652,7 @@ class SGD(_FusedOptimizer):
         if nesterov and (_scalar(momentum, "momentum") <= 0 or _scalar(dampening, "dampening") != 0):
             raise ValueError("Nesterov momentum requires a momentum and zero dampening")
         extras = _check_extras(max_grad_norm, norm_type, weight_decay_mode, skip_nonfinite,
-                               self._default_mode)
+                               self._default_mode, cautious_weight_decay)
         defaults = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
                         nesterov=nesterov, maximize=maximize, foreach=foreach,
                         differentiable=differentiable, fused=fused, **extras,

@@ -16,7 +16,7 @@ import sys
 import torch
 from torch.optim import Optimizer
 
-_MODES = ("l2", "decoupled", "independent")
+_MODES = ("l2", "decoupled", "independent", "corrected")
 _LOW = (torch.float16, torch.bfloat16)
 _MASTER = "master_param"
 
@@ -192,21 +192,27 @@ class _Reference(Optimizer):
 
     def _resolve(self, group):
         """Checks a group and fills in what it left to the class: the decay
-        mode, the seed, the initial lr of independent decay."""
+        mode, the seed, the initial lr of independent and corrected decay."""
         if group["weight_decay_mode"] is None:
             group["weight_decay_mode"] = self._default_mode
         if group["weight_decay_mode"] not in _MODES:
             raise ValueError(f"weight_decay_mode must be one of {_MODES}, got {group['weight_decay_mode']!r}")
+        group.setdefault("cautious_weight_decay", False)
+        if group["cautious_weight_decay"] not in (False, True):
+            raise ValueError(f"cautious_weight_decay must be a bool, got {group['cautious_weight_decay']!r}")
+        if group["cautious_weight_decay"] and group["weight_decay_mode"] == "l2":
+            raise ValueError("cautious_weight_decay=True does not go with weight_decay_mode='l2'")
         group["norm_type"] = float(group["norm_type"])
         if group["norm_type"] not in (2.0, math.inf):
             raise ValueError(f"norm_type must be 2.0 or inf, got {group['norm_type']!r}")
         if group["sr_seed"] is None:
             group["sr_seed"] = torch.initial_seed() % (1 << 62)
-        if group["weight_decay_mode"] == "independent":
+        if group["weight_decay_mode"] in ("independent", "corrected"):
             lr = group["lr"]
             group.setdefault("initial_lr", lr.clone() if isinstance(lr, torch.Tensor) else lr)
             if _number(group["initial_lr"]) == 0.0:
-                raise ValueError("weight_decay_mode='independent' divides by the initial lr, which is 0")
+                raise ValueError(f"weight_decay_mode={group['weight_decay_mode']!r} divides by the "
+                                 "initial lr, which is 0")
 
     def __setstate__(self, state):
         super().__setstate__(state)
@@ -283,7 +289,7 @@ class _Reference(Optimizer):
     def _hyper(self, group):
         """The group's scalars as Python floats (double)."""
         hp = dict(lr=_number(group["lr"]), wd=_number(group["weight_decay"]))
-        if group["weight_decay_mode"] == "independent":
+        if group["weight_decay_mode"] in ("independent", "corrected"):
             hp["initial_lr"] = _number(group.get("initial_lr", self.defaults["lr"]))
         return hp
 
@@ -338,15 +344,35 @@ class _Reference(Optimizer):
 
     @staticmethod
     def _decay(group, hp, x, g):
-        """Weight decay: into the grad (l2) or onto the param."""
+        """Weight decay before the update: into the grad (l2) or onto the
+        param; cautious decay is left to _cautious_decay, after the update
+        direction is known."""
         mode, wd, lr = group["weight_decay_mode"], hp["wd"], hp["lr"]
-        if wd == 0.0:
+        if wd == 0.0 or group["cautious_weight_decay"]:
             return x, g
         if mode == "l2":
             return x, g + wd * x
+        return x * _Reference._shrink(mode, hp), g
+
+    @staticmethod
+    def _shrink(mode, hp):
+        """The factor that decoupled, independent and corrected decay
+        multiply the param by."""
+        wd, lr = hp["wd"], hp["lr"]
         if mode == "decoupled":
-            return x * (1.0 - lr * wd), g
-        return x * (1.0 - wd * lr / hp["initial_lr"]), g
+            return 1.0 - lr * wd
+        if mode == "independent":
+            return 1.0 - wd * lr / hp["initial_lr"]
+        return 1.0 - wd * lr * lr / hp["initial_lr"]
+
+    @staticmethod
+    def _cautious_decay(group, hp, x, u):
+        """Cautious decay: the shrink applies only where the update direction
+        u (what the step subtracts, before the lr) and the param x agree in
+        sign."""
+        if hp["wd"] == 0.0 or not group["cautious_weight_decay"]:
+            return x
+        return torch.where(u * x >= 0, x * _Reference._shrink(group["weight_decay_mode"], hp), x)
 
     @staticmethod
     def _store(group, P, x, step, index, companions):
@@ -392,7 +418,9 @@ class _AdamMath(_Reference):
         bias_correction1 = 1.0 - beta1 ** t
         bias_correction2 = 1.0 - beta2 ** t
         denom = v_hat.sqrt() / math.sqrt(bias_correction2) + eps
-        x = x - (lr / bias_correction1) * (m / denom)
+        u = m / denom
+        x = self._cautious_decay(group, hp, x, u)
+        x = x - (lr / bias_correction1) * u
         M.copy_(m)
         V.copy_(v)
         if mp is not None:
@@ -409,9 +437,10 @@ class Adam(_AdamMath):
                  amsgrad=False, *, foreach=None, maximize=False, capturable=False,
                  differentiable=False, fused=None, decoupled_weight_decay=False,
                  max_grad_norm=None, norm_type=2.0, weight_decay_mode=None, skip_nonfinite=True,
-                 master_weights=False, state_dtype=None, stochastic_rounding=False, sr_seed=None):
+                 master_weights=False, state_dtype=None, stochastic_rounding=False, sr_seed=None,
+                 cautious_weight_decay=False):
         if decoupled_weight_decay:
-            if weight_decay_mode not in (None, "decoupled", "independent"):
+            if weight_decay_mode not in (None, "decoupled", "independent", "corrected"):
                 raise ValueError(f"decoupled_weight_decay=True contradicts weight_decay_mode={weight_decay_mode!r}")
             weight_decay_mode = weight_decay_mode or "decoupled"
         mode = weight_decay_mode or self._default_mode
@@ -421,7 +450,8 @@ class Adam(_AdamMath):
             differentiable=differentiable, fused=fused, decoupled_weight_decay=mode != "l2",
             max_grad_norm=max_grad_norm, norm_type=norm_type, weight_decay_mode=mode,
             skip_nonfinite=skip_nonfinite, master_weights=master_weights, state_dtype=state_dtype,
-            stochastic_rounding=stochastic_rounding, sr_seed=sr_seed))
+            stochastic_rounding=stochastic_rounding, sr_seed=sr_seed,
+            cautious_weight_decay=cautious_weight_decay))
 
 
 class AdamW(Adam):
@@ -444,7 +474,7 @@ class SGD(_Reference):
                  nesterov=False, *, maximize=False, foreach=None, differentiable=False,
                  fused=None, max_grad_norm=None, norm_type=2.0, weight_decay_mode=None,
                  skip_nonfinite=True, master_weights=False, state_dtype=None,
-                 stochastic_rounding=False, sr_seed=None):
+                 stochastic_rounding=False, sr_seed=None, cautious_weight_decay=False):
         if nesterov and (_number(momentum) <= 0 or _number(dampening) != 0):
             raise ValueError("Nesterov momentum requires a momentum and zero dampening")
         super().__init__(params, dict(
@@ -453,7 +483,8 @@ class SGD(_Reference):
             fused=fused, max_grad_norm=max_grad_norm, norm_type=norm_type,
             weight_decay_mode=weight_decay_mode or self._default_mode,
             skip_nonfinite=skip_nonfinite, master_weights=master_weights, state_dtype=state_dtype,
-            stochastic_rounding=stochastic_rounding, sr_seed=sr_seed))
+            stochastic_rounding=stochastic_rounding, sr_seed=sr_seed,
+            cautious_weight_decay=cautious_weight_decay))
 
     def _update(self, group, hp, p, skip, inv_scale, coef, index):
         momentum = _number(group["momentum"])
@@ -479,6 +510,7 @@ class SGD(_Reference):
             b = g if new else B.to(ct) * momentum + (1.0 - _number(group["dampening"])) * g
             B.copy_(b)
             g = g + momentum * b if group["nesterov"] else b
+        x = self._cautious_decay(group, hp, x, g)
         x = x - hp["lr"] * g
         if mp is not None:
             mp.copy_(x)

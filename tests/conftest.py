@@ -89,8 +89,8 @@ def adam_hyper(**kw):
     """Every keyword-only argument of torch.ops.fused_wd.adam_, with
     defaults, overridden by kw."""
     out = dict(lr=0.01, lr_tensor=None, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0,
-               decay_mode=0, initial_lr=1.0, amsgrad=False, maximize=False, grad_norm=None,
-               max_norm=0.0, grad_scale=None, found_inf=None, skip_nonfinite=True,
+               decay_mode=0, cautious_wd=False, initial_lr=1.0, amsgrad=False, maximize=False,
+               grad_norm=None, max_norm=0.0, grad_scale=None, found_inf=None, skip_nonfinite=True,
                stochastic_rounding=False, sr_seed=0)
     assert set(kw) <= set(out), set(kw) - set(out)
     out.update(kw)
@@ -101,8 +101,8 @@ def sgd_hyper(**kw):
     """Every keyword-only argument of torch.ops.fused_wd.sgd_, with
     defaults, overridden by kw."""
     out = dict(lr=0.01, lr_tensor=None, momentum=0.0, dampening=0.0, nesterov=False,
-               weight_decay=0.0, decay_mode=0, initial_lr=1.0, maximize=False, grad_norm=None,
-               max_norm=0.0, grad_scale=None, found_inf=None, skip_nonfinite=True,
+               weight_decay=0.0, decay_mode=0, cautious_wd=False, initial_lr=1.0, maximize=False,
+               grad_norm=None, max_norm=0.0, grad_scale=None, found_inf=None, skip_nonfinite=True,
                stochastic_rounding=False, sr_seed=0)
     assert set(kw) <= set(out), set(kw) - set(out)
     out.update(kw)

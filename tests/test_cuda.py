@@ -151,12 +151,16 @@ def test_sgd_parity_with_torch(case, weight_decay, maximize, clip, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("mode", ["l2", "decoupled", "independent"])
+@pytest.mark.parametrize("mode", ["l2", "decoupled", "independent", "corrected", "cautious",
+                                  "cautious-corrected"])
 @pytest.mark.parametrize("name", ["Adam", "AdamW", "SGD"])
 def test_weight_decay_modes_match_reference(name, mode, dtype):
     fcls = getattr(fused_wd, name)
     rcls = getattr(fused_wd.reference, name)
-    hp = dict(lr=0.01, weight_decay=0.1, weight_decay_mode=mode, max_grad_norm=0.5)
+    cautious = mode.startswith("cautious")
+    mode = {"cautious": "decoupled", "cautious-corrected": "corrected"}.get(mode, mode)
+    hp = dict(lr=0.01, weight_decay=0.1, weight_decay_mode=mode, max_grad_norm=0.5,
+              cautious_weight_decay=cautious)
     if name == "SGD":
         hp["momentum"] = 0.9
     a, b, oa, ob = run_pair(lambda p: rcls(p, **hp), lambda p: fcls(p, **hp), dtype, clip_a=False)
@@ -266,6 +270,9 @@ ADAM_BITWISE = {
     "independent-maximize-lrtensor": dict(decay_mode=2, maximize=True, lr_tensor=True),
     "amsgrad-maximize-scaled-lrtensor": dict(decay_mode=1, amsgrad=True, maximize=True, scaled=True,
                                              lr_tensor=True),
+    "corrected-lrtensor": dict(decay_mode=3, lr_tensor=True),
+    "cautious-amsgrad-maximize": dict(decay_mode=1, cautious=True, amsgrad=True, maximize=True),
+    "cautious-corrected-scaled": dict(decay_mode=3, cautious=True, scaled=True),
 }
 
 
@@ -300,7 +307,8 @@ def _adam_vs_cpu(dtype, layout, case, clip, betas, tol=None):
         for gs, (norm, max_norm) in zip(grads, norms):
             ops.adam_(p, _to_device(gs, dev), m, v, vmax, steps, master, [], **adam_hyper(
                 lr=0.01, lr_tensor=lr_t, beta1=betas[0], beta2=betas[1], weight_decay=0.1,
-                decay_mode=opt["decay_mode"], initial_lr=0.02, amsgrad=bool(opt.get("amsgrad")),
+                decay_mode=opt["decay_mode"], cautious_wd=bool(opt.get("cautious")), initial_lr=0.02,
+                amsgrad=bool(opt.get("amsgrad")),
                 maximize=bool(opt.get("maximize")), grad_norm=None if norm is None else norm.to(dev),
                 max_norm=max_norm, grad_scale=scale, found_inf=found))
         out[dev] = dict(params=p, exp_avgs=m, exp_avg_sqs=v, max_exp_avg_sqs=vmax, master_params=master,
@@ -313,6 +321,10 @@ SGD_BITWISE = {
     "momentum-dampening-decoupled-scaled": dict(momentum=0.9, dampening=0.1, decay_mode=1, scaled=True),
     "nesterov-independent-maximize": dict(momentum=0.9, nesterov=True, decay_mode=2, maximize=True),
     "momentum-l2-maximize-lrtensor": dict(momentum=0.9, decay_mode=0, maximize=True, lr_tensor=True),
+    "no-momentum-cautious-corrected": dict(momentum=0.0, decay_mode=3, cautious=True),
+    "nesterov-cautious-independent-maximize": dict(momentum=0.9, nesterov=True, decay_mode=2, cautious=True,
+                                                   maximize=True),
+    "momentum-cautious-lrtensor": dict(momentum=0.9, decay_mode=1, cautious=True, lr_tensor=True),
 }
 
 
@@ -338,7 +350,7 @@ def test_sgd_matches_cpu_kernels_bitwise(dtype, layout, case, clip):
             ops.sgd_(p, _to_device(gs, dev), b, new, master, [], [], **sgd_hyper(
                 lr=0.01, lr_tensor=lr_t, momentum=momentum, dampening=opt.get("dampening", 0.0),
                 nesterov=bool(opt.get("nesterov")), weight_decay=0.1, decay_mode=opt["decay_mode"],
-                initial_lr=0.02, maximize=bool(opt.get("maximize")),
+                cautious_wd=bool(opt.get("cautious")), initial_lr=0.02, maximize=bool(opt.get("maximize")),
                 grad_norm=None if norm is None else norm.to(dev), max_norm=max_norm, grad_scale=scale,
                 found_inf=found))
         out[dev] = dict(params=p, momentum_buffers=b, master_params=master)

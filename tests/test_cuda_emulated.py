@@ -282,6 +282,12 @@ ADAM_OPTIONS = {
     "l2": dict(weight_decay=0.1, decay_mode=0),
     "decoupled": dict(weight_decay=0.1, decay_mode=1),
     "independent": dict(weight_decay=0.1, decay_mode=2, initial_lr=0.2),
+    "corrected": dict(weight_decay=0.1, decay_mode=3, initial_lr=0.2),
+    "cautious": dict(weight_decay=0.1, decay_mode=1, cautious_wd=True),
+    "cautious_independent_amsgrad": dict(weight_decay=0.1, decay_mode=2, initial_lr=0.2, cautious_wd=True,
+                                         amsgrad=True),
+    "cautious_corrected_maximize_clip": dict(weight_decay=0.3, decay_mode=3, initial_lr=0.1, cautious_wd=True,
+                                             maximize=True, grad_norm=torch.tensor(7.25), max_norm=1.0),
     "amsgrad": dict(amsgrad=True),
     "maximize": dict(maximize=True, weight_decay=0.1, decay_mode=0),
     "clip": dict(grad_norm=torch.tensor(7.25), max_norm=1.0),
@@ -360,13 +366,20 @@ def layout_id(layout):
     return f"{name[p]}-{name[s]}" + ("-master" if m else "") + ("-sr" if sr else "")
 
 
-@pytest.mark.parametrize("amsgrad", [False, True])
+# decay variants of the mixed-layout tests: plain decoupled, with amsgrad,
+# and cautious corrected decay (its own kernel instantiation)
+MIXED_ADAM = {"decoupled": dict(decay_mode=1), "amsgrad": dict(decay_mode=1, amsgrad=True),
+              "cautious_corrected": dict(decay_mode=3, initial_lr=0.2, cautious_wd=True)}
+
+
+@pytest.mark.parametrize("variant", list(MIXED_ADAM))
 @pytest.mark.parametrize("layout", LAYOUTS, ids=layout_id)
-def test_adam_mixed_layouts_match_cpu(emu, layout, amsgrad):
+def test_adam_mixed_layouts_match_cpu(emu, layout, variant):
     pdt, sdt, master, sr = layout
+    amsgrad = MIXED_ADAM[variant].get("amsgrad", False)
     gen = torch.Generator().manual_seed(7)
     spec = adam_spec(pdt, gen, state_dtype=sdt, master=master, amsgrad=amsgrad)
-    kw = adam_kwargs(**for_dtype(dict(amsgrad=amsgrad, weight_decay=0.1, decay_mode=1, grad_norm=torch.tensor(9.0),
+    kw = adam_kwargs(**for_dtype(dict(MIXED_ADAM[variant], weight_decay=0.1, grad_norm=torch.tensor(9.0),
                      max_norm=1.0, stochastic_rounding=sr, sr_seed=12345), pdt))
     ids = [3 * i + 1 for i in range(len(SHAPES))]
     same_layout_verdict(spec, lambda ops, lists: adam_call(ops, lists, kw, ids), emu, ADAM_LISTS,
@@ -446,6 +459,12 @@ SGD_OPTIONS = {
     "l2": dict(momentum=0.9, weight_decay=0.1, decay_mode=0),
     "decoupled": dict(momentum=0.9, weight_decay=0.1, decay_mode=1),
     "independent": dict(weight_decay=0.1, decay_mode=2, initial_lr=0.5),
+    "corrected": dict(momentum=0.9, weight_decay=0.1, decay_mode=3, initial_lr=0.5),
+    "cautious": dict(momentum=0.9, weight_decay=0.1, decay_mode=1, cautious_wd=True),
+    "cautious_plain_corrected": dict(weight_decay=0.3, decay_mode=3, initial_lr=0.1, cautious_wd=True),
+    "cautious_nesterov_independent_maximize": dict(momentum=0.9, nesterov=True, weight_decay=0.1,
+                                                   decay_mode=2, initial_lr=0.5, cautious_wd=True,
+                                                   maximize=True),
     "maximize": dict(momentum=0.5, maximize=True),
     "clip": dict(momentum=0.9, grad_norm=torch.tensor(7.25), max_norm=1.0),
     "scaled": dict(grad_scale=torch.tensor(2.0), found_inf=torch.tensor(0.0)),
@@ -470,13 +489,18 @@ def test_sgd_matches_cpu(emu, dtype, option, first):
     assert changed_fraction([p.values for p in spec["params"]], out["params"]) > 0.9
 
 
-@pytest.mark.parametrize("momentum", [0.0, 0.9])
+MIXED_SGD = {"plain-l2": dict(momentum=0.0, decay_mode=0), "momentum-l2": dict(momentum=0.9, decay_mode=0),
+             "momentum-cautious": dict(momentum=0.9, decay_mode=1, cautious_wd=True)}
+
+
+@pytest.mark.parametrize("variant", list(MIXED_SGD))
 @pytest.mark.parametrize("layout", LAYOUTS, ids=layout_id)
-def test_sgd_mixed_layouts_match_cpu(emu, layout, momentum):
+def test_sgd_mixed_layouts_match_cpu(emu, layout, variant):
     pdt, sdt, master, sr = layout
+    momentum = MIXED_SGD[variant]["momentum"]
     gen = torch.Generator().manual_seed(12)
     spec = sgd_spec(pdt, gen, state_dtype=sdt, master=master, momentum=momentum != 0, sr=sr)
-    kw = sgd_kwargs(**for_dtype(dict(momentum=momentum, weight_decay=0.1, decay_mode=0,
+    kw = sgd_kwargs(**for_dtype(dict(MIXED_SGD[variant], weight_decay=0.1,
                                      grad_norm=torch.tensor(9.0), max_norm=1.0,
                                      stochastic_rounding=sr, sr_seed=999), pdt))
     is_new = [i % 3 == 0 for i in range(len(SHAPES))] if momentum else []

@@ -151,6 +151,7 @@ def test_same_param_twice():
     ("AdamW", dict(max_grad_norm=float("inf")), "max_grad_norm"),
     ("AdamW", dict(norm_type=1.0), "norm_type"),
     ("AdamW", dict(weight_decay_mode="l1"), "weight_decay_mode"),
+    ("AdamW", dict(weight_decay_mode="l2", cautious_weight_decay=True), "cautious_weight_decay"),
     ("AdamW", dict(skip_nonfinite="yes"), "skip_nonfinite"),
     ("Adam", dict(decoupled_weight_decay=True, weight_decay_mode="l2"), "contradicts"),
     ("SGD", dict(momentum=-0.5), "momentum"),
@@ -196,10 +197,11 @@ def problems(draw):
     cls = draw(st.sampled_from(["Adam", "AdamW", "SGD"]))
     hp = dict(lr=draw(st.sampled_from([0.0, 1e-3, 0.1])),
               weight_decay=draw(st.sampled_from([0.0, 0.01, 1.0])),
-              weight_decay_mode=draw(st.sampled_from(["l2", "decoupled", "independent"])),
+              weight_decay_mode=draw(st.sampled_from(["l2", "decoupled", "independent", "corrected"])),
               maximize=draw(st.booleans()),
               max_grad_norm=draw(st.sampled_from([None, 0.1, 10.0])),
               norm_type=draw(st.sampled_from([2.0, math.inf])))
+    hp["cautious_weight_decay"] = hp["weight_decay_mode"] != "l2" and draw(st.booleans())
     if cls == "SGD":
         hp.update(momentum=draw(st.sampled_from([0.0, 0.9])), dampening=draw(st.sampled_from([0.0, 0.5])))
     else:
@@ -220,7 +222,7 @@ def test_random_problems_match_reference(problem):
     g = torch.Generator().manual_seed(seed)
     ps = [torch.randn(s, generator=g).to(dtype) for s in shapes]
     a, b = clone_leaves(ps), clone_leaves(ps)
-    if hp["weight_decay_mode"] == "independent" and hp["lr"] == 0.0:
+    if hp["weight_decay_mode"] in ("independent", "corrected") and hp["lr"] == 0.0:
         with pytest.raises(ValueError, match="initial lr"):
             getattr(fused_wd, cls)(b, **hp)
         return

@@ -234,7 +234,7 @@ void adam(const AdamCall& c) {
   if (sp.skip || n == 0) return;
 
   const double lr = lr_of(a);
-  const int decay = decay_kind(static_cast<int>(a.decay_mode), a.weight_decay);
+  const int decay = decay_kind(static_cast<int>(a.decay_mode), a.weight_decay, a.cautious_wd);
   auto scalars = [&](auto zero, size_t i) {
     using T = decltype(zero);
     return make_adam_scalars<T>(lr, c.beta1, c.beta2, c.eps, a.weight_decay,
@@ -300,7 +300,7 @@ void sgd(const SgdCall& c) {
   if (sp.skip || n == 0) return;
 
   const double lr = lr_of(a);
-  const int decay = decay_kind(static_cast<int>(a.decay_mode), a.weight_decay);
+  const int decay = decay_kind(static_cast<int>(a.decay_mode), a.weight_decay, a.cautious_wd);
   auto scalars = [&](auto zero) {
     using T = decltype(zero);
     return make_sgd_scalars<T>(lr, c.momentum, c.dampening, a.weight_decay,

@@ -421,7 +421,7 @@ inline DeviceStep device_step(const char* op, const at::Device& device, const St
   s.weight_decay = a.weight_decay;
   s.initial_lr = a.initial_lr;
   s.decay_mode = static_cast<int>(a.decay_mode);
-  s.decay = decay_kind(s.decay_mode, a.weight_decay);
+  s.decay = decay_kind(s.decay_mode, a.weight_decay, a.cautious_wd);
   s.maximize = a.maximize ? 1 : 0;
   return s;
 }

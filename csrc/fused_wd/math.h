@@ -31,14 +31,16 @@
 
 namespace fused_wd {
 
-// Weight decay as the kernels see it. The Python layer maps the user-facing
-// modes onto these: "l2" -> kL2, "decoupled" and "independent" -> kScaleParam
-// (they differ only in the factor, computed by decay_factor below), and any
-// mode with weight_decay == 0 -> kNone (torch skips the decay entirely then).
-enum DecayKind : int { kNone = 0, kL2 = 1, kScaleParam = 2 };
+// Weight decay as the kernels see it (decay_kind below maps the user's mode
+// onto these): "l2" -> kL2; "decoupled", "independent" and "corrected" ->
+// kScaleParam (they differ only in the factor, computed by decay_factor
+// below), or kCautious with cautious decay (the same factor, applied only
+// where the update and the param agree in sign); any mode with
+// weight_decay == 0 -> kNone (torch skips the decay entirely then).
+enum DecayKind : int { kNone = 0, kL2 = 1, kScaleParam = 2, kCautious = 3 };
 
 // User-facing decay modes, as passed through the op schemas.
-enum DecayMode : int { kModeL2 = 0, kModeDecoupled = 1, kModeIndependent = 2 };
+enum DecayMode : int { kModeL2 = 0, kModeDecoupled = 1, kModeIndependent = 2, kModeCorrected = 3 };
 
 // A flag or a mode as a compile-time constant (the kernels' template
 // parameters come from these dispatchers).
@@ -69,7 +71,7 @@ template <typename T>
 struct AdamScalars {
   GradPrep<T> gp;
   T wd;             // kL2: g += wd * p
-  T decay;          // kScaleParam: p *= decay
+  T decay;          // kScaleParam, kCautious: p *= decay
   T w1, one_minus_w1;  // lerp weight (1 - beta1) and 1 - that
   T beta2, one_minus_beta2;
   T bc2_sqrt;       // sqrt(1 - beta2^t)
@@ -138,6 +140,7 @@ FWD_HD void with_decay(int kind, F&& f) {
   switch (kind) {
     case kL2: f(IntC<kL2>{}); break;
     case kScaleParam: f(IntC<kScaleParam>{}); break;
+    case kCautious: f(IntC<kCautious>{}); break;
     default: f(IntC<kNone>{}); break;
   }
 }
@@ -153,17 +156,30 @@ FWD_HD void with_sgd_modes(int kind, bool momentum, bool nesterov, F&& f) {
   });
 }
 
-// Weight-decay kind the kernel runs, from the user mode and strength.
-FWD_HD int decay_kind(int mode, double weight_decay) {
+// Weight-decay kind the kernel runs, from the user mode, strength and the
+// cautious flag (refused with "l2" by check_step_args before this is used).
+FWD_HD int decay_kind(int mode, double weight_decay, bool cautious) {
   if (weight_decay == 0.0) return kNone;
-  return mode == kModeL2 ? kL2 : kScaleParam;
+  if (mode == kModeL2) return kL2;
+  return cautious ? kCautious : kScaleParam;
 }
 
-// p *= decay_factor for decoupled (1 - lr*wd) and independent
-// (1 - wd*lr/initial_lr) decay.
+// p *= decay_factor for decoupled (1 - lr*wd), independent
+// (1 - wd*lr/initial_lr) and corrected (1 - wd*lr^2/initial_lr) decay.
 FWD_HD double decay_factor(int mode, double lr, double weight_decay, double initial_lr) {
   if (mode == kModeIndependent) return 1.0 - weight_decay * lr / initial_lr;
+  if (mode == kModeCorrected) return 1.0 - weight_decay * lr * lr / initial_lr;
   return 1.0 - lr * weight_decay;
+}
+
+// Cautious decay (Chen et al. 2025): the decay shrinks p only where the
+// update direction u (what the step subtracts, before the lr) and p agree in
+// sign, u*p >= 0, judged on the pre-decay p. The update that follows is the
+// same as without decay, so with every coordinate agreeing the result has
+// exactly kScaleParam's bits.
+template <typename T>
+FWD_HD T cautious_decay(T p, T u, T decay) {
+  return u * p >= T(0) ? p * decay : p;
 }
 
 // Gradient preprocessing shared by every optimizer: AMP unscale, clip and
@@ -227,6 +243,9 @@ FWD_HD AdamScalars<T> make_adam_scalars(double lr, double beta1, double beta2, d
 
 // One element of Adam/AdamW: steps 2-6 of docs/design.md, "The math" (the
 // skip decision is taken before). vmax is read and written only when AMSGRAD.
+// Under kCautious the direction u = m / denom (the sign of the bias-corrected
+// m-hat / (sqrt(v-hat) + eps), as bc1 > 0) is computed before the decay,
+// which is legal because decoupled decay never feeds the moments.
 template <typename T, bool AMSGRAD, int DECAY>
 FWD_HD void adam_element(T& p, T g, T& m, T& v, T& vmax, const AdamScalars<T>& s) {
   g = prep_grad(g, s.gp);
@@ -240,7 +259,9 @@ FWD_HD void adam_element(T& p, T g, T& m, T& v, T& vmax, const AdamScalars<T>& s
     vv = vmax;
   }
   const T denom = fsqrt(vv) / s.bc2_sqrt + s.eps;
-  p = p + s.neg_step_size * (m / denom);
+  const T u = m / denom;
+  if (DECAY == kCautious) p = cautious_decay(p, u, s.decay);
+  p = p + s.neg_step_size * u;
 }
 
 // ---------------------------------------------------------------- SGD
@@ -261,6 +282,8 @@ FWD_HD SgdScalars<T> make_sgd_scalars(double lr, double momentum, double dampeni
 
 // One element of SGD. MOMENTUM: buf is read (unless first) and written.
 // `first` is true on the step that creates the momentum buffer (buf = g).
+// Under kCautious the direction u is the final g (the momentum direction,
+// nesterov included, or the gradient without momentum).
 template <typename T, int DECAY, bool MOMENTUM, bool NESTEROV>
 FWD_HD void sgd_element(T& p, T g, T& buf, bool first, const SgdScalars<T>& s) {
   g = prep_grad(g, s.gp);
@@ -270,6 +293,7 @@ FWD_HD void sgd_element(T& p, T g, T& buf, bool first, const SgdScalars<T>& s) {
     buf = first ? g : buf * s.momentum + s.one_minus_dampening * g;
     g = NESTEROV ? g + s.momentum * buf : buf;
   }
+  if (DECAY == kCautious) p = cautious_decay(p, g, s.decay);
   p = p + s.neg_lr * g;
 }
 

@@ -1,0 +1,102 @@
+"""What the decay variants cost: the whole clip + AdamW step of fused_wd on
+~N fp32 params in 160 tensors with decoupled, cautious and corrected decay,
+side by side in one process.
+
+Each variant has its own params, grads and state (same values). A round
+times one step of every variant, in an order that rotates from round to
+round, so that a slow spell of a shared machine hits all of them alike; the
+result is the median over rounds of each variant's time divided by the
+decoupled step's time in the same round (paired ratios). A second decoupled
+optimizer ("decoupled, again") shows the noise of such a ratio.
+
+    python benchmarks/decay_variants.py [--params 50e6] [--rounds 15] [--device cpu]
+"""
+import argparse
+import platform
+import statistics
+import subprocess
+import time
+
+import torch
+
+import fused_wd
+
+VARIANTS = [
+    ("decoupled", dict()),
+    ("decoupled, again", dict()),
+    ("cautious (decoupled)", dict(cautious_weight_decay=True)),
+    ("corrected", dict(weight_decay_mode="corrected")),
+]
+
+
+def cpu_model():
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
+        for line in out.splitlines():
+            if line.startswith("Model name:"):
+                return line.split(":", 1)[1].strip()
+    except (OSError, subprocess.CalledProcessError):
+        pass
+    return platform.processor() or "unknown"
+
+
+def make_opt(opts, device, n_tensors, n_each):
+    g = torch.Generator().manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(n_each, generator=g).to(device)) for _ in range(n_tensors)]
+    for p in params:
+        # random signs: about half the coordinates are masked under cautious decay
+        p.grad = (torch.randn(n_each, generator=g) * 1e-2).to(device)
+    opt = fused_wd.AdamW(params, lr=1e-4, weight_decay=0.1, max_grad_norm=1.0, **opts)
+    for _ in range(2):
+        opt.step()
+    return opt
+
+
+def timed_step(opt, device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t = time.perf_counter()
+    opt.step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - t
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--params", type=float, default=50e6)
+    ap.add_argument("--tensors", type=int, default=160)
+    ap.add_argument("--rounds", type=int, default=15)
+    ap.add_argument("--device", default="cpu")
+    args = ap.parse_args()
+    device = torch.device(args.device)
+    n_each = int(args.params) // args.tensors
+    opts = [(name, make_opt(o, device, args.tensors, n_each)) for name, o in VARIANTS]
+    times = {name: [] for name, _ in VARIANTS}
+    ratios = {name: [] for name, _ in VARIANTS[1:]}
+    for r in range(args.rounds):
+        k = r % len(opts)
+        order = opts[k:] + opts[:k]
+        this = {name: timed_step(opt, device) for name, opt in order}
+        for name, t in this.items():
+            times[name].append(t)
+        for name in ratios:
+            ratios[name].append(this[name] / this["decoupled"])
+    dev = cpu_model() if device.type == "cpu" else torch.cuda.get_device_name(device)
+    print(f"clip + AdamW, fp32, {args.tensors * n_each / 1e6:.1f}M params in {args.tensors} tensors, "
+          f"{args.rounds} rounds, {torch.get_num_threads()} threads; {dev}; torch {torch.__version__}")
+    print("| variant | median ms | min-max ms | median of paired ratios to decoupled | ratios min-max |")
+    print("| --- | ---: | ---: | ---: | ---: |")
+    for name, _ in VARIANTS:
+        ts = [1e3 * t for t in times[name]]
+        row = f"| {name} | {statistics.median(ts):.1f} | {min(ts):.1f}-{max(ts):.1f} |"
+        if name in ratios:
+            rs = ratios[name]
+            row += f" {statistics.median(rs):.3f} | {min(rs):.3f}-{max(rs):.3f} |"
+        else:
+            row += " 1 | |"
+        print(row)
+
+
+if __name__ == "__main__":
+    main()
