@@ -100,10 +100,14 @@ def group_by_device(items, device_of=lambda t: t.device):
     return out
 
 
-def multi_tensor_norm(tensors, norm_type=2.0):
+def multi_tensor_norm(tensors, norm_type=2.0, one_device=False):
     """Global norm of tensors on any devices, as a float32 0-dim tensor on
-    the first tensor's device. One kernel per device; no host sync."""
+    the first tensor's device. One kernel per device; no host sync.
+    `one_device`: the caller knows the tensors share one device (no
+    per-tensor device read)."""
     _ext.require()
+    if one_device:
+        return torch.ops.fused_wd.multi_tensor_norm(tensors, float(norm_type))
     norms = [torch.ops.fused_wd.multi_tensor_norm(ts, float(norm_type))
              for ts in group_by_device(tensors).values()]
     if len(norms) == 1:
