@@ -136,17 +136,48 @@ def _local_real(t):
 
 _is = operator.is_
 _is_not = operator.is_not
-_param_meta = operator.attrgetter("dtype", "shape", "device")
-_grad_meta = operator.attrgetter("dtype", "shape", "device", "layout")
+_dtype_of = operator.attrgetter("dtype")
+_layout_of = operator.attrgetter("layout")
+
+# A C++ list of tensors (torch's own IValue list). A plan keeps its param
+# and state lists in one each, so that every one of those tensors has a C++
+# reference besides its Python object. Why: an op called from Python gets
+# its tensor lists as C++ lists that it drops with the GIL released; a
+# tensor whose only C++ reference was that list then releases its Python
+# object, which takes the GIL once per tensor: most of the op call's cost
+# with thousands of tensors (grads need nothing: the param holds its grad).
+# The pin changes nothing the op sees. Absent from a torch build, plans
+# simply go without.
+_CppList = getattr(torch._C, "ScriptList", None)
+
+
+def _pins(lists):
+    """C++ references to the tensors of a lists dataclass (see _CppList)."""
+    if _CppList is None:
+        return []
+    out = []
+    for f in dataclasses.fields(lists):
+        xs = getattr(lists, f.name)
+        if xs and all(isinstance(x, torch.Tensor) for x in xs):
+            out.append(_CppList(xs))
+    return out
 
 
 class _Plans(dict):
     """The step plans of an optimizer by param group index, made under one
-    _plan_gen()."""
+    _plan_gen(), and the per-param state dicts (self.state's values, in
+    order) they were made with: a state dict replaced or removed (or one
+    added) shows there, one identity check per param for all plans."""
 
     def __init__(self, gen):
         super().__init__()
         self.gen = gen
+        self.state_dicts = None
+
+    def states_hold(self, state):
+        dicts = list(state.values())
+        return self.state_dicts is not None and len(dicts) == len(self.state_dicts) \
+            and all(map(_is, dicts, self.state_dicts))
 
 
 class _StepPlan:
@@ -161,6 +192,7 @@ class _StepPlan:
         self.calls = []  # (device, indices into the grads or None for all, lists without grads, sr)
         self.reusable = False
         self.grads_built = []
+        self.pins = []
 
     def freeze(self, opt, group, params):
         """Records what the plan depends on, for `grads` to compare."""
@@ -169,11 +201,10 @@ class _StepPlan:
         mask = [p.grad is not None for p in gp]
         self.mask = None if all(mask) else mask
         self.params = params
-        self.param_meta = list(map(_param_meta, params))
-        self.grad_meta = [m + (torch.strided,) for m in self.param_meta]
-        self.dicts = [opt.state.get(p) for p in params]
+        self.dtypes = list(map(_dtype_of, params))
         self.st_dicts, self.st_keys, self.st_vals = [], [], []
-        for d in self.dicts:
+        for p in params:
+            d = opt.state[p]
             for k, v in d.items():
                 self.st_dicts.append(d)
                 self.st_keys.append(k)
@@ -183,11 +214,14 @@ class _StepPlan:
         """The group's grads (of the params that have one, in order) when
         the plan still holds, else None. It holds while the group has the
         same params list with the same params in it, the same params have
-        grads, every param has the dtype, shape and device it had, every grad
-        matches its param (dtype, shape, device, dense), every state entry is
-        the same object and the options the lists depend on are unchanged.
-        Identity checks and attribute reads in C loops (map): no per-param
-        Python frame."""
+        grads, every grad has the dtype its param had (the grad setter and
+        autograd keep a grad's dtype, shape and device those of its param,
+        so a param re-dtyped shows here), every entry of the params' state
+        dicts is the same object (the dicts themselves: _Plans.states_hold)
+        and the options the lists depend on are unchanged. Identity checks
+        and attribute reads in C loops (map): no per-param Python frame.
+        The ops check every tensor again (shape, dtype, device, layout)
+        before they write anything."""
         gp = group["params"]
         if gp is not self.group_params or len(gp) != len(self.all_params) \
                 or opt._plan_key(group) != self.key or not all(map(_is, gp, self.all_params)):
@@ -200,10 +234,7 @@ class _StepPlan:
             if list(map(_is_not, grads, itertools.repeat(None))) != self.mask:
                 return None
             grads = list(itertools.compress(grads, self.mask))
-        if list(map(_grad_meta, grads)) != self.grad_meta \
-                or list(map(_param_meta, self.params)) != self.param_meta:
-            return None
-        if not all(map(_is, map(opt.state.get, self.params), self.dicts)):
+        if list(map(_dtype_of, grads)) != self.dtypes:
             return None
         try:
             if not all(map(_is, map(operator.getitem, self.st_dicts, self.st_keys), self.st_vals)):
@@ -462,13 +493,23 @@ class _FusedOptimizer(Optimizer):
         # dynamo traces the plain path: a compiled step builds no plan.
         reuse = not torch.compiler.is_compiling()
         plans = self.__dict__.get("_plans") if reuse else None
-        if plans is not None and plans.gen != self._plan_gen():
+        if plans is not None and (plans.gen != self._plan_gen() or not plans.states_hold(self.state)):
             plans = None
         per_group = []
         for gi, group in enumerate(self.param_groups):
             plan = plans.get(gi) if plans is not None else None
             grads = plan.grads(self, group) if plan is not None else None
             per_group.append((plan, grads) if grads is not None else (None, self._grads_of(group, gi)))
+        # A sparse grad (which no grad setter refuses) is refused by the op
+        # that gets it, before it writes; with more than one op call, or a
+        # norm over every grad first, it is refused here, before anything
+        # runs, with _grads_of's message.
+        if len(per_group) > 1 or any(plan is not None and len(plan.calls) > 1 for plan, _ in per_group) \
+                or any(group["max_grad_norm"] is not None for group in self.param_groups):
+            for gi, (group, (plan, xs)) in enumerate(zip(self.param_groups, per_group)):
+                if plan is not None and any(map(_is_not, map(_layout_of, xs),
+                                                itertools.repeat(torch.strided))):
+                    self._grads_of(group, gi)
         # DTensor params (FSDP2): the kernels get local shards, and no plan
         # is used; a plain (single process, DDP) step pays nothing for this
         # until torch.distributed.tensor is imported
@@ -506,6 +547,8 @@ class _FusedOptimizer(Optimizer):
                               dict(hyper, stochastic_rounding=sr, **kws[device])))
         for gi, lists, kw in calls:
             self._call(self._op, gi, lists, **kw)
+        if plans is not None:
+            plans.state_dicts = list(self.state.values())
         return loss
 
     # ------------------------------------------------------- the step plan
@@ -566,6 +609,7 @@ class _FusedOptimizer(Optimizer):
         plan.reusable = reusable and not any(p.is_complex() for p in params)
         if plan.reusable:
             plan.freeze(self, group, params)
+            plan.pins = [pin for _, _, sub, _ in plan.calls for pin in _pins(sub)]
         return plan
 
     def _common_kwargs(self, group, device, norm, grad_scale, found_inf):

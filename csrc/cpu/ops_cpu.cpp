@@ -5,6 +5,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cstdlib>
 #include <string>
 #include <vector>
@@ -71,9 +72,25 @@ std::vector<Item> make_items(const std::vector<at::Tensor>& ts) {
   return items;
 }
 
+// Elements a thread gets at least: below it, waking threads costs more than
+// it saves (thousands of tiny tensors run on the calling thread). Does not
+// change any result: items are independent, and the norm's partials are
+// per item.
+constexpr int64_t kMinTaskElems = int64_t(1) << 17;
+
+// at::parallel_for's grain (in items) for the items: a task of at least
+// kMinTaskElems elements on average.
+int64_t grain_of(const std::vector<Item>& items) {
+  int64_t total = 0;
+  for (const Item& it : items) total += it.end - it.begin;
+  const int64_t n = static_cast<int64_t>(items.size());
+  if (total <= kMinTaskElems) return n + 1;  // one task, run inline
+  return std::max<int64_t>(1, kMinTaskElems * n / total);
+}
+
 template <typename F>
 void parallel_items(const std::vector<Item>& items, F f) {
-  at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t b, int64_t e) {
+  at::parallel_for(0, static_cast<int64_t>(items.size()), grain_of(items), [&](int64_t b, int64_t e) {
     for (int64_t k = b; k < e; ++k) f(items[k]);
   });
 }
@@ -146,7 +163,7 @@ at::Tensor multi_tensor_norm(at::TensorList tensors, double norm_type) {
   const auto items = make_items(dense);
   std::vector<double> partial(items.size());
   const KernelTable& k = table();
-  at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t b, int64_t e) {
+  at::parallel_for(0, static_cast<int64_t>(items.size()), grain_of(items), [&](int64_t b, int64_t e) {
     for (int64_t j = b; j < e; ++j) {
       const Item& it = items[j];
       const at::Tensor& t = dense[it.tensor];
