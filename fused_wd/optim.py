@@ -511,11 +511,11 @@ class _FusedOptimizer(Optimizer):
                                                 itertools.repeat(torch.strided))):
                     self._grads_of(group, gi)
         # DTensor params (FSDP2): the kernels get local shards, and no plan
-        # is used; a plain (single process, DDP) step pays nothing for this
-        # until torch.distributed.tensor is imported
+        # is used. A plan holds only when its params are those it was built
+        # with, which were no DTensors (a sharded step keeps no plan): only
+        # the groups without one are looked at, one isinstance per param.
         sharded = _dist.refresh() and _dist.any_dtensor(
-            t for plan, xs in per_group for t in (
-                itertools.chain(plan.params, xs) if plan is not None else itertools.chain(*xs)))
+            p for plan, xs in per_group if plan is None for p, _ in xs)
         if sharded:
             per_group = [(None, self._grads_of(group, gi)) if plan is not None else (plan, xs)
                          for gi, (group, (plan, xs)) in enumerate(zip(self.param_groups, per_group))]
