@@ -8,6 +8,45 @@
 
 namespace fused_wd {
 
+namespace {
+
+bool is_low(at::ScalarType t) { return t == at::kHalf || t == at::kBFloat16; }
+
+bool is_kernel_dtype(at::ScalarType t) { return t == at::kFloat || t == at::kDouble || is_low(t); }
+
+// Whether a tensor of dtype tt may sit next to a param of dtype pt in a
+// list with dtype rule `rule` (the rules of DtypeRule).
+bool dtype_ok(int rule, at::ScalarType pt, at::ScalarType tt) {
+  if (rule == kDtypeMaster) return is_low(pt) && tt == at::kFloat;
+  if (rule == kDtypeState)
+    return tt == pt || ((is_low(pt) || pt == at::kFloat) && (tt == at::kFloat || tt == at::kBFloat16));
+  return tt == pt;
+}
+
+// Every check of check_lists as one predicate over TensorImpl fields (no
+// dispatcher call, no message built): the per-step cost. check_lists
+// builds the message only when this says no.
+bool lists_ok(const std::vector<ListSpec>& lists, size_t n, const at::Device& device,
+              c10::DeviceType device_type) {
+  if (device.type() != device_type) return false;
+  const at::TensorList params = lists[0].tensors;
+  for (const auto& l : lists) {
+    if (l.optional && l.tensors.empty()) continue;
+    const at::Tensor* ts = l.tensors.data();
+    for (size_t i = 0; i < n; ++i) {
+      const at::TensorImpl* p = params[i].unsafeGetTensorImpl();
+      const at::TensorImpl* t = ts[i].unsafeGetTensorImpl();
+      if (!ts[i].defined() || t->layout() != at::kStrided || t->device() != device) return false;
+      const at::ScalarType pt = p->dtype().toScalarType(), tt = t->dtype().toScalarType();
+      if (!is_kernel_dtype(tt) || !dtype_ok(l.dtype_rule, pt, tt)) return false;
+      if (t != p && t->sizes() != p->sizes()) return false;
+    }
+  }
+  return true;
+}
+
+}  // namespace
+
 void check_lists(const char* op, const std::vector<ListSpec>& lists, c10::DeviceType device_type) {
   TORCH_CHECK(!lists.empty(), op, ": no tensor lists");
   const at::TensorList params = lists[0].tensors;
@@ -18,7 +57,10 @@ void check_lists(const char* op, const std::vector<ListSpec>& lists, c10::Device
                 " tensors but ", lists[0].name, " has ", n);
   }
   if (n == 0) return;
+  TORCH_CHECK(params[0].defined(), op, ": ", lists[0].name, "[0] is undefined");
   const at::Device device = params[0].device();
+  if (lists_ok(lists, n, device, device_type)) return;
+  // Something is wrong: find it, and say which list, index and what.
   for (size_t i = 0; i < n; ++i) {
     const at::Tensor& p = params[i];
     for (const auto& l : lists) {
@@ -55,6 +97,7 @@ void check_lists(const char* op, const std::vector<ListSpec>& lists, c10::Device
       storage_of(op, l.name, t.scalar_type());
     }
   }
+  TORCH_INTERNAL_ASSERT(false, op, ": lists_ok and the checks above disagree");
 }
 
 void check_steps(const char* op, at::TensorList steps, at::TensorList params) {

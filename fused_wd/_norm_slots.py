@@ -158,11 +158,7 @@ class NormSlots:
         for dev, items in by_dev.items():
             self._flush(dev, norm_type)
             norms.append(self._device_norm(dev, items, norm_type))
-        if len(norms) == 1:
-            return norms[0]
-        first = norms[0].device
-        return torch.linalg.vector_norm(torch.stack([n.to(first, non_blocking=True) for n in norms]),
-                                        ord=float(norm_type))
+        return _ops.combine_device_norms(norms, norm_type)
 
     def _device_norm(self, dev, items, norm_type):
         ids = self._params_at[dev]

@@ -112,8 +112,12 @@ def multi_tensor_norm(tensors, norm_type=2.0):
     """Global norm of tensors on any devices, as a float32 0-dim tensor on
     the first tensor's device. One kernel per device; no host sync."""
     _ext.require()
-    norms = [torch.ops.fused_wd.multi_tensor_norm(ts, float(norm_type))
-             for ts in group_by_device(tensors).values()]
+    return combine_device_norms([torch.ops.fused_wd.multi_tensor_norm(ts, float(norm_type))
+                                 for ts in group_by_device(tensors).values()], norm_type)
+
+
+def combine_device_norms(norms, norm_type):
+    """The global norm from per-device norms, on the first one's device."""
     if len(norms) == 1:
         return norms[0]
     first = norms[0].device

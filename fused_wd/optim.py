@@ -34,7 +34,9 @@ Optimizer-level (not per group, not in the state_dict):
                         step makes one pass over memory; bitwise the same
                         result (see the README's "The norm in backward")
 """
+import itertools
 import math
+import operator
 import weakref
 
 import torch
@@ -45,7 +47,7 @@ import dataclasses
 from fused_wd import _clip_guard, _ext, _ops
 from fused_wd import distributed as _dist
 from fused_wd._norm_slots import NormSlots
-from fused_wd._ops import AdamLists, SgdLists, group_by_device, split_by_master
+from fused_wd._ops import AdamLists, SgdLists, split_by_master
 
 DECAY_MODES = {"l2": 0, "decoupled": 1, "independent": 2, "corrected": 3}
 # the modes that divide by the group's initial lr
@@ -158,11 +160,123 @@ def _local_real(t):
     return _real(_dist.local(t))
 
 
+_is = operator.is_
+_is_not = operator.is_not
+_dtype_of = operator.attrgetter("dtype")
+_layout_of = operator.attrgetter("layout")
+
+# A C++ list of tensors (torch's own IValue list). A plan keeps its param
+# and state lists in one each, so that every one of those tensors has a C++
+# reference besides its Python object. Why: an op called from Python gets
+# its tensor lists as C++ lists that it drops with the GIL released; a
+# tensor whose only C++ reference was that list then releases its Python
+# object, which takes the GIL once per tensor: most of the op call's cost
+# with thousands of tensors (grads need nothing: the param holds its grad).
+# The pin changes nothing the op sees. Absent from a torch build, plans
+# simply go without.
+_CppList = getattr(torch._C, "ScriptList", None)
+
+
+def _pins(lists):
+    """C++ references to the tensors of a lists dataclass (see _CppList)."""
+    if _CppList is None:
+        return []
+    out = []
+    for f in dataclasses.fields(lists):
+        xs = getattr(lists, f.name)
+        if xs and all(isinstance(x, torch.Tensor) for x in xs):
+            out.append(_CppList(xs))
+    return out
+
+
+class _Plans(dict):
+    """The step plans of an optimizer by param group index, made under one
+    _plan_gen(), and the per-param state dicts (self.state's values, in
+    order) they were made with: a state dict replaced or removed (or one
+    added) shows there, one identity check per param for all plans."""
+
+    def __init__(self, gen):
+        super().__init__()
+        self.gen = gen
+        self.state_dicts = None
+
+    def states_hold(self, state):
+        dicts = list(state.values())
+        return self.state_dicts is not None and len(dicts) == len(self.state_dicts) \
+            and all(map(_is, dicts, self.state_dicts))
+
+
+class _StepPlan:
+    """What a param group's step needs besides its grads, validated once:
+    the params that have grads, the op calls (per device, and per kind of
+    param: without or with an fp32 master) with their param and state lists,
+    and what it was built from. `grads` says whether it still holds."""
+
+    def __init__(self, key):
+        self.key = key
+        self.devices = []
+        self.calls = []  # (device, indices into the grads or None for all, lists without grads, sr)
+        self.reusable = False
+        self.grads_built = []
+        self.pins = []
+
+    def freeze(self, opt, group, params):
+        """Records what the plan depends on, for `grads` to compare."""
+        gp = group["params"]
+        self.group_params, self.all_params = gp, list(gp)
+        mask = [p.grad is not None for p in gp]
+        self.mask = None if all(mask) else mask
+        self.params = params
+        self.dtypes = list(map(_dtype_of, params))
+        self.st_dicts, self.st_keys, self.st_vals = [], [], []
+        for p in params:
+            d = opt.state[p]
+            for k, v in d.items():
+                self.st_dicts.append(d)
+                self.st_keys.append(k)
+                self.st_vals.append(v)
+
+    def grads(self, opt, group):
+        """The group's grads (of the params that have one, in order) when
+        the plan still holds, else None. It holds while the group has the
+        same params list with the same params in it, the same params have
+        grads, every grad has the dtype its param had (the grad setter and
+        autograd keep a grad's dtype, shape and device those of its param,
+        so a param re-dtyped shows here), every entry of the params' state
+        dicts is the same object (the dicts themselves: _Plans.states_hold)
+        and the options the lists depend on are unchanged. Identity checks
+        and attribute reads in C loops (map): no per-param Python frame.
+        The ops check every tensor again (shape, dtype, device, layout)
+        before they write anything."""
+        gp = group["params"]
+        if gp is not self.group_params or len(gp) != len(self.all_params) \
+                or opt._plan_key(group) != self.key or not all(map(_is, gp, self.all_params)):
+            return None
+        grads = [p.grad for p in gp]
+        if self.mask is None:
+            if any(map(_is, grads, itertools.repeat(None))):
+                return None
+        else:
+            if list(map(_is_not, grads, itertools.repeat(None))) != self.mask:
+                return None
+            grads = list(itertools.compress(grads, self.mask))
+        if list(map(_dtype_of, grads)) != self.dtypes:
+            return None
+        try:
+            if not all(map(_is, map(operator.getitem, self.st_dicts, self.st_keys), self.st_vals)):
+                return None
+        except KeyError:
+            return None
+        return grads
+
+
 class _FusedOptimizer(Optimizer):
     """What Adam, AdamW and SGD share: argument handling, state checks, the
     global norm and the per-(group, device) dispatch. Subclasses provide
     `_init_group` (state, lazily, with torch's keys; `view` maps each param,
-    grad and state to what the kernels get) and `_update`."""
+    grad and state to what the kernels get), `_split_calls` (the op calls
+    of a group's lists), `_op_hyper` (the op's own hyperparameters) and
+    `_op`."""
 
     _step_supports_amp_scaling = True
     _default_mode = "l2"
@@ -212,6 +326,7 @@ class _FusedOptimizer(Optimizer):
 
     def __setstate__(self, state):
         super().__setstate__(state)
+        self._invalidate_plans()
         self.__dict__.setdefault("_last_grad_norm", [self.__dict__.pop("last_grad_norm", None)])
         self.__dict__.setdefault("_norm_in_backward", False)
         if "_norm_slots" not in self.__dict__:
@@ -251,6 +366,7 @@ class _FusedOptimizer(Optimizer):
                  ("master_weights", "state_dtype", "stochastic_rounding", "sr_seed")}
         param_group.update(_check_mixed(**mixed))
         self._param_ids = None
+        self._invalidate_plans()
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         self._norm_slots.invalidate()
@@ -380,7 +496,7 @@ class _FusedOptimizer(Optimizer):
         saved with (torch casts it to the param's dtype, which would round
         an fp32 master or fp32 moments of a bf16 param); `_init_group` then
         converts to the dtype each group wants."""
-        self.__dict__.pop("_lists_cache", None)
+        self._invalidate_plans()
         super().load_state_dict(state_dict)
         saved = state_dict["state"]
         saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
@@ -404,7 +520,9 @@ class _FusedOptimizer(Optimizer):
     def _global_norm(self, per_group, grad_scale, sharded=False):
         """The pre-clip global norm over the grads of every group, unscaled;
         across ranks when `sharded` (DTensors: one local pass, one all-reduce).
-        Each param's partial comes from its slot (fused_wd/_norm_slots.py)."""
+        `per_group` as step() holds it: per group (plan, grads) or (None,
+        (param, grad) pairs). Each param's part of the norm comes from its
+        slot (fused_wd/_norm_slots.py)."""
         clipping = [g for g in self.param_groups if g["max_grad_norm"] is not None]
         if not clipping:
             return None
@@ -412,16 +530,22 @@ class _FusedOptimizer(Optimizer):
         if len(norm_types) > 1:
             raise ValueError(f"param groups that clip must share one norm_type, got {sorted(norm_types)}")
         norm_type = norm_types.pop()
-        pairs = [pg for pairs in per_group for pg in pairs]
-        if not pairs:
+        params, grads = [], []
+        for plan, xs in per_group:
+            if plan is not None:
+                params.extend(plan.params)
+                grads.extend(xs)
+            else:
+                params.extend(p for p, _ in xs)
+                grads.extend(g for _, g in xs)
+        if not grads:
             return None
-        params = [p for p, _ in pairs]
         if sharded:
-            norm = _dist.global_norm([g for _, g in pairs], norm_type,
+            norm = _dist.global_norm(grads, norm_type,
                                      lambda entries, nt: self._norm_slots.norm(params, entries, nt),
                                      _real)
         else:
-            norm = self._norm_slots.norm(params, [_real(g) for _, g in pairs], norm_type)
+            norm = self._norm_slots.norm(params, list(map(_real, grads)), norm_type)
         if grad_scale is not None:
             norm = norm / grad_scale.to(norm.device, non_blocking=True).reshape(())
         return norm
@@ -436,63 +560,126 @@ class _FusedOptimizer(Optimizer):
                 loss = closure()
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
-        per_group = [self._grads_of(group, gi) for gi, group in enumerate(self.param_groups)]
-        # DTensor params (FSDP2): the kernels get local shards; one isinstance
-        # per param is all the plain (single process, DDP) path pays
-        sharded = _dist.refresh() and _dist.any_dtensor(p for pairs in per_group for p, _ in pairs)
+        # Per group: (plan, its grads) when the group's step plan still holds
+        # (see _StepPlan), else (None, (param, grad) pairs, checked).
+        # dynamo traces the plain path: a compiled step builds no plan.
+        reuse = not torch.compiler.is_compiling()
+        plans = self.__dict__.get("_plans") if reuse else None
+        if plans is not None and (plans.gen != self._plan_gen() or not plans.states_hold(self.state)):
+            plans = None
+        per_group = []
+        for gi, group in enumerate(self.param_groups):
+            plan = plans.get(gi) if plans is not None else None
+            grads = plan.grads(self, group) if plan is not None else None
+            per_group.append((plan, grads) if grads is not None else (None, self._grads_of(group, gi)))
+        # A sparse grad (which no grad setter refuses) is refused by the op
+        # that gets it, before it writes; with more than one op call, or a
+        # norm over every grad first, it is refused here, before anything
+        # runs, with _grads_of's message.
+        if len(per_group) > 1 or any(plan is not None and len(plan.calls) > 1 for plan, _ in per_group) \
+                or any(group["max_grad_norm"] is not None for group in self.param_groups):
+            for gi, (group, (plan, xs)) in enumerate(zip(self.param_groups, per_group)):
+                if plan is not None and any(map(_is_not, map(_layout_of, xs),
+                                                itertools.repeat(torch.strided))):
+                    self._grads_of(group, gi)
+        # DTensor params (FSDP2): the kernels get local shards, and no plan
+        # is used. A plan holds only when its params are those it was built
+        # with, which were no DTensors (a sharded step keeps no plan): only
+        # the groups without one are looked at, one isinstance per param.
+        sharded = _dist.refresh() and _dist.any_dtensor(
+            p for plan, xs in per_group if plan is None for p, _ in xs)
+        if sharded:
+            per_group = [(None, self._grads_of(group, gi)) if plan is not None else (plan, xs)
+                         for gi, (group, (plan, xs)) in enumerate(zip(self.param_groups, per_group))]
         norm = self._global_norm(per_group, grad_scale, sharded)
         if norm is not None:
             self._last_grad_norm[0] = norm
         # Every group's lists and arguments are built and checked before the
         # first kernel runs: a step that raises changes nothing.
-        plan = []
-        for gi, (group, pairs) in enumerate(zip(self.param_groups, per_group)):
-            for device, dev_pairs in group_by_device(pairs, lambda pg: pg[0].device).items():
-                if sharded:
-                    _dist.check_layouts(type(self).__name__, dev_pairs, self.state, gi)
-                    lists = self._init_group(group, dev_pairs, gi, _local_real)
-                else:
-                    lists = self._reused_lists(group, dev_pairs, gi)
-                plan.append((group, lists, self._common_kwargs(group, device, norm, grad_scale,
-                                                               found_inf), gi))
-        for group, lists, kw, gi in plan:
-            self._update(group, lists, kw, gi)
+        calls = []
+        for gi, (group, (plan, xs)) in enumerate(zip(self.param_groups, per_group)):
+            if plan is None:
+                plan = self._build_plan(group, gi, xs, sharded, keep=reuse)
+                if plan.reusable:
+                    if plans is None:
+                        plans = self.__dict__["_plans"] = _Plans(self._plan_gen())
+                    plans[gi] = plan
+                elif plans is not None:
+                    plans.pop(gi, None)
+                xs, plan.grads_built = plan.grads_built, None  # a kept plan holds no grads
+            kws = {device: self._common_kwargs(group, device, norm, grad_scale, found_inf)
+                   for device in plan.devices}
+            hyper = self._op_hyper(group)
+            for device, idx, sub, sr in plan.calls:
+                grads = xs if idx is None else list(map(xs.__getitem__, idx))
+                calls.append((gi, dataclasses.replace(sub, grads=grads),
+                              dict(hyper, stochastic_rounding=sr, **kws[device])))
+        for gi, lists, kw in calls:
+            self._call(self._op, gi, lists, **kw)
+        if plans is not None:
+            plans.state_dicts = list(self.state.values())
         return loss
 
-    # The per-step Python cost is that of building the lists the kernels get.
-    # With thousands of tensors it rivals the kernels, so the lists of a
-    # (group, device) are kept and reused while the same params have grads,
-    # every param keeps its dtype and every state tensor is the same object
-    # (identity checks only); the fresh grads are put in. Anything else (a
-    # new or replaced state tensor, a param that changed dtype, a loaded
-    # checkpoint, complex params) builds the lists anew.
+    # ------------------------------------------------------- the step plan
+    #
+    # With thousands of tensors the Python bookkeeping of a step rivals the
+    # kernels, so each param group keeps a _StepPlan: its validated params,
+    # state tensors and op lists, split by device and by master weights.
+    # A step reuses it while nothing it depends on changed; see
+    # _StepPlan.grads for what is checked each step (identities and cheap
+    # attribute reads, in C loops) and _plan_gen for what rebuilds every
+    # plan at once.
 
-    def _layout_key(self, group):
-        return tuple(group.get(k) for k in ("amsgrad", "master_weights", "stochastic_rounding",
-                                            "state_dtype")) + (group.get("momentum", 0) != 0,)
+    def _plan_gen(self):
+        """What every plan depends on as a whole: bumped by add_param_group,
+        load_state_dict and __setstate__; the state mapping itself; and the
+        DTensor class (resolved once torch.distributed.tensor is imported)."""
+        return (self.__dict__.get("_plan_generation", 0), id(self.state), _dist.DTensor)
+
+    def _invalidate_plans(self):
+        self.__dict__["_plan_generation"] = self.__dict__.get("_plan_generation", 0) + 1
+        self.__dict__.pop("_plans", None)
+
+    def _plan_key(self, group):
+        """The group options the plan's lists depend on."""
+        return (group.get("amsgrad"), group.get("master_weights"), group.get("stochastic_rounding"),
+                group.get("state_dtype"), _scalar(group.get("momentum", 0), "momentum") != 0,
+                group.get("capturable"), isinstance(group["lr"], torch.Tensor))
 
     def _lists_reusable(self, lists):
         return True
 
-    def _reused_lists(self, group, pairs, gi):
-        cache = self.__dict__.setdefault("_lists_cache", {})
-        key = (gi, pairs[0][0].device, self._layout_key(group))
-        state = self.state
-        hit = cache.get(key)
-        if hit is not None:
-            params, dtypes, checks, lists = hit
-            if (len(params) == len(pairs) and all(p is q for p, (q, _) in zip(params, pairs))
-                    and all(p.dtype is d for p, d in zip(params, dtypes))
-                    and all(state.get(p) is st and st.get(k) is t for p, st, k, t in checks)):
-                return dataclasses.replace(lists, grads=[g for _, g in pairs])
-        lists = self._init_group(group, pairs, gi)
+    def _build_plan(self, group, gi, pairs, sharded, keep):
+        """The plan of a group from its checked (param, grad) pairs: creates
+        state lazily and checks it (_init_group), per device. `keep`: made to
+        be reused (plan.reusable says whether it can be)."""
+        if keep:
+            self.__dict__["_plan_builds"] = self.__dict__.get("_plan_builds", 0) + 1
+        plan = _StepPlan(self._plan_key(group) if keep else None)
+        plan.grads_built = [_local_real(g) if sharded else _real(g) for _, g in pairs]
+        reusable = keep and not sharded
+        pos = {}
+        for i, (p, _) in enumerate(pairs):
+            pos.setdefault(p.device, []).append(i)
+        for device, idx in pos.items():
+            dev_pairs = [pairs[i] for i in idx]
+            if sharded:
+                _dist.check_layouts(type(self).__name__, dev_pairs, self.state, gi)
+                lists = self._init_group(group, dev_pairs, gi, _local_real)
+            else:
+                lists = self._init_group(group, dev_pairs, gi)
+            reusable = reusable and self._lists_reusable(lists)
+            plan.devices.append(device)
+            for sub_idx, sub, sr in self._split_calls(group, lists):
+                full = [idx[j] for j in sub_idx]
+                plan.calls.append((device, None if len(full) == len(pairs) else full,
+                                   dataclasses.replace(sub, grads=[]), sr))
         params = [p for p, _ in pairs]
-        if self._lists_reusable(lists) and not any(p.is_complex() for p in params):
-            checks = [(p, state[p], k, t) for p in params for k, t in state[p].items()]
-            cache[key] = (params, [p.dtype for p in params], checks, lists)
-        else:
-            cache.pop(key, None)
-        return lists
+        plan.reusable = reusable and not any(p.is_complex() for p in params)
+        if plan.reusable:
+            plan.freeze(self, group, params)
+            plan.pins = [pin for _, _, sub, _ in plan.calls for pin in _pins(sub)]
+        return plan
 
     def _common_kwargs(self, group, device, norm, grad_scale, found_inf):
         def on_device(t):
@@ -594,16 +781,24 @@ class _AdamBase(_FusedOptimizer):
                          max_exp_avg_sqs=max_sqs, state_steps=steps, master_params=masters,
                          sr_ids=sr_ids)
 
-    def _update(self, group, lists, kw, gi):
-        beta1, beta2 = group["betas"]
+    _op = staticmethod(_ops.adam_)
+
+    def _split_calls(self, group, lists):
+        """[(indices, lists, stochastic_rounding)]: one adam_ call per kind
+        of param (without, with an fp32 master)."""
+        out = []
         for idx, master in split_by_master(lists.master_params):
             sub = lists.select(idx)
             sr = bool(group["stochastic_rounding"]) and not master
-            sub = dataclasses.replace(sub, master_params=sub.master_params if master else [],
-                                      sr_ids=sub.sr_ids if sr else [])
-            self._call(_ops.adam_, gi, sub, beta1=_scalar(beta1, "beta1"), beta2=_scalar(beta2, "beta2"),
-                       eps=_scalar(group["eps"], "eps"), amsgrad=bool(group["amsgrad"]),
-                       stochastic_rounding=sr, sr_seed=int(group["sr_seed"]), **kw)
+            out.append((idx, dataclasses.replace(sub, master_params=sub.master_params if master else [],
+                                                 sr_ids=sub.sr_ids if sr else []), sr))
+        return out
+
+    def _op_hyper(self, group):
+        beta1, beta2 = group["betas"]
+        return dict(beta1=_scalar(beta1, "beta1"), beta2=_scalar(beta2, "beta2"),
+                    eps=_scalar(group["eps"], "eps"), amsgrad=bool(group["amsgrad"]),
+                    sr_seed=int(group["sr_seed"]))
 
 
 class Adam(_AdamBase):
@@ -696,14 +891,21 @@ class SGD(_FusedOptimizer):
     def _lists_reusable(self, lists):
         return not any(lists.buffer_is_new)  # a new buffer is set to g, once
 
-    def _update(self, group, lists, kw, gi):
+    _op = staticmethod(_ops.sgd_)
+
+    def _split_calls(self, group, lists):
+        """[(indices, lists, stochastic_rounding)]: one sgd_ call per kind
+        of param (without, with an fp32 master)."""
+        out = []
         for idx, master in split_by_master(lists.master_params):
             sub = lists.select(idx)
             sr = bool(group["stochastic_rounding"]) and not master
-            sub = dataclasses.replace(sub, master_params=sub.master_params if master else [],
-                                      state_steps=sub.state_steps if sr else [],
-                                      sr_ids=sub.sr_ids if sr else [])
-            self._call(_ops.sgd_, gi, sub, momentum=_scalar(group["momentum"], "momentum"),
-                       dampening=_scalar(group["dampening"], "dampening"),
-                       nesterov=bool(group["nesterov"]), stochastic_rounding=sr,
-                       sr_seed=int(group["sr_seed"]), **kw)
+            out.append((idx, dataclasses.replace(sub, master_params=sub.master_params if master else [],
+                                                 state_steps=sub.state_steps if sr else [],
+                                                 sr_ids=sub.sr_ids if sr else []), sr))
+        return out
+
+    def _op_hyper(self, group):
+        return dict(momentum=_scalar(group["momentum"], "momentum"),
+                    dampening=_scalar(group["dampening"], "dampening"),
+                    nesterov=bool(group["nesterov"]), sr_seed=int(group["sr_seed"]))

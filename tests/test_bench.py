@@ -278,3 +278,22 @@ def test_bf16_case_runs():
     assert r["bytes_per_param"] == 16
     for n in ("torch-fused", "torch-forloop"):
         assert r["impls"][n]["check"]["ok"], r["impls"][n]["check"]
+
+
+def test_overhead_preset_reports_us_per_tensor(tmp_path):
+    """--preset overhead: host cost per tensor of opt.step(), fused_wd next
+    to torch fused, for fresh and kept grads; a study of its own."""
+    rc = cli.main(["--preset", "overhead", "--sizes", "20,40", "--optim", "adamw", "--clip", "both",
+                   "--repeats", "2", "--out", str(tmp_path)])
+    assert rc == 0
+    with open(tmp_path / "results.json") as f:
+        res = json.load(f)
+    assert res["study"] == "overhead" and res["impls"] == ["fused_wd", "torch-fused"]
+    cells = {(c["count"], c["run"], c["regime"]) for c in res["cells"]}
+    assert cells == {(n, run, regime) for n in (20, 40) for run in ("AdamW", "AdamW + clip")
+                     for regime in ("fresh", "kept")}
+    for c in res["cells"]:
+        assert all(v > 0 and math.isfinite(v) for v in c["us_per_tensor"].values())
+    text = (tmp_path / "report.md").read_text()
+    assert "| 40 | AdamW + clip | kept |" in text and "torch fused / fused_wd" in text
+    assert cli.main(["--preset", "overhead,tiny"]) == 2

@@ -5,6 +5,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cstdlib>
 #include <string>
 #include <vector>
@@ -57,9 +58,6 @@ namespace {
 // depend on it, never on the thread count.
 constexpr int64_t kChunk = int64_t(1) << 16;
 
-// The norm reads fewer chunks than this on the calling thread.
-constexpr int64_t kNormSerialChunks = 4;
-
 struct Item {
   int64_t tensor, begin, end;
 };
@@ -74,18 +72,46 @@ std::vector<Item> make_items(const std::vector<at::Tensor>& ts) {
   return items;
 }
 
+// Elements a thread gets at least: below it, waking threads costs more than
+// it saves (thousands of tiny tensors run on the calling thread). Does not
+// change any result: items are independent, and the norm's partials are
+// per item.
+constexpr int64_t kMinTaskElems = int64_t(1) << 17;
+
+// at::parallel_for's grain (in items) for the items: a task of at least
+// kMinTaskElems elements on average.
+int64_t grain_of(const std::vector<Item>& items) {
+  int64_t total = 0;
+  for (const Item& it : items) total += it.end - it.begin;
+  const int64_t n = static_cast<int64_t>(items.size());
+  if (total <= kMinTaskElems) return n + 1;  // one task, run inline
+  return std::max<int64_t>(1, kMinTaskElems * n / total);
+}
+
 template <typename F>
 void parallel_items(const std::vector<Item>& items, F f) {
-  at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t b, int64_t e) {
+  at::parallel_for(0, static_cast<int64_t>(items.size()), grain_of(items), [&](int64_t b, int64_t e) {
     for (int64_t k = b; k < e; ++k) f(items[k]);
   });
 }
 
 void* ptr(const at::Tensor& t) { return t.numel() ? t.data_ptr() : nullptr; }
 
-// The step of the update that follows a (checked) step counter.
+// The step of the update that follows a (checked) step counter, read
+// through its data pointer (no dispatcher call).
 double step_t(const at::Tensor& counter) {
   return step_after(counter.data_ptr(), counter.scalar_type() == at::kDouble);
+}
+
+// Advances the (checked) step counters by one through their data pointers,
+// as the CUDA kernels do on the device: no add_ (a dispatcher call) per
+// tensor.
+void advance_steps(at::TensorList steps) {
+  for (const at::Tensor& s : steps) {
+    void* p = s.data_ptr();
+    if (s.scalar_type() == at::kDouble) *static_cast<double*>(p) += 1.0;
+    else *static_cast<float*>(p) += 1.0f;
+  }
 }
 
 bool given(const std::optional<at::Tensor>& t) { return t.has_value() && t->defined(); }
@@ -127,9 +153,9 @@ std::vector<double> tensor_partials(const char* op, const std::vector<at::Tensor
   const auto items = make_items(dense);
   std::vector<double> chunk(items.size());
   const KernelTable& k = table();
-  // a few chunks are read on the calling thread: waking the pool would cost
-  // more (this runs once per param when backward hooks write the parts)
-  at::parallel_for(0, static_cast<int64_t>(items.size()), kNormSerialChunks, [&](int64_t b, int64_t e) {
+  // small reads run on the calling thread (grain_of): the backward hooks
+  // write one param's part at a time, where waking the pool costs more
+  at::parallel_for(0, static_cast<int64_t>(items.size()), grain_of(items), [&](int64_t b, int64_t e) {
     for (int64_t j = b; j < e; ++j) {
       const Item& it = items[j];
       const at::Tensor& t = dense[it.tensor];
@@ -228,25 +254,39 @@ void adam(const AdamCall& c) {
   check_steps(op, c.state_steps, c.params);
   const StepPrep sp = prepare(op, a);
   const bool master = !c.master_params.empty();
+  std::vector<double> ts(n);
   std::vector<Layout> layouts(n);  // every layout is checked before anything is written
-  for (size_t i = 0; i < n; ++i)
-    layouts[i] = layout_of(op, c.params[i], c.exp_avgs[i], master, a, i, step_t(c.state_steps[i]));
+  for (size_t i = 0; i < n; ++i) {
+    ts[i] = step_t(c.state_steps[i]);
+    layouts[i] = layout_of(op, c.params[i], c.exp_avgs[i], master, a, i, ts[i]);
+  }
   if (sp.skip || n == 0) return;
 
   const double lr = lr_of(a);
   const int decay = decay_kind(static_cast<int>(a.decay_mode), a.weight_decay, a.cautious_wd);
-  auto scalars = [&](auto zero, size_t i) {
+  auto scalars = [&](auto zero, double t) {
     using T = decltype(zero);
     return make_adam_scalars<T>(lr, c.beta1, c.beta2, c.eps, a.weight_decay,
-                                static_cast<int>(a.decay_mode), a.initial_lr,
-                                step_t(c.state_steps[i]),
+                                static_cast<int>(a.decay_mode), a.initial_lr, t,
                                 make_grad_prep<T>(sp.inv_scale, sp.coef, a.maximize));
   };
+  // The counters of a group usually agree: the scalars (two pow in double)
+  // are computed once per distinct step, not once per tensor.
   std::vector<AdamScalars<float>> sf(n);
   std::vector<AdamScalars<double>> sd(n);
+  bool have_f = false, have_d = false;
+  double tf = 0.0, td = 0.0;  // the steps of lf / ld
+  AdamScalars<float> lf{};
+  AdamScalars<double> ld{};
   for (size_t i = 0; i < n; ++i) {
-    if (layouts[i].param == Storage::kF64) sd[i] = scalars(0.0, i);
-    else sf[i] = scalars(0.0f, i);
+    const double t = ts[i];
+    if (layouts[i].param == Storage::kF64) {
+      if (!have_d || t != td) ld = scalars(0.0, t), td = t, have_d = true;
+      sd[i] = ld;
+    } else {
+      if (!have_f || t != tf) lf = scalars(0.0f, t), tf = t, have_f = true;
+      sf[i] = lf;
+    }
   }
 
   DenseLists d = make_dense(lists);
@@ -267,7 +307,7 @@ void adam(const AdamCall& c) {
       k.adam(layouts[i], ptrs, it.begin, it.end, sf[i], c.amsgrad, decay);
   });
   d.write_back();
-  for (const auto& s : c.state_steps) s.add_(1);
+  advance_steps(c.state_steps);
 }
 
 // ------------------------------------------------------------------ sgd
@@ -326,8 +366,7 @@ void sgd(const SgdCall& c) {
       k.sgd(layouts[i], ptrs, it.begin, it.end, sf, md);
   });
   d.write_back();
-  if (a.stochastic_rounding)
-    for (const auto& s : c.state_steps) s.add_(1);
+  if (a.stochastic_rounding) advance_steps(c.state_steps);
 }
 
 }  // namespace

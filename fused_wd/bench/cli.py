@@ -167,6 +167,16 @@ def main(argv=None) -> int:
         print(str(e), file=sys.stderr)
         return 2
 
+    studies = {PRESETS[name].study for name, _ in args.preset or []}
+    if "overhead" in studies:
+        if len(args.preset) > 1:
+            print("--preset overhead is a study of its own: run it without other presets", file=sys.stderr)
+            return 2
+        from . import overhead
+        if args.impl == "all":
+            names = list(overhead.DEFAULT_IMPLS)
+        return overhead.run(args, device, names, argv)
+
     t_start = time.perf_counter()
     snap_start = sysload.Snapshot()
     load_start = sysload.loadavg()

@@ -58,6 +58,9 @@ class Preset:
     shapes: list
     # (optim, clip) pairs run when the user does not pass --optim/--clip.
     default_runs: list = field(default_factory=lambda: [("adamw", True), ("sgd", True)])
+    # a study with its own measurement instead of the bandwidth tables
+    # ("overhead": fused_wd/bench/overhead.py)
+    study: str | None = None
 
     @property
     def numel(self) -> int:
@@ -77,6 +80,9 @@ PRESETS: dict[str, Preset] = {
                "(d=472, 13 layers, vocab 32000, ctx 1024)",
                _gpt(32000, 1024, 472, 13),
                default_runs=[("adamw", True), ("adamw", False), ("sgd", True)]),
+        Preset("overhead", "issue-21 host cost per tensor: 100, 1000, 10000 tensors of 16 fp32 "
+               "elements (--sizes for other counts), fresh and kept grads, fused_wd vs torch fused",
+               [(16,)] * 1000, study="overhead"),
     ]
 }
 

@@ -1,0 +1,313 @@
+"""The step plan (fused_wd/optim.py, _StepPlan): a param group's validated
+params, states and op lists are kept and reused while nothing they depend on
+changed. Each change that must rebuild it is followed by a step that must
+equal torch.optim's; errors still name the list, the index or the parameter;
+a step that raises still changes nothing; and the plan really is reused (a
+count of plan builds, not a timing)."""
+import copy
+
+import pytest
+import torch
+
+import fused_wd
+from conftest import DEVICES, TOL, clone_leaves, make_grads, make_params
+
+SHAPES = [(6, 5), (7,), (), (3, 2, 2)]
+HYPER = dict(lr=0.01, weight_decay=0.1)
+
+
+def make_pair(device="cpu", cls=fused_wd.AdamW, ref=torch.optim.AdamW, **kw):
+    """Twin params for fused_wd and for torch.optim (for-loop), and their
+    optimizers."""
+    ps = make_params(torch.float32, device, shapes=SHAPES)
+    a, b = clone_leaves(ps), clone_leaves(ps)
+    kw = dict(HYPER, **kw)
+    return a, b, cls(a, **kw), ref(b, foreach=False, **kw)
+
+
+def give_grads(xs, step, fresh=True):
+    for p, g in zip(xs, make_grads(xs, step)):
+        if fresh or p.grad is None:
+            p.grad = g
+        else:
+            p.grad.copy_(g)
+
+
+def step_both(a, b, opt_a, opt_b, step, fresh=True):
+    give_grads(a, step, fresh)
+    give_grads(b, step, fresh)
+    opt_a.step()
+    opt_b.step()
+
+
+def assert_same(opt_a, opt_b):
+    ps_a = [p for g in opt_a.param_groups for p in g["params"]]
+    ps_b = [p for g in opt_b.param_groups for p in g["params"]]
+    assert len(ps_a) == len(ps_b)
+    for p, q in zip(ps_a, ps_b):
+        torch.testing.assert_close(p, q, **TOL[p.dtype])
+        sa, sb = opt_a.state.get(p, {}), opt_b.state.get(q, {})
+        assert set(sb) <= set(sa)
+        for k, v in sb.items():
+            torch.testing.assert_close(sa[k].float(), v.float(), **TOL[torch.float32])
+
+
+def builds(opt):
+    return opt.__dict__.get("_plan_builds", 0)
+
+
+# ------------------------------------------------------------ reuse
+
+
+@pytest.mark.parametrize("fresh", [True, False], ids=["fresh_grads", "grads_kept"])
+@pytest.mark.parametrize("cls,ref,kw", [
+    (fused_wd.AdamW, torch.optim.AdamW, {}),
+    (fused_wd.Adam, torch.optim.Adam, {}),
+    (fused_wd.SGD, torch.optim.SGD, dict(momentum=0.9)),
+], ids=["adamw", "adam", "sgd_momentum"])
+def test_plan_is_built_once_and_reused(cls, ref, kw, fresh):
+    a, b, opt_a, opt_b = make_pair(cls=cls, ref=ref, **kw)
+    for step in range(5):
+        step_both(a, b, opt_a, opt_b, step, fresh)
+    assert_same(opt_a, opt_b)
+    # SGD's first step creates its momentum buffers (set to the grad, once):
+    # its lists are not kept, the second step builds the plan that stays
+    assert builds(opt_a) == (2 if cls is fused_wd.SGD else 1)
+
+
+def test_clipped_multi_group_plan_is_reused_and_matches_torch():
+    ps = make_params(torch.float32, "cpu", shapes=SHAPES)
+    a, b = clone_leaves(ps), clone_leaves(ps)
+    opt_a = fused_wd.AdamW([{"params": a[:2]}, {"params": a[2:], "weight_decay": 0.0}],
+                           max_grad_norm=0.5, **HYPER)
+    opt_b = torch.optim.AdamW([{"params": b[:2]}, {"params": b[2:], "weight_decay": 0.0}],
+                              foreach=False, **HYPER)
+    for step in range(4):
+        give_grads(a, step)
+        give_grads(b, step)
+        torch.nn.utils.clip_grad_norm_(b, 0.5)
+        opt_a.step()
+        opt_b.step()
+    assert_same(opt_a, opt_b)
+    assert builds(opt_a) == 2  # one per group
+
+
+# ------------------------------------------------------------ invalidation
+
+
+def change_replace_param(a, b, opt_a, opt_b):
+    for xs, opt in ((a, opt_a), (b, opt_b)):
+        new = torch.nn.Parameter(torch.full_like(xs[1], 0.5))
+        opt.param_groups[0]["params"][1] = new
+        xs[1] = new
+
+
+def change_replace_state(a, b, opt_a, opt_b):
+    for xs, opt in ((a, opt_a), (b, opt_b)):
+        opt.state[xs[0]]["exp_avg"] = torch.full_like(xs[0], 0.25)
+        opt.state[xs[2]]["step"] = torch.tensor(7.0)
+
+
+def change_reset_state(a, b, opt_a, opt_b):
+    for xs, opt in ((a, opt_a), (b, opt_b)):
+        opt.state[xs[3]] = {}
+
+
+def change_load_state_dict(a, b, opt_a, opt_b):
+    """Both load the state of a third optimizer trained on other grads."""
+    c = clone_leaves(b)
+    other = torch.optim.AdamW(c, foreach=False, **HYPER)
+    for step in range(3):
+        give_grads(c, 100 + step)
+        other.step()
+    sd = other.state_dict()
+    opt_a.load_state_dict(copy.deepcopy(sd))  # load_state_dict may keep the tensors it is given
+    opt_b.load_state_dict(copy.deepcopy(sd))
+
+
+def change_add_param_group(a, b, opt_a, opt_b):
+    for xs, opt in ((a, opt_a), (b, opt_b)):
+        new = torch.nn.Parameter(torch.linspace(-1, 1, 9))
+        opt.add_param_group({"params": [new], "lr": 0.05})
+        xs.append(new)
+
+
+def change_tensor_lr(a, b, opt_a, opt_b):
+    for opt in (opt_a, opt_b):
+        opt.param_groups[0]["lr"] = torch.tensor(0.02)
+
+
+def change_capturable(a, b, opt_a, opt_b):
+    opt_a.param_groups[0]["capturable"] = True
+
+
+def change_param_loses_grad(a, b, opt_a, opt_b):
+    """The next step has no grad for param 1 (both skip it)."""
+    a[1].requires_grad_(False)
+    b[1].requires_grad_(False)
+
+
+def change_params_list_grows(a, b, opt_a, opt_b):
+    for xs, opt in ((a, opt_a), (b, opt_b)):
+        new = torch.nn.Parameter(torch.linspace(-2, 2, 5))
+        opt.param_groups[0]["params"].append(new)
+        xs.append(new)
+
+
+def change_same_data_new_storage(a, b, opt_a, opt_b):
+    """p.data swapped for a copy elsewhere in memory: same param object,
+    new data pointer."""
+    for xs in (a, b):
+        xs[0].data = xs[0].data.clone()
+
+
+CHANGES = {f.__name__[len("change_"):]: f for f in (
+    change_replace_param, change_replace_state, change_reset_state, change_load_state_dict,
+    change_add_param_group, change_tensor_lr, change_capturable, change_param_loses_grad,
+    change_params_list_grows, change_same_data_new_storage)}
+
+
+@pytest.mark.parametrize("fresh", [True, False], ids=["fresh_grads", "grads_kept"])
+@pytest.mark.parametrize("change", list(CHANGES))
+def test_change_then_step_matches_torch(change, fresh):
+    a, b, opt_a, opt_b = make_pair()
+    for step in range(3):
+        step_both(a, b, opt_a, opt_b, step, fresh)
+    before = builds(opt_a)
+    CHANGES[change](a, b, opt_a, opt_b)
+    for step in range(3, 6):
+        for xs in (a, b):
+            for p, g in zip(xs, make_grads(xs, step)):
+                if not p.requires_grad:
+                    p.grad = None
+                elif fresh or p.grad is None:
+                    p.grad = g
+                else:
+                    p.grad.copy_(g)
+        opt_a.step()
+        opt_b.step()
+        assert_same(opt_a, opt_b)
+    rebuilt = builds(opt_a) - before
+    if change == "same_data_new_storage":
+        assert rebuilt == 0  # the op reads data pointers each call: nothing to rebuild
+    else:
+        assert rebuilt >= 1
+
+
+def test_momentum_switched_on_rebuilds_the_sgd_plan():
+    a, b, opt_a, opt_b = make_pair(cls=fused_wd.SGD, ref=torch.optim.SGD)
+    for step in range(3):
+        step_both(a, b, opt_a, opt_b, step)
+    for opt in (opt_a, opt_b):
+        opt.param_groups[0]["momentum"] = 0.9
+    for step in range(3, 6):
+        step_both(a, b, opt_a, opt_b, step)
+    assert_same(opt_a, opt_b)
+
+
+def test_param_redtyped_is_seen():
+    """A param re-dtyped in place (p.data = ...) with fp32 states: the plan
+    is rebuilt, and the step refuses the states as it does without a plan
+    (the CPU kernels would accept fp32 states for a bf16 param)."""
+    a, b, opt_a, opt_b = make_pair()
+    for step in range(2):
+        step_both(a, b, opt_a, opt_b, step)
+    a[0].data = a[0].data.to(torch.bfloat16)
+    give_grads(a, 2)
+    before = [p.detach().clone() for p in a]
+    with pytest.raises(RuntimeError, match=r"'exp_avg' .*dtype torch.float32.*bfloat16"):
+        opt_a.step()
+    for p, q in zip(a, before):
+        assert torch.equal(p, q)
+
+
+@pytest.mark.parametrize("device", [d for d in DEVICES if d != "cpu"])
+def test_param_moved_to_another_device(device):
+    a, b, opt_a, opt_b = make_pair()
+    for step in range(2):
+        step_both(a, b, opt_a, opt_b, step)
+    for xs, opt in ((a, opt_a), (b, opt_b)):
+        for p in xs:
+            p.data = p.data.to(device)
+            p.grad = None
+            for k, v in opt.state[p].items():
+                opt.state[p][k] = v.to(device) if k != "step" or opt is opt_a else v
+    for step in range(2, 4):
+        step_both(a, b, opt_a, opt_b, step)
+    assert_same(opt_a, opt_b)
+
+
+# ------------------------------------------------------------ errors
+
+
+@pytest.mark.parametrize("fresh", [True, False], ids=["fresh_grads", "grads_kept"])
+@pytest.mark.parametrize("bad,match", [
+    ("dtype", r"param group 1: a parameter of shape \(3, 2, 2\) and dtype torch.float32 has a "
+              r"grad of shape \(3, 2, 2\) and dtype torch.float64"),
+    ("sparse", r"does not support sparse gradients \(param group 1, shape \(7,\)\)"),
+])
+def test_bad_grad_after_reuse_names_it_and_changes_nothing(bad, match, fresh):
+    """Plans of both groups exist; a bad grad in the last group is refused
+    before the first group's kernel runs."""
+    ps = clone_leaves(make_params(torch.float32, "cpu", shapes=SHAPES))
+    opt = fused_wd.AdamW([{"params": ps[:1]}, {"params": ps[1:]}], max_grad_norm=1.0, **HYPER)
+    for step in range(2):
+        give_grads(ps, step, fresh)
+        opt.step()
+    give_grads(ps, 2, fresh)
+    if bad == "dtype":
+        if not hasattr(ps[3], "grad_dtype"):
+            pytest.skip("this torch cannot give a param a grad of another dtype")
+        ps[3].grad_dtype = None  # torch >= 2.10 lets a grad's dtype differ when asked
+        ps[3].grad = ps[3].grad.double()
+    else:
+        ps[1].grad = ps[1].grad.to_sparse()
+    before = {id(t): t.clone() for p in ps for t in [p] + list(opt.state[p].values())}
+    with pytest.raises(RuntimeError, match=match):
+        opt.step()
+    for p in ps:
+        for t in [p] + list(opt.state[p].values()):
+            assert torch.equal(t, before[id(t)])
+
+
+def test_replaced_bad_state_after_reuse_names_it_and_changes_nothing():
+    ps = clone_leaves(make_params(torch.float32, "cpu", shapes=SHAPES))
+    opt = fused_wd.SGD([{"params": ps[:2]}, {"params": ps[2:]}], momentum=0.9, **HYPER)
+    for step in range(3):
+        give_grads(ps, step)
+        opt.step()
+    give_grads(ps, 3)
+    before = {id(t): t.clone() for p in ps for t in [p] + list(opt.state[p].values())}
+    opt.state[ps[3]]["momentum_buffer"] = torch.zeros(5)
+    with pytest.raises(RuntimeError, match=r"param group 1: optimizer state 'momentum_buffer' "
+                                           r"has shape \(5,\)"):
+        opt.step()
+    for p in ps[:3]:
+        for t in [p] + list(opt.state[p].values()):
+            assert torch.equal(t, before[id(t)])
+    assert torch.equal(ps[3], before[id(ps[3])])
+
+
+@pytest.mark.parametrize("bad", ["state", "grad"])
+def test_kernel_error_names_list_and_index(bad):
+    """What the plan's checks leave to the op (a state or grad resized in
+    place keeps its identity) is refused by the op before it writes, naming
+    the list and index."""
+    ps = clone_leaves(make_params(torch.float32, "cpu", shapes=SHAPES))
+    opt = fused_wd.AdamW(ps, **HYPER)
+    for step in range(2):
+        give_grads(ps, step)
+        opt.step()
+    give_grads(ps, 2)
+    if bad == "state":
+        opt.state[ps[1]]["exp_avg_sq"].resize_(8)
+        match = r"exp_avg_sqs\[1\] has shape \[8\] but params\[1\] has shape \[7\]"
+    else:  # the grad setter refuses another shape: changed in place
+        ps[3].grad.resize_(12)
+        match = r"grads\[3\] has shape \[12\] but params\[3\] has shape \[3, 2, 2\]"
+    before = {id(t): t.clone() for p in ps for t in [p] + list(opt.state[p].values())}
+    with pytest.raises(RuntimeError, match=r"param group 0: fused_wd.adam_: " + match):
+        opt.step()
+    for p in ps:
+        for t in [p] + list(opt.state[p].values()):
+            assert torch.equal(t, before[id(t)])
