@@ -142,16 +142,16 @@ void adam_op(at::TensorList params, at::TensorList grads, at::TensorList exp_avg
              at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs, at::TensorList state_steps,
              at::TensorList master_params, at::IntArrayRef sr_ids, double lr,
              const std::optional<at::Tensor>& lr_tensor, double beta1, double beta2, double eps,
-             double weight_decay, int64_t decay_mode, bool cautious_wd, double initial_lr, bool amsgrad,
-             bool maximize, const std::optional<at::Tensor>& grad_norm, double max_norm,
+             double weight_decay, int64_t decay_mode, bool cautious_wd, double initial_lr,
+             bool amsgrad, bool maximize, const std::optional<at::Tensor>& grad_norm, double max_norm,
              const std::optional<at::Tensor>& grad_scale,
              const std::optional<at::Tensor>& found_inf, bool skip_nonfinite,
              bool stochastic_rounding, int64_t sr_seed) {
   Impl(AdamCall{params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, master_params,
                 beta1, beta2, eps, amsgrad,
-                StepArgs{lr, lr_tensor, weight_decay, decay_mode, cautious_wd, initial_lr, maximize, grad_norm,
-                         max_norm, grad_scale, found_inf, skip_nonfinite, stochastic_rounding,
-                         sr_seed, sr_ids}});
+                StepArgs{lr, lr_tensor, weight_decay, decay_mode, cautious_wd, initial_lr, maximize,
+                         grad_norm, max_norm, grad_scale, found_inf, skip_nonfinite,
+                         stochastic_rounding, sr_seed, sr_ids}});
 }
 
 template <void (*Impl)(const SgdCall&)>
@@ -159,16 +159,16 @@ void sgd_op(at::TensorList params, at::TensorList grads, at::TensorList momentum
             const c10::List<bool>& buffer_is_new, at::TensorList master_params,
             at::TensorList state_steps, at::IntArrayRef sr_ids, double lr,
             const std::optional<at::Tensor>& lr_tensor, double momentum, double dampening,
-            bool nesterov, double weight_decay, int64_t decay_mode, bool cautious_wd, double initial_lr,
-            bool maximize, const std::optional<at::Tensor>& grad_norm, double max_norm,
+            bool nesterov, double weight_decay, int64_t decay_mode, bool cautious_wd,
+            double initial_lr, bool maximize, const std::optional<at::Tensor>& grad_norm, double max_norm,
             const std::optional<at::Tensor>& grad_scale,
             const std::optional<at::Tensor>& found_inf, bool skip_nonfinite,
             bool stochastic_rounding, int64_t sr_seed) {
   Impl(SgdCall{params, grads, momentum_buffers, buffer_is_new, master_params, state_steps, momentum,
                dampening, nesterov,
-               StepArgs{lr, lr_tensor, weight_decay, decay_mode, cautious_wd, initial_lr, maximize, grad_norm,
-                        max_norm, grad_scale, found_inf, skip_nonfinite, stochastic_rounding,
-                        sr_seed, sr_ids}});
+               StepArgs{lr, lr_tensor, weight_decay, decay_mode, cautious_wd, initial_lr, maximize,
+                        grad_norm, max_norm, grad_scale, found_inf, skip_nonfinite,
+                        stochastic_rounding, sr_seed, sr_ids}});
 }
 
 // Tensor indices grouped by dtype, in first-seen order (deterministic).

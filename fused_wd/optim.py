@@ -711,6 +711,22 @@ class _FusedOptimizer(Optimizer):
             skip_nonfinite=bool(group["skip_nonfinite"]),
         )
 
+    # the lists an op call gets only when it rounds stochastically
+    _sr_lists = ()
+
+    def _split_calls(self, group, lists):
+        """[(indices, lists, stochastic_rounding)]: one op call per kind of
+        param (without, with an fp32 master)."""
+        out = []
+        for idx, master in split_by_master(lists.master_params):
+            sub = lists.select(idx)
+            sr = bool(group["stochastic_rounding"]) and not master
+            unused = {name: [] for name in self._sr_lists if not sr}
+            if not master:
+                unused["master_params"] = []
+            out.append((idx, dataclasses.replace(sub, **unused), sr))
+        return out
+
     def _call(self, op, gi, lists, **hyper):
         try:
             op(lists, **hyper)
@@ -783,16 +799,7 @@ class _AdamBase(_FusedOptimizer):
 
     _op = staticmethod(_ops.adam_)
 
-    def _split_calls(self, group, lists):
-        """[(indices, lists, stochastic_rounding)]: one adam_ call per kind
-        of param (without, with an fp32 master)."""
-        out = []
-        for idx, master in split_by_master(lists.master_params):
-            sub = lists.select(idx)
-            sr = bool(group["stochastic_rounding"]) and not master
-            out.append((idx, dataclasses.replace(sub, master_params=sub.master_params if master else [],
-                                                 sr_ids=sub.sr_ids if sr else []), sr))
-        return out
+    _sr_lists = ("sr_ids",)
 
     def _op_hyper(self, group):
         beta1, beta2 = group["betas"]
@@ -893,17 +900,7 @@ class SGD(_FusedOptimizer):
 
     _op = staticmethod(_ops.sgd_)
 
-    def _split_calls(self, group, lists):
-        """[(indices, lists, stochastic_rounding)]: one sgd_ call per kind
-        of param (without, with an fp32 master)."""
-        out = []
-        for idx, master in split_by_master(lists.master_params):
-            sub = lists.select(idx)
-            sr = bool(group["stochastic_rounding"]) and not master
-            out.append((idx, dataclasses.replace(sub, master_params=sub.master_params if master else [],
-                                                 state_steps=sub.state_steps if sr else [],
-                                                 sr_ids=sub.sr_ids if sr else []), sr))
-        return out
+    _sr_lists = ("state_steps", "sr_ids")  # the step counters serve only the rounding's key
 
     def _op_hyper(self, group):
         return dict(momentum=_scalar(group["momentum"], "momentum"),

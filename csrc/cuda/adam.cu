@@ -102,12 +102,8 @@ void launch_adam(const std::vector<std::vector<at::Tensor>>& dense, const std::v
   for_each_table<D>(
       static_cast<int64_t>(idx.size()),
       [&](int64_t k) {
-        const int64_t i = idx[k];
-        Entry<D> e;
-        e.numel = dense[0][i].numel();
-        for (int d = 0; d < D; ++d) e.ptr[d] = e.numel ? dense[d][i].data_ptr() : nullptr;
-        e.step = steps[i].data_ptr();
-        e.step_f64 = steps[i].scalar_type() == at::kDouble;
+        Entry<D> e = entry_of<D>(dense, idx[k]);
+        set_step(e, steps[idx[k]]);
         return e;
       },
       [&](const ChunkTable<D>& tab, int nchunks) {
@@ -130,18 +126,16 @@ struct MixedArgs {
 template <typename PT, typename ST, bool AMSGRAD>
 __global__ void __launch_bounds__(kThreads)
     adam_mixed_kernel(ChunkTable<6> tab, AdamArgs a, MixedArgs mx) {
-  __shared__ AdamScalars<float> sh_scalars;
-  __shared__ uint64_t sh_key;
-  __shared__ int sh_skip;
+  __shared__ BlockSetup<AdamScalars<float>> sh;
   const ChunkPos pos = locate_chunk(tab);
   if (threadIdx.x == 0) {
-    const double t = block_adam_scalars(tab, pos, a, &sh_skip, &sh_scalars);
-    sh_key = mx.sr ? sr_key(mx.sr_seed, tab.id[pos.t], static_cast<uint64_t>(t)) : 0;
+    const double t = block_adam_scalars(tab, pos, a, &sh.skip, &sh.scalars);
+    sh.key = mx.sr ? sr_key(mx.sr_seed, tab.id[pos.t], static_cast<uint64_t>(t)) : 0;
   }
   __syncthreads();
-  if (sh_skip) return;
-  const AdamScalars<float> s = sh_scalars;
-  const uint64_t key = sh_key;
+  if (sh.skip) return;
+  const AdamScalars<float> s = sh.scalars;
+  const uint64_t key = sh.key;
   const int64_t b = pos.begin;
   PT* P = static_cast<PT*>(tab.ptr[0][pos.t]) + b;
   const PT* G = static_cast<const PT*>(tab.ptr[1][pos.t]) + b;
@@ -172,12 +166,8 @@ void launch_adam_mixed(const std::vector<std::vector<at::Tensor>>& dense, const 
       static_cast<int64_t>(idx.size()),
       [&](int64_t k) {
         const int64_t i = idx[k];
-        Entry<6> e;
-        e.numel = dense[0][i].numel();
-        for (int d = 0; d < 6; ++d)
-          e.ptr[d] = (e.numel && li[d] >= 0) ? dense[li[d]][i].data_ptr() : nullptr;
-        e.step = steps[i].data_ptr();
-        e.step_f64 = steps[i].scalar_type() == at::kDouble;
+        Entry<6> e = entry_of(dense, i, li);
+        set_step(e, steps[i]);
         e.id = mx.sr ? static_cast<uint32_t>(sr_ids[i]) : 0u;
         return e;
       },

@@ -26,6 +26,7 @@
 #include <cstring>
 #include <optional>
 #include <type_traits>
+#include <vector>
 
 #include "common.h"
 #include "cuda/runtime.h"
@@ -67,6 +68,34 @@ struct Entry {
   uint8_t step_f64 = 0;
   uint32_t id = 0;
 };
+
+// The entry of tensor i of the dense lists: the params' (dense[0]) element
+// count and, for each d, the pointer of list li[d] (-1: none, a null
+// pointer).
+template <int DEPTH>
+Entry<DEPTH> entry_of(const std::vector<std::vector<at::Tensor>>& dense, int64_t i,
+                      const int (&li)[DEPTH]) {
+  Entry<DEPTH> e;
+  e.numel = dense[0][i].numel();
+  for (int d = 0; d < DEPTH; ++d)
+    e.ptr[d] = (e.numel && li[d] >= 0) ? dense[li[d]][i].data_ptr() : nullptr;
+  return e;
+}
+
+// The same with list d at position d.
+template <int DEPTH>
+Entry<DEPTH> entry_of(const std::vector<std::vector<at::Tensor>>& dense, int64_t i) {
+  int li[DEPTH];
+  for (int d = 0; d < DEPTH; ++d) li[d] = d;
+  return entry_of<DEPTH>(dense, i, li);
+}
+
+// An entry's step counter (float32 or float64, read and advanced on the device).
+template <int DEPTH>
+void set_step(Entry<DEPTH>& e, const at::Tensor& step) {
+  e.step = step.data_ptr();
+  e.step_f64 = step.scalar_type() == at::kDouble;
+}
 
 // Packs entries 0..count-1 (from `get(k)`) into tables and calls
 // `launch(table, nchunks)` for each full table and the last one. Empty
@@ -122,6 +151,16 @@ __device__ __forceinline__ ChunkPos locate_chunk(const ChunkTable<DEPTH>& tab) {
   pos.n = left < kChunk ? static_cast<int>(left) : kChunk;
   return pos;
 }
+
+// What thread 0 of a mixed-precision block works out for the others (in
+// shared memory): the tensor's scalars, the stochastic-rounding key, and
+// whether the step is skipped.
+template <typename Scalars>
+struct BlockSetup {
+  Scalars scalars;
+  uint64_t key;
+  int skip;
+};
 
 template <typename S, int N>
 struct alignas(16) Pack {

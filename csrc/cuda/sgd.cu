@@ -61,11 +61,8 @@ void launch_sgd(const std::vector<std::vector<at::Tensor>>& dense, const std::ve
   for_each_table<D>(
       static_cast<int64_t>(idx.size()),
       [&](int64_t k) {
-        const int64_t i = idx[k];
-        Entry<D> e;
-        e.numel = dense[0][i].numel();
-        for (int d = 0; d < D; ++d) e.ptr[d] = e.numel ? dense[d][i].data_ptr() : nullptr;
-        e.flag = MOMENTUM && is_new.get(static_cast<size_t>(i)) ? 1 : 0;
+        Entry<D> e = entry_of<D>(dense, idx[k]);
+        e.flag = MOMENTUM && is_new.get(static_cast<size_t>(idx[k])) ? 1 : 0;
         return e;
       },
       [&](const ChunkTable<D>& tab, int nchunks) {
@@ -88,24 +85,16 @@ struct SgdMixedArgs {
 template <typename PT, typename ST>
 __global__ void __launch_bounds__(kThreads)
     sgd_mixed_kernel(ChunkTable<4> tab, SgdArgs a, SgdMixedArgs mx) {
-  __shared__ SgdScalars<float> sh_scalars;
-  __shared__ uint64_t sh_key;
-  __shared__ int sh_skip;
+  __shared__ BlockSetup<SgdScalars<float>> sh;
   const ChunkPos pos = locate_chunk(tab);
-  if (threadIdx.x == 0) {
-    if (block_sgd_scalars(a, &sh_skip, &sh_scalars)) {
-      uint64_t key = 0;
-      if (mx.sr) {
-        const double t = step_after(tab.step[pos.t], tab.step_f64[pos.t] != 0);
-        key = sr_key(mx.sr_seed, tab.id[pos.t], static_cast<uint64_t>(t));
-      }
-      sh_key = key;
-    }
+  if (threadIdx.x == 0 && block_sgd_scalars(a, &sh.skip, &sh.scalars)) {
+    const double t = mx.sr ? step_after(tab.step[pos.t], tab.step_f64[pos.t] != 0) : 0.0;
+    sh.key = mx.sr ? sr_key(mx.sr_seed, tab.id[pos.t], static_cast<uint64_t>(t)) : 0;
   }
   __syncthreads();
-  if (sh_skip) return;
-  const SgdScalars<float> s = sh_scalars;
-  const uint64_t key = sh_key;
+  if (sh.skip) return;
+  const SgdScalars<float> s = sh.scalars;
+  const uint64_t key = sh.key;
   const bool first = (tab.flag[pos.t] & 1) != 0;
   const int64_t b = pos.begin;
   PT* P = static_cast<PT*>(tab.ptr[0][pos.t]) + b;
@@ -136,14 +125,10 @@ void launch_sgd_mixed(const std::vector<std::vector<at::Tensor>>& dense, const i
       static_cast<int64_t>(idx.size()),
       [&](int64_t k) {
         const int64_t i = idx[k];
-        Entry<4> e;
-        e.numel = dense[0][i].numel();
-        for (int d = 0; d < 4; ++d)
-          e.ptr[d] = (e.numel && li[d] >= 0) ? dense[li[d]][i].data_ptr() : nullptr;
+        Entry<4> e = entry_of(dense, i, li);
         e.flag = mx.momentum && is_new.get(static_cast<size_t>(i)) ? 1 : 0;
         if (mx.sr) {
-          e.step = steps[i].data_ptr();
-          e.step_f64 = steps[i].scalar_type() == at::kDouble;
+          set_step(e, steps[i]);
           e.id = static_cast<uint32_t>(sr_ids[i]);
         }
         return e;
