@@ -37,6 +37,10 @@ class NormSlots:
         self._view = view
         self._hooks = {}
         self.counts = {"from_backward": 0, "at_step": 0}
+        # what the hooks assume until the next step checks it: the norm type
+        # (None: nothing clips) and whether plain params' grads are reduced
+        # after backward (see _hook)
+        self._armed = (None, False)
         self.invalidate()
 
     # --------------------------------------------------------------- layout
@@ -75,9 +79,17 @@ class NormSlots:
         counters)."""
         self._records.clear()
 
+    def arm(self, norm_type):
+        """What the hooks of the next backward work with (set at
+        registration and by every step: the hooks take no look at the
+        optimizer's groups or the process group themselves)."""
+        self._armed = (norm_type, _dist.plain_grads_reduced())
+
     def register(self, params):
         """A post-accumulate-grad hook on each param that autograd fills."""
         _watch_unscale()
+        opt = self._opt()
+        self.arm(opt._clip_norm_type())
         for p in params:
             if id(p) not in self._hooks and p.requires_grad and p.is_leaf:
                 self._hooks[id(p)] = p.register_post_accumulate_grad_hook(self._hook)
@@ -93,12 +105,11 @@ class NormSlots:
         return bool(self._hooks)
 
     def _hook(self, p):
-        opt = self._opt()
-        norm_type = None if opt is None else opt._clip_norm_type()
+        norm_type, plain_reduced = self._armed
         g = p.grad
-        # DDP all-reduces the grads after this hook: a partial read now would
-        # be this rank's alone, so the step computes it (see the README)
-        if norm_type is None or g is None or _dist.reduced_after_backward(p):
+        # DDP all-reduces the grads after this hook: a part read now would be
+        # this rank's alone, so the step computes it (see the README)
+        if norm_type is None or g is None or (plain_reduced and not _dist.is_dtensor(p)):
             return
         slot_of = self._layout()
         e = self._view(g)
@@ -134,11 +145,13 @@ class NormSlots:
         if queue:
             self._write(dev, list(queue.values()), norm_type)
 
-    def _current(self, p, e, norm_type):
-        """Whether p's slot holds the partial of its grad as it is now."""
+    def _current(self, p, e, norm_type, plain_reduced):
+        """Whether p's slot holds the partial of its grad as it is now (a
+        plain param's grad reduced after backward never does)."""
         rec = self._records.get(id(p))
         return (rec is not None and rec[3] == norm_type and rec[0]() is p.grad
-                and rec[1] == e._version and rec[2] == e.data_ptr())
+                and rec[1] == e._version and rec[2] == e.data_ptr()
+                and not (plain_reduced and not _dist.is_dtensor(p)))
 
     # ----------------------------------------------------------------- step
 
@@ -154,13 +167,15 @@ class NormSlots:
                 self.invalidate()
                 return self.norm(params, entries, norm_type)
             by_dev.setdefault(dev, []).append((p, e, slot))
+        plain_reduced = _dist.plain_grads_reduced()
         norms = []
         for dev, items in by_dev.items():
             self._flush(dev, norm_type)
-            norms.append(self._device_norm(dev, items, norm_type))
+            norms.append(self._device_norm(dev, items, norm_type, plain_reduced))
+        self._armed = (norm_type, plain_reduced)
         return _ops.combine_device_norms(norms, norm_type)
 
-    def _device_norm(self, dev, items, norm_type):
+    def _device_norm(self, dev, items, norm_type, plain_reduced):
         ids = self._params_at[dev]
         seen = bytearray(len(ids))
         write, zero = [], []
@@ -170,7 +185,7 @@ class NormSlots:
             seen[slot] = 1
             if e is None:
                 zero.append(slot)
-            elif hooked and self._current(p, e, norm_type):
+            elif hooked and self._current(p, e, norm_type, plain_reduced):
                 reused += 1
             else:
                 write.append((p, p.grad, e, slot))

@@ -53,17 +53,19 @@ def local(t):
     return t._local_tensor if isinstance(t, DTensor) else t
 
 
-def reduced_after_backward(p):
-    """Whether p's grad may still be rewritten by a collective after its
-    post-accumulate-grad hook ran: a plain (non-DTensor) param while a
-    process group of more than one rank exists, as under DDP, whose
-    all-reduce averages the grads after the hooks. FSDP2's sharded DTensor
-    params run their hooks after the reduce-scatter, on the final grad."""
-    refresh()
-    if isinstance(p, DTensor):
-        return False
+def plain_grads_reduced():
+    """Whether a collective may rewrite a plain (non-DTensor) param's grad
+    after its post-accumulate-grad hook ran: a process group of more than one
+    rank exists, as under DDP, whose all-reduce averages the grads after the
+    hooks. (FSDP2's sharded DTensor params run their hooks after the
+    reduce-scatter, on the final grad.)"""
     dist = torch.distributed
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def is_dtensor(t):
+    refresh()
+    return isinstance(t, DTensor)
 
 
 def _describe(t):
