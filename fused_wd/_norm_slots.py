@@ -160,6 +160,8 @@ class NormSlots:
         one that does not count here), as a float32 0-dim tensor: slots
         proven current are reused, the others written now."""
         slot_of = self._layout()
+        if not self._hooks:
+            return self._norm_at_step(slot_of, params, entries, norm_type)
         by_dev = {}
         for p, e in zip(params, entries):
             dev, slot = slot_of[id(p)]
@@ -173,6 +175,36 @@ class NormSlots:
             self._flush(dev, norm_type)
             norms.append(self._device_norm(dev, items, norm_type, plain_reduced))
         self._armed = (norm_type, plain_reduced)
+        return _ops.combine_device_norms(norms, norm_type)
+
+    def _norm_at_step(self, slot_of, params, entries, norm_type):
+        """norm() without hooks: every part written now, one call per
+        device, no records (the default path, kept cheap per param)."""
+        by_dev = {}
+        for p, e in zip(params, entries):
+            dev, slot = slot_of[id(p)]
+            lists = by_dev.get(dev)
+            if lists is None:
+                lists = by_dev[dev] = ([], [])
+            lists[0].append(e)
+            lists[1].append(slot)
+        norms = []
+        for dev, (ts, slots) in by_dev.items():
+            n = len(self._params_at[dev])
+            if len(slots) < n:  # params without a grad: zero parts
+                missing = sorted(set(range(n)).difference(slots))
+                ts, slots = ts + [None] * len(missing), slots + missing
+            try:
+                _ops.norm_partials_(ts, self._buffer(dev), slots, norm_type)
+            except RuntimeError:
+                # a param moved to another device since the layout was made:
+                # lay the slots out again (the op checked before writing)
+                if any(e is not None and e.device != dev for e in ts):
+                    self.invalidate()
+                    return self.norm(params, entries, norm_type)
+                raise
+            norms.append(_ops.norm_from_partials(self._buffer(dev), norm_type))
+        self.counts["at_step"] += sum(e is not None for e in entries)
         return _ops.combine_device_norms(norms, norm_type)
 
     def _device_norm(self, dev, items, norm_type, plain_reduced):

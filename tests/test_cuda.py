@@ -951,3 +951,18 @@ def test_norm_in_backward_is_bitwise_and_syncs_nothing(norm_type):
     assert torch.equal(na, nb)
     assert all(torch.equal(a, b) for a, b in zip(pa, pb))
     assert sa == {"from_backward": 82 * 3, "at_step": 0}
+
+
+def test_norm_slots_follow_params_moved_to_another_device():
+    """model.cuda() after the optimizer was made moves the same Parameter
+    objects: the norm's slots are laid out again on the new device."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3)
+    opt = fused_wd.AdamW(model.parameters(), max_grad_norm=0.1)
+    model.cuda()
+    x = torch.randn(2, 4, device="cuda")
+    model(x).square().sum().backward()
+    want = torch.linalg.vector_norm(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    opt.step()
+    assert opt.last_grad_norm.device.type == "cuda"
+    torch.testing.assert_close(opt.last_grad_norm, want, rtol=1e-6, atol=0)
