@@ -100,10 +100,6 @@ class NormSlots:
         self._hooks.clear()
         self.invalidate()
 
-    @property
-    def hooked(self):
-        return bool(self._hooks)
-
     def _hook(self, p):
         norm_type, plain_reduced = self._armed
         g = p.grad
@@ -208,16 +204,17 @@ class NormSlots:
         return _ops.combine_device_norms(norms, norm_type)
 
     def _device_norm(self, dev, items, norm_type, plain_reduced):
+        """norm() with hooks, on one device: parts proven current reused,
+        the others written, the slots of params without a grad zeroed."""
         ids = self._params_at[dev]
         seen = bytearray(len(ids))
         write, zero = [], []
         reused = 0
-        hooked = bool(self._hooks)
         for p, e, slot in items:
             seen[slot] = 1
             if e is None:
                 zero.append(slot)
-            elif hooked and self._current(p, e, norm_type, plain_reduced):
+            elif self._current(p, e, norm_type, plain_reduced):
                 reused += 1
             else:
                 write.append((p, p.grad, e, slot))
