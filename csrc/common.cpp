@@ -193,6 +193,63 @@ void check_scalar_tensor(const char* op, const char* name, const std::optional<a
               " is on ", t->device(), " but the tensors are on ", device);
 }
 
+void check_stats(const char* op, const StepArgs& a, size_t nparams, const at::Device& device,
+                 bool allow_cpu_device) {
+  check_scalar_tensor(op, "wd_tensor", a.wd_tensor, device, allow_cpu_device);
+  if (a.wd_tensor.has_value() && a.wd_tensor->defined())
+    TORCH_CHECK(a.wd_tensor->is_floating_point(), op, ": wd_tensor must be a float tensor, got ",
+                a.wd_tensor->scalar_type());
+  const bool given = a.stats.has_value() && a.stats->defined();
+  if (!given) {
+    TORCH_CHECK(a.stat_slots.empty(), op, ": stat_slots given without stats");
+    return;
+  }
+  const at::Tensor& s = *a.stats;
+  TORCH_CHECK(s.scalar_type() == at::kDouble && s.dim() == 2 && s.size(0) == 2 && s.is_contiguous(),
+              op, ": stats must be a contiguous float64 tensor of shape [2, nslots], got ",
+              s.scalar_type(), " ", s.sizes(), s.is_contiguous() ? "" : " (not contiguous)");
+  TORCH_CHECK(s.device() == device, op, ": stats is on ", s.device(), " but the params are on ",
+              device);
+  TORCH_CHECK(a.stat_slots.size() == nparams, op, ": stats needs one stat_slots entry per param, got ",
+              a.stat_slots.size(), " for ", nparams);
+  const int64_t nslots = s.size(1);
+  std::vector<uint8_t> seen(static_cast<size_t>(nslots), 0);
+  for (size_t i = 0; i < nparams; ++i) {
+    const int64_t k = a.stat_slots[i];
+    TORCH_CHECK(k >= 0 && k < nslots, op, ": stat_slots[", i, "] = ", k, " is outside [0, ", nslots,
+                ")");
+    TORCH_CHECK(!seen[k], op, ": stat_slots[", i, "] = ", k, " is the slot of an earlier param");
+    seen[k] = 1;
+  }
+}
+
+int64_t check_auto_decay(const char* op, const at::Tensor& stats, const at::Tensor& grad_sumsq,
+                         const at::Tensor& steps, const at::Tensor& numels, const at::Tensor& state,
+                         int64_t mode, c10::DeviceType device_type) {
+  TORCH_CHECK(mode == 0 || mode == 1, op, ": mode must be 0 (scheduled) or 1 (adaptive), got ", mode);
+  TORCH_CHECK(stats.dim() == 2 && stats.size(0) == 2, op, ": stats must have shape [2, n], got ",
+              stats.sizes());
+  const int64_t n = stats.size(1);
+  const at::Device device = stats.device();
+  TORCH_CHECK(device.type() == device_type, op, ": stats is on ", device, ", not a ", device_type,
+              " tensor");
+  const std::pair<const char*, const at::Tensor*> all[] = {
+      {"stats", &stats}, {"grad_sumsq", &grad_sumsq}, {"steps", &steps}, {"numels", &numels},
+      {"state", &state}};
+  for (const auto& [name, t] : all) {
+    TORCH_CHECK(t->scalar_type() == at::kDouble && t->is_contiguous(), op, ": ", name,
+                " must be a contiguous float64 tensor, got ", t->scalar_type(),
+                t->is_contiguous() ? "" : " (not contiguous)");
+    TORCH_CHECK(t->device() == device, op, ": ", name, " is on ", t->device(), " but stats is on ",
+                device);
+  }
+  for (const auto& [name, t] : {all[1], all[2], all[3]})
+    TORCH_CHECK(t->dim() == 1 && t->size(0) == n, op, ": ", name, " must have shape [", n,
+                "] (one entry per param, like stats), got ", t->sizes());
+  TORCH_CHECK(state.numel() == 1, op, ": state must have one element, got shape ", state.sizes());
+  return n;
+}
+
 void DenseLists::write_back() {
   for (auto& pr : pending) pr.first.copy_(pr.second);
   pending.clear();

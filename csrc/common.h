@@ -100,6 +100,7 @@ struct StepArgs {
   double lr;
   std::optional<at::Tensor> lr_tensor;
   double weight_decay;
+  std::optional<at::Tensor> wd_tensor;
   int64_t decay_mode;
   bool cautious_wd;
   double initial_lr;
@@ -111,6 +112,10 @@ struct StepArgs {
   bool stochastic_rounding;
   int64_t sr_seed;
   at::IntArrayRef sr_ids;
+  // the pass's statistics (schema: csrc/schema.h): undefined, or float64
+  // [2, nslots] with one slot per param in stat_slots
+  std::optional<at::Tensor> stats;
+  at::IntArrayRef stat_slots;
 };
 
 struct AdamCall {
@@ -134,42 +139,59 @@ struct SgdCall {
 // id per param.
 void check_step_args(const char* op, const StepArgs& a, size_t nparams);
 
+// Checks the statistics arguments against the params (on `device`):
+// stats float64, contiguous, [2, nslots] on the params' device, and
+// stat_slots one distinct slot in [0, nslots) per param; wd_tensor a
+// 1-element float tensor on the device or the CPU.
+void check_stats(const char* op, const StepArgs& a, size_t nparams, const at::Device& device,
+                 bool allow_cpu_device);
+
 // The kernels of adam_ / sgd_ as the dispatcher calls them (the schema's
 // arguments in order), packed into one AdamCall / SgdCall for a backend's
 // implementation Impl: the one C++ spelling of the argument lists.
 template <void (*Impl)(const AdamCall&)>
 void adam_op(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
              at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs, at::TensorList state_steps,
-             at::TensorList master_params, at::IntArrayRef sr_ids, double lr,
+             at::TensorList master_params, at::IntArrayRef sr_ids,
+             const std::optional<at::Tensor>& stats, at::IntArrayRef stat_slots, double lr,
              const std::optional<at::Tensor>& lr_tensor, double beta1, double beta2, double eps,
-             double weight_decay, int64_t decay_mode, bool cautious_wd, double initial_lr,
+             double weight_decay, const std::optional<at::Tensor>& wd_tensor, int64_t decay_mode, bool cautious_wd, double initial_lr,
              bool amsgrad, bool maximize, const std::optional<at::Tensor>& grad_norm, double max_norm,
              const std::optional<at::Tensor>& grad_scale,
              const std::optional<at::Tensor>& found_inf, bool skip_nonfinite,
              bool stochastic_rounding, int64_t sr_seed) {
   Impl(AdamCall{params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, master_params,
                 beta1, beta2, eps, amsgrad,
-                StepArgs{lr, lr_tensor, weight_decay, decay_mode, cautious_wd, initial_lr, maximize,
-                         grad_norm, max_norm, grad_scale, found_inf, skip_nonfinite,
-                         stochastic_rounding, sr_seed, sr_ids}});
+                StepArgs{lr, lr_tensor, weight_decay, wd_tensor, decay_mode, cautious_wd, initial_lr,
+                         maximize, grad_norm, max_norm, grad_scale, found_inf, skip_nonfinite,
+                         stochastic_rounding, sr_seed, sr_ids, stats, stat_slots}});
 }
 
 template <void (*Impl)(const SgdCall&)>
 void sgd_op(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
             const c10::List<bool>& buffer_is_new, at::TensorList master_params,
-            at::TensorList state_steps, at::IntArrayRef sr_ids, double lr,
+            at::TensorList state_steps, at::IntArrayRef sr_ids,
+            const std::optional<at::Tensor>& stats, at::IntArrayRef stat_slots, double lr,
             const std::optional<at::Tensor>& lr_tensor, double momentum, double dampening,
-            bool nesterov, double weight_decay, int64_t decay_mode, bool cautious_wd,
+            bool nesterov, double weight_decay, const std::optional<at::Tensor>& wd_tensor,
+            int64_t decay_mode, bool cautious_wd,
             double initial_lr, bool maximize, const std::optional<at::Tensor>& grad_norm, double max_norm,
             const std::optional<at::Tensor>& grad_scale,
             const std::optional<at::Tensor>& found_inf, bool skip_nonfinite,
             bool stochastic_rounding, int64_t sr_seed) {
   Impl(SgdCall{params, grads, momentum_buffers, buffer_is_new, master_params, state_steps, momentum,
                dampening, nesterov,
-               StepArgs{lr, lr_tensor, weight_decay, decay_mode, cautious_wd, initial_lr, maximize,
-                        grad_norm, max_norm, grad_scale, found_inf, skip_nonfinite,
-                        stochastic_rounding, sr_seed, sr_ids}});
+               StepArgs{lr, lr_tensor, weight_decay, wd_tensor, decay_mode, cautious_wd, initial_lr,
+                        maximize, grad_norm, max_norm, grad_scale, found_inf, skip_nonfinite,
+                        stochastic_rounding, sr_seed, sr_ids, stats, stat_slots}});
 }
+
+// The inputs of auto_decay (schema: csrc/schema.h), checked: every tensor
+// float64, contiguous, on one device of `device_type` (the statistics'),
+// stats [2, n] and the others [n]; state one element. Returns n.
+int64_t check_auto_decay(const char* op, const at::Tensor& stats, const at::Tensor& grad_sumsq,
+                         const at::Tensor& steps, const at::Tensor& numels, const at::Tensor& state,
+                         int64_t mode, c10::DeviceType device_type);
 
 // Tensor indices grouped by dtype, in first-seen order (deterministic).
 std::vector<std::vector<int64_t>> group_by_dtype(at::TensorList tensors);

@@ -43,31 +43,63 @@ constexpr const char* kSchemas[] = {
   // rounded stochastically with bits keyed by (sr_seed, sr_ids[i], step,
   // element index); sr_ids has one id per param.
   //
+  // Statistics (optional, docs/design.md "Statistics of the pass"): stats is
+  // a float64 [2, nslots] tensor on the params' device; the step writes, for
+  // each param i, stats[0][stat_slots[i]] = the sum of squares of the param
+  // values it computes (in the math type, before any rounding to 16-bit
+  // storage: the fp32 master's new value when there is one) and
+  // stats[1][stat_slots[i]] = the sum of the exp_avg_sq values it computes
+  // (0 for sgd_). Deterministic: a param's sums depend on that param alone,
+  // not on the list, the thread count or the launch. A skipped step writes
+  // nothing.
+  //
+  // wd_tensor (optional, a 1-element float tensor on the params' device or
+  // the CPU): the decay strength read on the device in place of
+  // weight_decay's value; weight_decay still says whether the step decays
+  // (0: no decay). The automatic decay modes pass auto_decay_'s result here.
+  //
   // Hyperparameters are keyword-only (after `*`): two floats can never be
   // swapped by position. The C++ side receives them as one AdamCall
   // (csrc/common.h).
   "adam_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, "
       "Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] max_exp_avg_sqs, Tensor(e!)[] state_steps, "
-      "Tensor(f!)[] master_params, int[] sr_ids, *, "
+      "Tensor(f!)[] master_params, int[] sr_ids, Tensor(g!)? stats=None, int[] stat_slots=[], *, "
       "float lr, Tensor? lr_tensor, float beta1, float beta2, float eps, "
-      "float weight_decay, int decay_mode, bool cautious_wd, float initial_lr, bool amsgrad, "
+      "float weight_decay, Tensor? wd_tensor=None, int decay_mode, bool cautious_wd, float initial_lr, bool amsgrad, "
       "bool maximize, "
       "Tensor? grad_norm, float max_norm, Tensor? grad_scale, Tensor? found_inf, "
       "bool skip_nonfinite, bool stochastic_rounding, int sr_seed) -> ()",
 
   // One SGD step over many tensors. momentum_buffers is empty when
   // momentum == 0; buffer_is_new[i] marks a buffer created for this step
-  // (it is set to the gradient instead of being decayed). Mixed precision as
-  // for adam_; stochastic_rounding also needs state_steps (one counter per
+  // (it is set to the gradient instead of being decayed). Mixed precision,
+  // stats and wd_tensor as for adam_; stochastic_rounding also needs state_steps (one counter per
   // param, the step of the rounding's key, advanced unless the step is
   // skipped).
   "sgd_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, "
       "bool[] buffer_is_new, Tensor(c!)[] master_params, Tensor(d!)[] state_steps, "
-      "int[] sr_ids, *, float lr, Tensor? lr_tensor, float momentum, float dampening, "
-      "bool nesterov, float weight_decay, int decay_mode, bool cautious_wd, float initial_lr, "
+      "int[] sr_ids, Tensor(e!)? stats=None, int[] stat_slots=[], *, float lr, Tensor? lr_tensor, "
+      "float momentum, float dampening, bool nesterov, float weight_decay, Tensor? wd_tensor=None, "
+      "int decay_mode, bool cautious_wd, float initial_lr, "
       "bool maximize, "
       "Tensor? grad_norm, float max_norm, Tensor? grad_scale, Tensor? found_inf, "
       "bool skip_nonfinite, bool stochastic_rounding, int sr_seed) -> ()",
+
+  // The decay strength of an automatic weight-decay mode for this step
+  // (docs/weight-decay.md, "Automatic weight decay"), as a float64 0-dim
+  // tensor on the statistics' device, for adam_/sgd_'s wd_tensor. Inputs,
+  // one entry per param the step updates (all float64, 1-D, on one device):
+  // stats [2, n] (rows: the sum of squares of the params and the sum of
+  // exp_avg_sq before this step, as the last pass left them), grad_sumsq [n]
+  // (the sum of squares of each grad as given: scaled when grad_scale is),
+  // steps [n] (the step counters before this step), numels [n]. mode 0
+  // "scheduled" (SWD): weight_decay / (sqrt(mean of v_hat_t) + eps); mode 1
+  // "adaptive" (AWD): lambda_bar, smoothed in state (float64, 1 element)
+  // unless the step is skipped. grad_scale, found_inf, grad_norm, max_norm
+  // and skip_nonfinite as for adam_ (the same skip/unscale/clip decision).
+  "auto_decay(Tensor stats, Tensor grad_sumsq, Tensor steps, Tensor numels, Tensor(a!) state, *, "
+      "int mode, float weight_decay, float beta2, float eps, Tensor? grad_norm, float max_norm, "
+      "Tensor? grad_scale, Tensor? found_inf, bool skip_nonfinite) -> Tensor",
 };
 
 }  // namespace fused_wd

@@ -35,6 +35,10 @@ if _ext.C is not None:
     def _sgd_fake(*args, **kwargs):
         return None
 
+    @torch.library.register_fake("fused_wd::auto_decay")
+    def _auto_decay_fake(stats, grad_sumsq, steps, numels, state, **kwargs):
+        return stats.new_empty((), dtype=torch.float64)
+
 
 class _Lists:
     def select(self, idx):
@@ -80,24 +84,34 @@ def split_by_master(masters):
     return [(idx, has) for idx, has in ((without, False), (with_master, True)) if idx]
 
 
-def adam_(lists, **hyper):
+def adam_(lists, stats=None, stat_slots=(), wd_tensor=None, **hyper):
     """torch.ops.fused_wd.adam_ on an AdamLists whose params all have a
-    master or none has (master_params then empty); hyperparameters by name."""
+    master or none has (master_params then empty); hyperparameters by name.
+    stats/stat_slots: where the pass writes its statistics (csrc/schema.h)."""
     _ext.require()
     torch.ops.fused_wd.adam_(
         params=lists.params, grads=lists.grads, exp_avgs=lists.exp_avgs,
         exp_avg_sqs=lists.exp_avg_sqs, max_exp_avg_sqs=lists.max_exp_avg_sqs,
         state_steps=lists.state_steps, master_params=lists.master_params, sr_ids=lists.sr_ids,
-        **hyper)
+        stats=stats, stat_slots=list(stat_slots), wd_tensor=wd_tensor, **hyper)
 
 
-def sgd_(lists, **hyper):
+def sgd_(lists, stats=None, stat_slots=(), wd_tensor=None, **hyper):
     """torch.ops.fused_wd.sgd_ on an SgdLists; hyperparameters by name."""
     _ext.require()
     torch.ops.fused_wd.sgd_(
         params=lists.params, grads=lists.grads, momentum_buffers=lists.momentum_buffers,
         buffer_is_new=lists.buffer_is_new, master_params=lists.master_params,
-        state_steps=lists.state_steps, sr_ids=lists.sr_ids, **hyper)
+        state_steps=lists.state_steps, sr_ids=lists.sr_ids, stats=stats,
+        stat_slots=list(stat_slots), wd_tensor=wd_tensor, **hyper)
+
+
+def auto_decay(stats, grad_sumsq, steps, numels, state, **hyper):
+    """torch.ops.fused_wd.auto_decay: the decay strength of an automatic
+    mode for this step (float64 0-dim, on the statistics' device)."""
+    _ext.require()
+    return torch.ops.fused_wd.auto_decay(stats=stats, grad_sumsq=grad_sumsq, steps=steps,
+                                         numels=numels, state=state, **hyper)
 
 
 def group_by_device(items, device_of=lambda t: t.device):

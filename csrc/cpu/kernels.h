@@ -28,13 +28,21 @@ struct SgdModes {
   bool momentum, nesterov, first;
 };
 
+// The update entries also write the statistics of their range to
+// stats[0] (sum of the squares of the param values they compute, the
+// master's when there is one, before rounding to storage) and stats[1]
+// (sum of the exp_avg_sq values they compute; 0 for SGD), in double, in an
+// order fixed by [begin, end) alone; stats may be null.
 struct KernelTable {
   const char* isa;
   // Layouts with float math (everything but fp64).
-  void (*adam)(const Layout&, const Ptrs&, int64_t, int64_t, const AdamScalars<float>&, bool amsgrad, int decay);
-  void (*adam_f64)(const Ptrs&, int64_t, int64_t, const AdamScalars<double>&, bool amsgrad, int decay);
-  void (*sgd)(const Layout&, const Ptrs&, int64_t, int64_t, const SgdScalars<float>&, SgdModes);
-  void (*sgd_f64)(const Ptrs&, int64_t, int64_t, const SgdScalars<double>&, SgdModes);
+  void (*adam)(const Layout&, const Ptrs&, int64_t, int64_t, const AdamScalars<float>&, bool amsgrad,
+               int decay, double* stats);
+  void (*adam_f64)(const Ptrs&, int64_t, int64_t, const AdamScalars<double>&, bool amsgrad, int decay,
+                   double* stats);
+  void (*sgd)(const Layout&, const Ptrs&, int64_t, int64_t, const SgdScalars<float>&, SgdModes,
+              double* stats);
+  void (*sgd_f64)(const Ptrs&, int64_t, int64_t, const SgdScalars<double>&, SgdModes, double* stats);
   // Sum of squares in double, in an order fixed by [begin, end) alone.
   double (*sumsq)(Storage, const void*, int64_t, int64_t);
   // max |x|, NaN if any element is NaN.

@@ -165,11 +165,63 @@ inline typename Io<PS>::raw param_out(T_of<PS> x, uint32_t rk, uint32_t index) {
     return Io<PS>::put(x);
 }
 
+// ------------------------------------------------------------ statistics
+
+// Lanes of the reductions: enough independent dependency chains to keep the
+// vector adders busy (a reduction is then bound by memory, not by add
+// latency).
+constexpr int kLanes = 64;
+
+// Lanes are combined pairwise: (0+1)+(2+3)... a fixed tree.
+inline double combine_sum(double* acc) {
+  for (int w = kLanes / 2; w >= 1; w /= 2)
+    for (int j = 0; j < w; ++j) acc[j] = acc[2 * j] + acc[2 * j + 1];
+  return acc[0];
+}
+
+// The statistics of an update range (kernels.h): element i of a block adds
+// to lane i, in the math type T; every kStatFold blocks the lanes are added
+// to float64 lanes, which combine_sum reduces at the end. Which lane and run
+// an element falls in depends only on its offset in [begin, end), so the
+// sums are fixed by the range. Always accumulated (a few vector adds per
+// element, in registers and L1, next to a loop bound by memory); written
+// only when asked for.
+static_assert(kBlock == kLanes, "one lane per element of a block");
+constexpr int kStatFold = 16;
+
+template <typename T>
+struct RangeStats {
+  T p[kLanes] = {};
+  T v[kLanes] = {};
+  double ap[kLanes] = {};
+  double av[kLanes] = {};
+  int blocks = 0;
+
+  void fold() {
+    for (int j = 0; j < kLanes; ++j) {
+      ap[j] += static_cast<double>(p[j]);
+      av[j] += static_cast<double>(v[j]);
+      p[j] = T(0);
+      v[j] = T(0);
+    }
+    blocks = 0;
+  }
+  void block_done() {
+    if (++blocks == kStatFold) fold();
+  }
+  void write(double* out) {
+    if (out == nullptr) return;
+    fold();
+    out[0] = combine_sum(ap);
+    out[1] = combine_sum(av);
+  }
+};
+
 // ------------------------------------------------------------ Adam
 
 template <Storage PS, Storage SS, bool MASTER, bool SR, bool AMS, int DECAY>
 void adam_range(const Ptrs& P, int64_t begin, int64_t end, const AdamScalars<T_of<PS>>& s_in,
-                uint64_t sr_key) {
+                uint64_t sr_key, double* stats) {
   using T = T_of<PS>;
   using PR = typename Io<PS>::raw;
   using ST = typename Io<SS>::raw;
@@ -180,6 +232,7 @@ void adam_range(const Ptrs& P, int64_t begin, int64_t end, const AdamScalars<T_o
                              {P.s0, sizeof(ST), true},
                              {P.s1, sizeof(ST), true},
                              {AMS ? P.s2 : nullptr, sizeof(ST), true}};
+  RangeStats<T> st;
   for_blocks(streams, begin, end, [&](int64_t b, int64_t n) {
     PR* __restrict p = static_cast<PR*>(P.p) + b;
     const PR* __restrict g = static_cast<const PR*>(P.g) + b;
@@ -189,6 +242,8 @@ void adam_range(const Ptrs& P, int64_t begin, int64_t end, const AdamScalars<T_o
     ST* __restrict vm = AMS ? static_cast<ST*>(P.s2) + b : nullptr;
     const uint32_t rk = SR ? sr_range_key(sr_key, static_cast<uint64_t>(b)) : 0;
     const uint32_t lo = static_cast<uint32_t>(b);
+    T* __restrict sp = st.p;
+    T* __restrict sv = st.v;
 #pragma GCC ivdep
     for (int64_t i = 0; i < n; ++i) {
       T pi = MASTER ? mp[i] : Io<PS>::get(p[i]);
@@ -200,15 +255,19 @@ void adam_range(const Ptrs& P, int64_t begin, int64_t end, const AdamScalars<T_o
       m[i] = Io<SS>::put(mi);
       v[i] = Io<SS>::put(vi);
       if (AMS) vm[i] = Io<SS>::put(vmi);
+      sp[i] += pi * pi;
+      sv[i] += vi;
     }
+    st.block_done();
   });
+  st.write(stats);
 }
 
 // ------------------------------------------------------------ SGD
 
 template <Storage PS, Storage SS, bool MASTER, bool SR, int DECAY, bool MOM, bool NEST>
 void sgd_range(const Ptrs& P, int64_t begin, int64_t end, const SgdScalars<T_of<PS>>& s_in,
-               bool first, uint64_t sr_key) {
+               bool first, uint64_t sr_key, double* stats) {
   using T = T_of<PS>;
   using PR = typename Io<PS>::raw;
   using ST = typename Io<SS>::raw;
@@ -217,6 +276,7 @@ void sgd_range(const Ptrs& P, int64_t begin, int64_t end, const SgdScalars<T_of<
                              {P.g, sizeof(PR), false},
                              {MASTER ? P.master : nullptr, 4, true},
                              {MOM ? P.s0 : nullptr, sizeof(ST), true}};
+  RangeStats<T> st;
   for_blocks(streams, begin, end, [&](int64_t b, int64_t n) {
     PR* __restrict p = static_cast<PR*>(P.p) + b;
     const PR* __restrict g = static_cast<const PR*>(P.g) + b;
@@ -226,6 +286,7 @@ void sgd_range(const Ptrs& P, int64_t begin, int64_t end, const SgdScalars<T_of<
     const uint32_t lo = static_cast<uint32_t>(b);
     // `first` (the step that creates the momentum buffer) as a constant:
     // the buffer is then not read at all.
+    T* __restrict sp = st.p;
     auto loop = [&](auto first_c) {
       constexpr bool FIRST = decltype(first_c)::value;
 #pragma GCC ivdep
@@ -236,10 +297,13 @@ void sgd_range(const Ptrs& P, int64_t begin, int64_t end, const SgdScalars<T_of<
         if (MASTER) mp[i] = pi;
         p[i] = param_out<PS, SR>(pi, rk, lo + static_cast<uint32_t>(i));
         if (MOM) buf[i] = Io<SS>::put(bi);
+        sp[i] += pi * pi;
       }
     };
     with_bool(MOM && first, loop);
+    st.block_done();
   });
+  st.write(stats);
 }
 
 // ------------------------------------------------------------ dispatch
@@ -273,57 +337,48 @@ void with_layout(const Layout& L, F&& f) {
 }
 
 void adam(const Layout& L, const Ptrs& P, int64_t b, int64_t e, const AdamScalars<float>& s,
-          bool ams, int decay) {
+          bool ams, int decay, double* stats) {
   with_layout(L, [&](auto ps, auto ss, auto master, auto sr) {
     with_bool(ams, [&](auto a) {
       with_decay(decay, [&](auto d) {
         adam_range<decltype(ps)::value, decltype(ss)::value, decltype(master)::value,
-                   decltype(sr)::value, decltype(a)::value, decltype(d)::value>(P, b, e, s, L.sr_key);
+                   decltype(sr)::value, decltype(a)::value, decltype(d)::value>(P, b, e, s, L.sr_key,
+                                                                                stats);
       });
     });
   });
 }
 
 void adam_f64(const Ptrs& P, int64_t b, int64_t e, const AdamScalars<double>& s, bool ams,
-              int decay) {
+              int decay, double* stats) {
   with_bool(ams, [&](auto a) {
     with_decay(decay, [&](auto d) {
       adam_range<Storage::kF64, Storage::kF64, false, false, decltype(a)::value, decltype(d)::value>(
-          P, b, e, s, 0);
+          P, b, e, s, 0, stats);
     });
   });
 }
 
 void sgd(const Layout& L, const Ptrs& P, int64_t b, int64_t e, const SgdScalars<float>& s,
-         SgdModes md) {
+         SgdModes md, double* stats) {
   with_layout(L, [&](auto ps, auto ss, auto master, auto sr) {
     with_sgd_modes(md.decay, md.momentum, md.nesterov, [&](auto d, auto mom, auto nest) {
       sgd_range<decltype(ps)::value, decltype(ss)::value, decltype(master)::value,
                 decltype(sr)::value, decltype(d)::value, decltype(mom)::value,
-                decltype(nest)::value>(P, b, e, s, md.first, L.sr_key);
+                decltype(nest)::value>(P, b, e, s, md.first, L.sr_key, stats);
     });
   });
 }
 
-void sgd_f64(const Ptrs& P, int64_t b, int64_t e, const SgdScalars<double>& s, SgdModes md) {
+void sgd_f64(const Ptrs& P, int64_t b, int64_t e, const SgdScalars<double>& s, SgdModes md,
+             double* stats) {
   with_sgd_modes(md.decay, md.momentum, md.nesterov, [&](auto d, auto mom, auto nest) {
     sgd_range<Storage::kF64, Storage::kF64, false, false, decltype(d)::value, decltype(mom)::value,
-              decltype(nest)::value>(P, b, e, s, md.first, 0);
+              decltype(nest)::value>(P, b, e, s, md.first, 0, stats);
   });
 }
 
 // ------------------------------------------------------------ reductions
-
-// 64 independent accumulators: enough dependency chains to keep the vector
-// adders busy (the norm is then bound by memory, not by add latency).
-constexpr int kLanes = 64;
-
-// Lanes are combined pairwise: (0+1)+(2+3)... a fixed tree.
-inline double combine_sum(double* acc) {
-  for (int w = kLanes / 2; w >= 1; w /= 2)
-    for (int j = 0; j < w; ++j) acc[j] = acc[2 * j] + acc[2 * j + 1];
-  return acc[0];
-}
 
 // Squares are summed in T (float for fp32/fp16/bf16) over runs of kFold
 // elements, kFold / kLanes per lane, and each run's lane sums are added to

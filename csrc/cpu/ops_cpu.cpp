@@ -89,10 +89,15 @@ int64_t grain_of(const std::vector<Item>& items) {
 }
 
 template <typename F>
-void parallel_items(const std::vector<Item>& items, F f) {
+void parallel_indexed(const std::vector<Item>& items, F f) {
   at::parallel_for(0, static_cast<int64_t>(items.size()), grain_of(items), [&](int64_t b, int64_t e) {
-    for (int64_t k = b; k < e; ++k) f(items[k]);
+    for (int64_t k = b; k < e; ++k) f(items[k], static_cast<size_t>(k));
   });
+}
+
+template <typename F>
+void parallel_items(const std::vector<Item>& items, F f) {
+  parallel_indexed(items, [&](const Item& it, size_t) { f(it); });
 }
 
 void* ptr(const at::Tensor& t) { return t.numel() ? t.data_ptr() : nullptr; }
@@ -133,6 +138,40 @@ StepPrep prepare(const char* op, const StepArgs& a) {
 }
 
 double lr_of(const StepArgs& a) { return given(a.lr_tensor) ? a.lr_tensor->item<double>() : a.lr; }
+
+double wd_of(const StepArgs& a) {
+  return given(a.wd_tensor) ? a.wd_tensor->item<double>() : a.weight_decay;
+}
+
+// The statistics of an update (schema: csrc/schema.h): each item writes its
+// two sums into its own entry; stats_done combines a tensor's items in item
+// order (the sums depend on the tensor alone) and writes its slot.
+struct ItemStats {
+  std::vector<double> sums;  // 2 per item
+  double* at(size_t item) { return sums.empty() ? nullptr : &sums[2 * item]; }
+};
+
+ItemStats stats_for(const StepArgs& a, size_t nitems) {
+  ItemStats s;
+  if (given(a.stats)) s.sums.assign(2 * nitems, 0.0);
+  return s;
+}
+
+void stats_done(const StepArgs& a, const std::vector<Item>& items, const ItemStats& s,
+                size_t nparams) {
+  if (!given(a.stats)) return;
+  std::vector<double> per(2 * nparams, 0.0);
+  for (size_t j = 0; j < items.size(); ++j) {
+    per[2 * items[j].tensor] += s.sums[2 * j];
+    per[2 * items[j].tensor + 1] += s.sums[2 * j + 1];
+  }
+  double* out = a.stats->data_ptr<double>();
+  const int64_t nslots = a.stats->size(1);
+  for (size_t i = 0; i < nparams; ++i) {
+    out[a.stat_slots[i]] = per[2 * i];
+    out[nslots + a.stat_slots[i]] = per[2 * i + 1];
+  }
+}
 
 // The layout of entry i, with the stochastic-rounding key of step t.
 Layout layout_of(const char* op, const at::Tensor& p, const at::Tensor& state, bool master,
@@ -252,6 +291,7 @@ void adam(const AdamCall& c) {
   check_lists(op, lists, c10::DeviceType::CPU);
   check_same_state_dtype(op, lists);
   check_steps(op, c.state_steps, c.params);
+  check_stats(op, a, n, n ? c.params[0].device() : at::Device(at::kCPU), true);
   const StepPrep sp = prepare(op, a);
   const bool master = !c.master_params.empty();
   std::vector<double> ts(n);
@@ -263,10 +303,11 @@ void adam(const AdamCall& c) {
   if (sp.skip || n == 0) return;
 
   const double lr = lr_of(a);
+  const double wd = wd_of(a);
   const int decay = decay_kind(static_cast<int>(a.decay_mode), a.weight_decay, a.cautious_wd);
   auto scalars = [&](auto zero, double t) {
     using T = decltype(zero);
-    return make_adam_scalars<T>(lr, c.beta1, c.beta2, c.eps, a.weight_decay,
+    return make_adam_scalars<T>(lr, c.beta1, c.beta2, c.eps, wd,
                                 static_cast<int>(a.decay_mode), a.initial_lr, t,
                                 make_grad_prep<T>(sp.inv_scale, sp.coef, a.maximize));
   };
@@ -297,17 +338,20 @@ void adam(const AdamCall& c) {
   const auto& VM = d.dense[4];
   const auto& MP = d.dense[5];
   const KernelTable& k = table();
-  parallel_items(make_items(P), [&](const Item& it) {
+  const std::vector<Item> items = make_items(P);
+  ItemStats stats = stats_for(a, items.size());
+  parallel_indexed(items, [&](const Item& it, size_t j) {
     const int64_t i = it.tensor;
     const Ptrs ptrs{ptr(P[i]), ptr(G[i]), master ? ptr(MP[i]) : nullptr,
                     ptr(M[i]), ptr(V[i]), c.amsgrad ? ptr(VM[i]) : nullptr};
     if (layouts[i].param == Storage::kF64)
-      k.adam_f64(ptrs, it.begin, it.end, sd[i], c.amsgrad, decay);
+      k.adam_f64(ptrs, it.begin, it.end, sd[i], c.amsgrad, decay, stats.at(j));
     else
-      k.adam(layouts[i], ptrs, it.begin, it.end, sf[i], c.amsgrad, decay);
+      k.adam(layouts[i], ptrs, it.begin, it.end, sf[i], c.amsgrad, decay, stats.at(j));
   });
   d.write_back();
   advance_steps(c.state_steps);
+  stats_done(a, items, stats, n);
 }
 
 // ------------------------------------------------------------------ sgd
@@ -327,6 +371,7 @@ void sgd(const SgdCall& c) {
                                        {"master_params", c.master_params, true, true, kDtypeMaster}};
   check_lists(op, lists, c10::DeviceType::CPU);
   if (a.stochastic_rounding) check_steps(op, c.state_steps, c.params);
+  check_stats(op, a, n, n ? c.params[0].device() : at::Device(at::kCPU), true);
   const StepPrep sp = prepare(op, a);
   const bool master = !c.master_params.empty();
   std::vector<Layout> layouts(n);  // every layout is checked before anything is written
@@ -340,10 +385,11 @@ void sgd(const SgdCall& c) {
   if (sp.skip || n == 0) return;
 
   const double lr = lr_of(a);
+  const double wd = wd_of(a);
   const int decay = decay_kind(static_cast<int>(a.decay_mode), a.weight_decay, a.cautious_wd);
   auto scalars = [&](auto zero) {
     using T = decltype(zero);
-    return make_sgd_scalars<T>(lr, c.momentum, c.dampening, a.weight_decay,
+    return make_sgd_scalars<T>(lr, c.momentum, c.dampening, wd,
                                static_cast<int>(a.decay_mode), a.initial_lr,
                                make_grad_prep<T>(sp.inv_scale, sp.coef, a.maximize));
   };
@@ -355,18 +401,46 @@ void sgd(const SgdCall& c) {
   const auto& B = d.dense[2];
   const auto& MP = d.dense[3];
   const KernelTable& k = table();
-  parallel_items(make_items(P), [&](const Item& it) {
+  const std::vector<Item> items = make_items(P);
+  ItemStats stats = stats_for(a, items.size());
+  parallel_indexed(items, [&](const Item& it, size_t j) {
     const int64_t i = it.tensor;
     const SgdModes md{decay, mom, c.nesterov, mom && c.buffer_is_new.get(i)};
     const Ptrs ptrs{ptr(P[i]), ptr(G[i]), master ? ptr(MP[i]) : nullptr,
                     mom ? ptr(B[i]) : nullptr, nullptr, nullptr};
     if (layouts[i].param == Storage::kF64)
-      k.sgd_f64(ptrs, it.begin, it.end, sd, md);
+      k.sgd_f64(ptrs, it.begin, it.end, sd, md, stats.at(j));
     else
-      k.sgd(layouts[i], ptrs, it.begin, it.end, sf, md);
+      k.sgd(layouts[i], ptrs, it.begin, it.end, sf, md, stats.at(j));
   });
   d.write_back();
   if (a.stochastic_rounding) advance_steps(c.state_steps);
+  stats_done(a, items, stats, n);
+}
+
+// ------------------------------------------------------------ auto_decay
+
+at::Tensor auto_decay(const at::Tensor& stats, const at::Tensor& grad_sumsq, const at::Tensor& steps,
+                      const at::Tensor& numels, at::Tensor& state, int64_t mode, double weight_decay,
+                      double beta2, double eps, const std::optional<at::Tensor>& grad_norm,
+                      double max_norm, const std::optional<at::Tensor>& grad_scale,
+                      const std::optional<at::Tensor>& found_inf, bool skip_nonfinite) {
+  const char* op = "fused_wd.auto_decay";
+  const int64_t n = check_auto_decay(op, stats, grad_sumsq, steps, numels, state, mode,
+                                     c10::DeviceType::CPU);
+  StepArgs a{};
+  a.grad_norm = grad_norm;
+  a.max_norm = max_norm;
+  a.grad_scale = grad_scale;
+  a.found_inf = found_inf;
+  a.skip_nonfinite = skip_nonfinite;
+  const StepPrep sp = prepare(op, a);
+  const double* s = stats.data_ptr<double>();
+  const double value =
+      auto_decay_value(static_cast<int>(mode), s, s + n, grad_sumsq.data_ptr<double>(),
+                       steps.data_ptr<double>(), numels.data_ptr<double>(), n, sp, weight_decay,
+                       beta2, eps, state.data_ptr<double>());
+  return at::scalar_tensor(value, at::TensorOptions().dtype(at::kDouble));
 }
 
 }  // namespace
@@ -374,6 +448,7 @@ void sgd(const SgdCall& c) {
 }  // namespace fused_wd
 
 TORCH_LIBRARY_IMPL(fused_wd, CPU, m) {
+  m.impl("auto_decay", &fused_wd::cpu::auto_decay);
   m.impl("multi_tensor_norm", &fused_wd::cpu::multi_tensor_norm);
   m.impl("norm_partials_", &fused_wd::cpu::norm_partials_);
   m.impl("norm_from_partials", &fused_wd::cpu::norm_from_partials);

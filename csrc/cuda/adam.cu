@@ -183,6 +183,9 @@ void adam(const AdamCall& c) {
   const char* op = "fused_wd::adam_";
   const StepArgs& a = c.step;
   check_step_args(op, a, c.params.size());
+  TORCH_CHECK(!(a.stats.has_value() && a.stats->defined()) &&
+                  !(a.wd_tensor.has_value() && a.wd_tensor->defined()),
+              op, ": stats and wd_tensor are not implemented on CUDA yet");
   std::vector<ListSpec> specs = {{"params", c.params, true, false},
                                  {"grads", c.grads, false, false},
                                  {"exp_avgs", c.exp_avgs, true, false, kDtypeState},

@@ -144,6 +144,9 @@ void sgd(const SgdCall& c) {
   const char* op = "fused_wd::sgd_";
   const StepArgs& a = c.step;
   check_step_args(op, a, c.params.size());
+  TORCH_CHECK(!(a.stats.has_value() && a.stats->defined()) &&
+                  !(a.wd_tensor.has_value() && a.wd_tensor->defined()),
+              op, ": stats and wd_tensor are not implemented on CUDA yet");
   const bool use_momentum = c.momentum != 0.0;
   std::vector<ListSpec> specs = {{"params", c.params, true, false}, {"grads", c.grads, false, false}};
   if (use_momentum) {

@@ -297,6 +297,56 @@ FWD_HD void sgd_element(T& p, T g, T& buf, bool first, const SgdScalars<T>& s) {
   p = p + s.neg_lr * g;
 }
 
+// ---------------------------------------------- automatic weight decay
+
+// Modes of the auto_decay op (csrc/schema.h).
+enum AutoDecayMode : int { kAutoScheduled = 0, kAutoAdaptive = 1 };
+
+// The decay strength of an automatic mode for one step, from per-param
+// statistics (n entries, one per param the step updates): psq and vsum, the
+// sums of p^2 and of exp_avg_sq that the last pass left (the params and
+// moments before this step); gsq, the sum of squares of each grad as given;
+// counter, its step counter before this step; numel. `prep` is the step's
+// skip/unscale/clip decision (step_prep). Sums run in index order, in
+// double: the result depends on the inputs alone. Runs on one thread.
+//
+// scheduled (SWD, Xie et al. 2023): per param, sum v_t = beta2 * sum v_{t-1}
+// + (1 - beta2) * sum g_t^2, where g_t = g * inv_scale * coef is the
+// gradient the update uses; v_bar is the mean of v_t / (1 - beta2^t) over
+// every element, each param with its own t; the strength is
+// weight_decay / (sqrt(v_bar) + eps).
+//
+// adaptive (AWD, Ghiasi et al. 2023): lambda = weight_decay * |g| / |p| with
+// |g| = inv_scale * sqrt(sum gsq) (unscaled, before clipping) and |p| =
+// sqrt(sum psq) (0 when every param is 0); *state = 0.1 * *state + 0.9 *
+// lambda unless the step is skipped or lambda is not finite; the strength is
+// *state.
+FWD_HD double auto_decay_value(int mode, const double* psq, const double* vsum, const double* gsq,
+                               const double* counter, const double* numel, int64_t n,
+                               const StepPrep& prep, double weight_decay, double beta2, double eps,
+                               double* state) {
+  const double inv_scale = static_cast<double>(prep.inv_scale);
+  if (mode == kAutoScheduled) {
+    const double k = inv_scale * static_cast<double>(prep.coef);
+    double total = 0.0, count = 0.0;
+    for (int64_t i = 0; i < n; ++i) {
+      const double v = beta2 * vsum[i] + (1.0 - beta2) * (k * k) * gsq[i];
+      total += v / (1.0 - pow(beta2, counter[i] + 1.0));
+      count += numel[i];
+    }
+    const double vbar = count > 0.0 ? total / count : 0.0;
+    return weight_decay / (sqrt(vbar) + eps);
+  }
+  double g2 = 0.0, p2 = 0.0;
+  for (int64_t i = 0; i < n; ++i) {
+    g2 += gsq[i];
+    p2 += psq[i];
+  }
+  const double lambda = p2 > 0.0 ? weight_decay * (inv_scale * sqrt(g2)) / sqrt(p2) : 0.0;
+  if (!prep.skip && lambda - lambda == 0.0) *state = 0.1 * *state + 0.9 * lambda;
+  return *state;
+}
+
 // ------------------------------------------------- stochastic rounding
 
 // Counter-based random bits for stochastic rounding: the bits of an element
