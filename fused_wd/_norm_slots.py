@@ -28,7 +28,164 @@ _BATCH_ELEMS = 1 << 20
 _BATCH_COUNT = 256
 
 
-class NormSlots:
+class _Absent:
+    """The source of a row whose tensor does not exist (a param without
+    state yet): its sum is 0."""
+
+
+_ABSENT = _Absent()
+
+
+def _absent():
+    return _ABSENT
+
+
+def _record(t):
+    return (_absent, 0, 0) if t is None else (weakref.ref(t), t._version, t.data_ptr())
+
+
+def _holds(rec, t):
+    if t is None:
+        return rec[0] is _absent
+    return rec[0]() is t and rec[1] == t._version and rec[2] == t.data_ptr()
+
+
+class _StatsMixin:
+    """Statistics of the update pass, per slot (csrc/schema.h, adam_'s
+    stats): row 0 the sum of p^2 of the param (of its fp32 master when it
+    has one), row 1 the sum of its exp_avg_sq. The ops write both for every
+    param they update, as by-products, once `tracking` is on. A row is
+    current while the tensor it describes is the one it was read from, with
+    the same version counter and data pointer: the fused ops update params
+    and moments without advancing version counters, so a row the pass
+    rewrites stays current, and anything else that writes the tensor in
+    place (copy_, load_state_dict's new tensors, a new master) shows. A stale
+    row is read again (one read of that tensor), never used."""
+
+    def stats_buffer(self, dev):
+        buf = self._stats.get(dev)
+        if buf is None:
+            buf = torch.zeros(2, len(self._params_at[dev]), dtype=torch.float64, device=dev)
+            self._stats[dev] = buf
+        return buf
+
+    def stat_args(self, params, device):
+        """(stats, stat_slots) for an op call over params on `device`."""
+        slot_of = self._layout()
+        slots = []
+        for p in params:
+            dev, slot = slot_of[id(p)]
+            if dev != device:
+                raise RuntimeError("fused_wd: a parameter moved to another device after the optimizer "
+                                   "laid out its slots; its statistics cannot follow")
+            slots.append(slot)
+        return self.stats_buffer(device), slots
+
+    def _sources(self, p, row):
+        state = self._opt().state.get(p)
+        if row == 0:
+            mp = None if state is None else state.get("master_param")
+            return p if mp is None else mp
+        return None if state is None else state.get("exp_avg_sq")
+
+    def make_current(self, params, rows):
+        """Reads again the rows (0, 1 or both) of params that are not
+        current."""
+        slot_of = self._layout()
+        for row in rows:
+            recs = self._stat_recs[row]
+            stale = {}
+            for p in params:
+                src = self._sources(p, row)
+                rec = recs.get(id(p))
+                if rec is None or not _holds(rec, src):
+                    dev, slot = slot_of[id(p)]
+                    stale.setdefault(dev, []).append((p, src, slot))
+            for dev, items in stale.items():
+                buf = self.stats_buffer(dev)
+                present = [(p, src, slot) for p, src, slot in items if src is not None]
+                absent = [slot for _, src, slot in items if src is None]
+                if absent:
+                    buf[row].index_fill_(0, self._index_of(dev, absent), 0.0)
+                if present and row == 0:
+                    _ops.norm_partials_([self._view(src) for _, src, _ in present], buf[0],
+                                        [slot for _, _, slot in present], 2.0)
+                elif present:
+                    sums = torch.stack([self._view(src).sum(dtype=torch.float64) for _, src, _ in present])
+                    buf[1].index_copy_(0, self._index_of(dev, [slot for _, _, slot in present]), sums)
+                for p, src, _ in items:
+                    recs[id(p)] = _record(src)
+                self.stat_reads += len(items)
+
+    def _index_of(self, dev, slots):
+        key = (dev, tuple(slots))
+        idx = self._index.get(key)
+        if idx is None:
+            if len(self._index) > 64:
+                self._index.clear()
+            idx = self._index[key] = torch.tensor(slots, dtype=torch.long, device=dev)
+        return idx
+
+    def gather(self, params, buffers):
+        """For params (grouped by device, in the order given), the columns
+        of `buffers(dev)` (a [2, slots] or [slots] tensor per device) at
+        their slots, concatenated on the first param's device."""
+        slot_of = self._layout()
+        by_dev = {}
+        for p in params:
+            dev, slot = slot_of[id(p)]
+            by_dev.setdefault(dev, []).append(slot)
+        parts = []
+        first = None
+        for dev, slots in by_dev.items():
+            part = buffers(dev).index_select(-1, self._index_of(dev, slots))
+            first = dev if first is None else first
+            parts.append(part.to(first, non_blocking=True))
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
+
+    def by_device(self, params):
+        """params reordered so that those of one device are together (the
+        order gather() returns them in)."""
+        slot_of = self._layout()
+        by_dev = {}
+        for p in params:
+            by_dev.setdefault(slot_of[id(p)][0], []).append(p)
+        return [p for ps in by_dev.values() for p in ps]
+
+    def grad_sumsq(self, params, grads, from_norm):
+        """The sum of squares of each grad (its partial of the 2-norm), for
+        params ordered as by_device() gives them: from the norm's own slots
+        when this step's norm was a 2-norm over them (from_norm), else read
+        now into a separate buffer."""
+        if from_norm:
+            return self.gather(params, self._buffer)
+        slot_of = self._layout()
+        by_dev = {}
+        for p, g in zip(params, grads):
+            dev, slot = slot_of[id(p)]
+            by_dev.setdefault(dev, ([], []))
+            by_dev[dev][0].append(self._view(g))
+            by_dev[dev][1].append(slot)
+        bufs = {}
+        for dev, (gs, slots) in by_dev.items():
+            buf = torch.zeros(len(self._params_at[dev]), dtype=torch.float64, device=dev)
+            _ops.norm_partials_(gs, buf, slots, 2.0)
+            bufs[dev] = buf
+        return self.gather(params, bufs.__getitem__)
+
+    def weight_norm(self):
+        """The 2-norm of every param of the optimizer (their masters where
+        they have one), from the rows; stale rows read again."""
+        params = [p for group in self._opt().param_groups for p in group["params"]]
+        if not params:
+            return None
+        self.tracking = True
+        self.make_current(params, (0,))
+        norms = [_ops.norm_from_partials(self.stats_buffer(dev)[0], 2.0) for dev in self._params_at]
+        return _ops.combine_device_norms(norms, 2.0)
+
+
+class NormSlots(_StatsMixin):
     """The slots of one optimizer. `view(t)` is the tensor whose norm counts
     (the local shard of a DTensor, the real view of a complex tensor)."""
 
@@ -37,6 +194,10 @@ class NormSlots:
         self._view = view
         self._hooks = {}
         self.counts = {"from_backward": 0, "at_step": 0}
+        # statistics of the update pass (see "Statistics" below): off until
+        # something reads them, then every step's ops write them
+        self.tracking = False
+        self.stat_reads = 0
         # what the hooks assume until the next step checks it: the norm type
         # (None: nothing clips) and whether plain params' grads are reduced
         # after backward (see _hook)
@@ -52,6 +213,9 @@ class NormSlots:
         self._buffers = {}      # device -> float64 partials
         self._records = {}      # id(param) -> (weakref(grad), version, data_ptr, norm_type)
         self._pending = {}      # device -> ({slot: (param, grad, view of grad, slot)}, elements)
+        self._stats = {}        # device -> float64 [2, slots]: sum p^2, sum exp_avg_sq
+        self._stat_recs = ({}, {})  # per row: id(param) -> (weakref(source), version, data_ptr)
+        self._index = {}        # (device, slots) -> index tensor on that device
 
     def _layout(self):
         if self._slot_of is None:

@@ -5,8 +5,12 @@ the update, in the fused_wd kernels.
 Extra keyword-only options (per param group, in `defaults`):
   max_grad_norm=None    clip the global gradient norm to this (None: no clip)
   norm_type=2.0         2.0 or inf
-  weight_decay_mode     "l2" | "decoupled" | "independent" | "corrected" (None: the
-                        class default); "corrected" shrinks by wd*lr**2/initial_lr
+  weight_decay_mode     "l2" | "decoupled" | "independent" | "corrected" |
+                        "scheduled" | "adaptive" (None: the class default);
+                        "corrected" shrinks by wd*lr**2/initial_lr; "scheduled"
+                        (SWD, Adam/AdamW) by lr*wd/(sqrt(mean v_hat)+eps);
+                        "adaptive" (AWD) by lr*lambda_bar, lambda_bar smoothed
+                        from wd*|g|/|p| (docs/weight-decay.md)
   cautious_weight_decay=False  shrink only where the update and the param agree
                         in sign (not with "l2"; docs/weight-decay.md)
   skip_nonfinite=True   skip the whole step when the global norm is not finite
@@ -49,7 +53,13 @@ from fused_wd import distributed as _dist
 from fused_wd._norm_slots import NormSlots
 from fused_wd._ops import AdamLists, SgdLists, split_by_master
 
-DECAY_MODES = {"l2": 0, "decoupled": 1, "independent": 2, "corrected": 3}
+DECAY_MODES = {"l2": 0, "decoupled": 1, "independent": 2, "corrected": 3,
+               "scheduled": 1, "adaptive": 1}
+# the automatic modes (docs/weight-decay.md): decoupled decay whose strength
+# auto_decay computes on the device each step (its mode number); AWD keeps
+# its smoothed coefficient in the group under this key
+_AUTO_MODES = {"scheduled": 0, "adaptive": 1}
+AWD_STATE_KEY = "adaptive_decay"
 # the modes that divide by the group's initial lr
 _INITIAL_LR_MODES = ("independent", "corrected")
 _EXTRA = ("max_grad_norm", "norm_type", "weight_decay_mode", "skip_nonfinite", "master_weights",
@@ -301,6 +311,21 @@ class _FusedOptimizer(Optimizer):
         return None if box is None else box[0]
 
     @property
+    def last_weight_norm(self):
+        """The global 2-norm of the optimizer's params (of their fp32
+        masters where they have one) as the last step left them, a 0-dim
+        tensor (float32, on the first param's device), or None before the
+        first step. From the statistics the update pass writes as it goes:
+        the first read, and params changed since by anything else, cost one
+        read of those params; no host sync."""
+        if not self.__dict__.get("_stepped"):
+            return None
+        if any(_dist.is_dtensor(p) for g in self.param_groups for p in g["params"]):
+            raise RuntimeError("last_weight_norm is not available with DTensor (FSDP2) params: it would "
+                               "need a reduction across ranks")
+        return self._norm_slots.weight_norm()
+
+    @property
     def norm_in_backward(self):
         """Whether hooks gather the global norm's partials during backward."""
         return self.__dict__.get("_norm_in_backward", False)
@@ -372,6 +397,10 @@ class _FusedOptimizer(Optimizer):
         self._norm_slots.invalidate()
         if self._norm_in_backward:
             self._norm_slots.register(group["params"])
+        if group["weight_decay_mode"] == "scheduled" and (not isinstance(self, _AdamBase) or group["amsgrad"]):
+            raise ValueError("weight_decay_mode='scheduled' (SWD) needs Adam or AdamW without amsgrad: it "
+                             "scales the decay by the mean of exp_avg_sq, and amsgrad's maximum of it "
+                             "has no running sum the pass could keep")
         if group["weight_decay_mode"] in _INITIAL_LR_MODES:
             lr = group["lr"]
             group.setdefault("initial_lr", lr.clone() if isinstance(lr, torch.Tensor) else lr)
@@ -594,6 +623,12 @@ class _FusedOptimizer(Optimizer):
         norm = self._global_norm(per_group, grad_scale, sharded)
         if norm is not None:
             self._last_grad_norm[0] = norm
+        auto_groups = [gi for gi, g in enumerate(self.param_groups) if g["weight_decay_mode"] in _AUTO_MODES]
+        if auto_groups and sharded:
+            raise RuntimeError("weight_decay_mode 'scheduled' and 'adaptive' are not available with DTensor "
+                               "(FSDP2) params: their statistics would need a reduction across ranks")
+        slots = self._norm_slots
+        track = slots.tracking or bool(auto_groups)
         # Every group's lists and arguments are built and checked before the
         # first kernel runs: a step that raises changes nothing.
         calls = []
@@ -612,13 +647,103 @@ class _FusedOptimizer(Optimizer):
             hyper = self._op_hyper(group)
             for device, idx, sub, sr in plan.calls:
                 grads = xs if idx is None else list(map(xs.__getitem__, idx))
-                calls.append((gi, dataclasses.replace(sub, grads=grads),
-                              dict(hyper, stochastic_rounding=sr, **kws[device])))
+                kw = dict(hyper, stochastic_rounding=sr, **kws[device])
+                if track:
+                    ps = plan.params if idx is None else list(map(plan.params.__getitem__, idx))
+                    kw["stats"], kw["stat_slots"] = slots.stat_args(ps, device)
+                calls.append((gi, dataclasses.replace(sub, grads=grads), kw))
+        # the automatic decays' strengths, from the statistics as the last
+        # pass left them (AWD's smoothed coefficient is committed only once
+        # every op call succeeded)
+        commit = []
+        if auto_groups:
+            strengths = self._auto_decays(auto_groups, per_group, norm, grad_scale, found_inf, commit)
+            for gi, _, kw in calls:
+                if gi in strengths:
+                    device = kw["stats"].device
+                    kw["wd_tensor"] = strengths[gi].to(device, non_blocking=True)
         for gi, lists, kw in calls:
             self._call(self._op, gi, lists, **kw)
+        for dst, src in commit:
+            dst.copy_(src)
+        self.__dict__["_stepped"] = True
         if plans is not None:
             plans.state_dicts = list(self.state.values())
         return loss
+
+    # ------------------------------------------------ automatic weight decay
+
+    def _counters(self, params, device):
+        """The params' step counters before this step (0 without state), as
+        one float64 tensor on `device`."""
+        steps = [self.state.get(p, {}).get("step") for p in params]
+        if all(isinstance(t, torch.Tensor) and t.device == device and t.dtype == steps[0].dtype
+               for t in steps):
+            return torch.stack(steps).to(torch.float64).reshape(-1)
+        zero = torch.zeros((), dtype=torch.float64, device=device)
+        return torch.stack([zero if t is None else torch.as_tensor(t).to(device, torch.float64).reshape(())
+                            for t in steps])
+
+    def _auto_decays(self, auto_groups, per_group, norm, grad_scale, found_inf, commit):
+        """{group index: the decay strength of its automatic mode this step}
+        (a float64 0-dim tensor on the device, no host sync), from the rows
+        of the pass's statistics (made current first) and each grad's sum of
+        squares (the 2-norm's partials: taken from this step's norm when it
+        was one, else read now). The statistics of a mode are global over
+        the params this step updates in every group of that mode."""
+        slots = self._norm_slots
+        out = {}
+        for mode, kind in _AUTO_MODES.items():
+            gis = [gi for gi in auto_groups if self.param_groups[gi]["weight_decay_mode"] == mode]
+            pairs = []
+            for gi in gis:
+                plan, xs = per_group[gi]
+                pairs.extend(zip(plan.params, xs) if plan is not None else xs)
+            if not pairs:
+                continue
+            groups = [self.param_groups[gi] for gi in gis]
+            clips = {g["max_grad_norm"] for g in groups}
+            if kind == _AUTO_MODES["scheduled"]:
+                betas2 = {_scalar(g["betas"][1], "beta2") for g in groups}
+                if len(betas2) > 1 or len(clips) > 1:
+                    raise ValueError("param groups with weight_decay_mode='scheduled' share one mean of "
+                                     "exp_avg_sq, so they must share betas[1] and max_grad_norm; got "
+                                     f"betas[1] {sorted(betas2)} and max_grad_norm {sorted(clips, key=str)}")
+            grad_of = dict((id(p), g) for p, g in pairs)
+            params = slots.by_device([p for p, _ in pairs])
+            grads = [grad_of[id(p)] for p in params]
+            slots.make_current(params, (1,) if kind == _AUTO_MODES["scheduled"] else (0,))
+            stats = slots.gather(params, slots.stats_buffer)
+            device = stats.device
+            from_norm = norm is not None and self._clip_norm_type() == 2.0
+            gsq = slots.grad_sumsq(params, grads, from_norm)
+            steps = self._counters(params, device) if kind == _AUTO_MODES["scheduled"] \
+                else torch.zeros(len(params), dtype=torch.float64, device=device)
+            numels = torch.tensor([float(_local_real(p).numel()) for p in params], dtype=torch.float64,
+                                  device=device)
+            for gi, group in zip(gis, groups):
+                clip = group["max_grad_norm"] is not None and norm is not None
+                state = torch.zeros(1, dtype=torch.float64, device=device)
+                if kind == _AUTO_MODES["adaptive"]:
+                    kept = group.get(AWD_STATE_KEY)
+                    if not isinstance(kept, torch.Tensor) or kept.device != device \
+                            or kept.dtype != torch.float64 or kept.numel() != 1:
+                        kept = torch.zeros(1, dtype=torch.float64, device=device) if kept is None else \
+                            torch.as_tensor(kept).to(device=device, dtype=torch.float64).reshape(1)
+                        group[AWD_STATE_KEY] = kept
+                    state = kept.to(device=device, dtype=torch.float64, copy=True).reshape(1)
+                    commit.append((kept, state))
+                beta2 = _scalar(group["betas"][1], "beta2") if "betas" in group else 0.0
+                eps = _scalar(group["eps"], "eps") if "eps" in group else 0.0
+                out[gi] = _ops.auto_decay(
+                    stats, gsq, steps, numels, state, mode=kind,
+                    weight_decay=_scalar(group["weight_decay"], "weight_decay"), beta2=beta2, eps=eps,
+                    grad_norm=norm.to(device, non_blocking=True) if clip else None,
+                    max_norm=float(group["max_grad_norm"]) if clip else 0.0,
+                    grad_scale=None if grad_scale is None else grad_scale.to(device, non_blocking=True),
+                    found_inf=None if found_inf is None else found_inf.to(device, non_blocking=True),
+                    skip_nonfinite=bool(group["skip_nonfinite"]))
+        return out
 
     # ------------------------------------------------------- the step plan
     #
@@ -657,6 +782,7 @@ class _FusedOptimizer(Optimizer):
             self.__dict__["_plan_builds"] = self.__dict__.get("_plan_builds", 0) + 1
         plan = _StepPlan(self._plan_key(group) if keep else None)
         plan.grads_built = [_local_real(g) if sharded else _real(g) for _, g in pairs]
+        plan.params = [p for p, _ in pairs]
         reusable = keep and not sharded
         pos = {}
         for i, (p, _) in enumerate(pairs):
@@ -750,7 +876,8 @@ class _AdamBase(_FusedOptimizer):
         if not 0.0 <= _scalar(weight_decay, "weight_decay"):
             raise ValueError(f"Invalid weight_decay value: {weight_decay}")
         default_mode = "decoupled" if decoupled_weight_decay else self._default_mode
-        if decoupled_weight_decay and weight_decay_mode not in (None, "decoupled", *_INITIAL_LR_MODES):
+        if decoupled_weight_decay and weight_decay_mode not in (None, "decoupled", *_INITIAL_LR_MODES,
+                                                                *_AUTO_MODES):
             raise ValueError("decoupled_weight_decay=True contradicts weight_decay_mode="
                              f"{weight_decay_mode!r}")
         extras = _check_extras(max_grad_norm, norm_type, weight_decay_mode, skip_nonfinite, default_mode,
