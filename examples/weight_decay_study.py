@@ -205,8 +205,10 @@ def evaluate(model, x, y):
     return F.cross_entropy(out, y).item(), (out.argmax(1) == y).float().mean().item()
 
 
-def train(data, mode, lr, wd, cfg, max_grad_norm=None, record=True):
+def train(data, mode, lr, wd, cfg, max_grad_norm=None, record=True, make_opt=None):
     """Trains one model; returns a dict of its history (lists) and final metrics.
+    `make_opt(mode, model, lr, wd, max_grad_norm)` builds the optimizer
+    (default: make_optimizer).
 
     With `record`, the history holds, every `cfg.eval_every` steps, the
     train/test loss and accuracy and the norm of the weight matrices (the
@@ -215,7 +217,7 @@ def train(data, mode, lr, wd, cfg, max_grad_norm=None, record=True):
     `fused_wd.multi_tensor_norm` otherwise (kept as tensors until the end, so
     no host sync per step)."""
     model = make_model(data.n_features, data.n_classes, cfg.hidden, cfg.seed)
-    opt = make_optimizer(mode, model, lr, wd, max_grad_norm)
+    opt = (make_opt or make_optimizer)(mode, model, lr, wd, max_grad_norm)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda t: 0.5 * (1.0 + math.cos(math.pi * min(t, cfg.steps) / cfg.steps)))
     weights = [p for p in model.parameters() if p.dim() >= 2]

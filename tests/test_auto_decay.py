@@ -16,6 +16,8 @@ direction. last_weight_norm is the global 2-norm of the params after the
 step, from the pass's sums of p^2.
 """
 import copy
+import importlib.util
+import os
 import zlib
 from unittest import mock
 
@@ -376,3 +378,52 @@ def test_refusals():
         opt.step()
     assert torch.equal(a, before[0]) and torch.equal(b, before[1])   # a step that raises changes nothing
     assert all(torch.count_nonzero(v) == 0 for st in opt.state.values() for k, v in st.items() if k != "step")
+
+
+@pytest.mark.parametrize("mode", ["scheduled", "adaptive"])
+def test_norm_in_backward_gives_the_same_bits(mode):
+    """The grads' sums of squares come from the norm's slots, whether the
+    hooks or the step wrote them: the same bits either way."""
+    def train(nib):
+        torch.manual_seed(3)
+        model = torch.nn.Sequential(torch.nn.Linear(20, 30), torch.nn.Tanh(), torch.nn.Linear(30, 4))
+        opt = fused_wd.AdamW(model.parameters(), lr=0.01, weight_decay=0.1, weight_decay_mode=mode,
+                             max_grad_norm=0.5, norm_in_backward=nib)
+        x = torch.randn(64, 20)
+        for _ in range(4):
+            opt.zero_grad()
+            model(x).square().mean().backward()
+            opt.step()
+        return [p.detach().clone() for p in model.parameters()], opt
+
+    plain, _ = train(False)
+    hooked, opt = train(True)
+    assert opt.norm_stats["from_backward"] > 0
+    assert all(torch.equal(a, b) for a, b in zip(plain, hooked))
+
+
+def _auto_study():
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples",
+                        "auto_decay_study.py")
+    spec = importlib.util.spec_from_file_location("auto_decay_study", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_study_runs_and_measures_the_band():
+    """The study's sweep runs on synthetic data, and its sensitivity measure
+    is the span of the near-best coefficients."""
+    mod = _auto_study()
+    offsets = [0.1, 1.0, 10.0]
+    assert mod.band_decades([0.5, 0.9, 0.5], offsets) == pytest.approx(1.0)       # one point: one grid step
+    assert mod.band_decades([0.895, 0.9, 0.899], offsets) == pytest.approx(3.0)   # all three within 1 point
+    data = mod.study.synthetic_data(n_train=32, n_test=64)
+    cfg = mod.study.tiny_config()
+    cfg.steps = 6
+    sweep = mod.run(cfg, [1e-2], offsets, data=data, progress=lambda line: None)
+    summary = mod.summarize(sweep)
+    assert set(summary) == set(mod.MODES)
+    for cell in sweep.values():
+        assert len(cell["test_acc"]) == 1 and len(cell["test_acc"][0]) == len(offsets)
+        assert all(0.0 <= a <= 1.0 for a in cell["test_acc"][0])
