@@ -1,6 +1,8 @@
 """What the decay variants cost: the whole clip + AdamW step of fused_wd on
-~N fp32 params in 160 tensors with decoupled, cautious and corrected decay,
-side by side in one process.
+~N fp32 params in 160 tensors with decoupled, cautious and corrected decay
+(`--set decay`), or with the pass's statistics on (last_weight_norm) and
+the automatic modes SWD and AWD (`--set automatic`), side by side in one
+process.
 
 Each variant has its own params, grads and state (same values). A round
 times one step of every variant, in an order that rotates from round to
@@ -9,7 +11,7 @@ result is the median over rounds of each variant's time divided by the
 decoupled step's time in the same round (paired ratios). A second decoupled
 optimizer ("decoupled, again") shows the noise of such a ratio.
 
-    python benchmarks/decay_variants.py [--params 50e6] [--rounds 15] [--device cpu]
+    python benchmarks/decay_variants.py [--set decay|automatic] [--params 50e6] [--rounds 15] [--device cpu]
 """
 import argparse
 import platform
@@ -21,12 +23,23 @@ import torch
 
 import fused_wd
 
-VARIANTS = [
-    ("decoupled", dict()),
-    ("decoupled, again", dict()),
-    ("cautious (decoupled)", dict(cautious_weight_decay=True)),
-    ("corrected", dict(weight_decay_mode="corrected")),
-]
+# the option "statistics" is not the optimizer's: it reads last_weight_norm
+# once before timing, which makes every later step write the statistics
+SETS = {
+    "decay": [
+        ("decoupled", dict()),
+        ("decoupled, again", dict()),
+        ("cautious (decoupled)", dict(cautious_weight_decay=True)),
+        ("corrected", dict(weight_decay_mode="corrected")),
+    ],
+    "automatic": [
+        ("decoupled", dict()),
+        ("decoupled, again", dict()),
+        ("decoupled + statistics", dict(statistics=True)),
+        ("scheduled (SWD)", dict(weight_decay_mode="scheduled")),
+        ("adaptive (AWD)", dict(weight_decay_mode="adaptive")),
+    ],
+}
 
 
 def cpu_model():
@@ -46,9 +59,13 @@ def make_opt(opts, device, n_tensors, n_each):
     for p in params:
         # random signs: about half the coordinates are masked under cautious decay
         p.grad = (torch.randn(n_each, generator=g) * 1e-2).to(device)
+    opts = dict(opts)
+    statistics = opts.pop("statistics", False)
     opt = fused_wd.AdamW(params, lr=1e-4, weight_decay=0.1, max_grad_norm=1.0, **opts)
     for _ in range(2):
         opt.step()
+    if statistics:
+        assert opt.last_weight_norm is not None
     return opt
 
 
@@ -68,12 +85,14 @@ def main():
     ap.add_argument("--tensors", type=int, default=160)
     ap.add_argument("--rounds", type=int, default=15)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--set", default="decay", choices=sorted(SETS))
     args = ap.parse_args()
+    variants = SETS[args.set]
     device = torch.device(args.device)
     n_each = int(args.params) // args.tensors
-    opts = [(name, make_opt(o, device, args.tensors, n_each)) for name, o in VARIANTS]
-    times = {name: [] for name, _ in VARIANTS}
-    ratios = {name: [] for name, _ in VARIANTS[1:]}
+    opts = [(name, make_opt(o, device, args.tensors, n_each)) for name, o in variants]
+    times = {name: [] for name, _ in variants}
+    ratios = {name: [] for name, _ in variants[1:]}
     for r in range(args.rounds):
         k = r % len(opts)
         order = opts[k:] + opts[:k]
@@ -87,7 +106,7 @@ def main():
           f"{args.rounds} rounds, {torch.get_num_threads()} threads; {dev}; torch {torch.__version__}")
     print("| variant | median ms | min-max ms | median of paired ratios to decoupled | ratios min-max |")
     print("| --- | ---: | ---: | ---: | ---: |")
-    for name, _ in VARIANTS:
+    for name, _ in variants:
         ts = [1e3 * t for t in times[name]]
         row = f"| {name} | {statistics.median(ts):.1f} | {min(ts):.1f}-{max(ts):.1f} |"
         if name in ratios:

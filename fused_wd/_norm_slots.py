@@ -117,14 +117,19 @@ class _StatsMixin:
                     recs[id(p)] = _record(src)
                 self.stat_reads += len(items)
 
-    def _index_of(self, dev, slots):
-        key = (dev, tuple(slots))
-        idx = self._index.get(key)
-        if idx is None:
+    def constant(self, dev, values, dtype):
+        """torch.tensor(values) on dev, made once per distinct values (a
+        step under CUDA graph capture makes no host-to-device copy)."""
+        key = (dev, dtype, tuple(values))
+        t = self._index.get(key)
+        if t is None:
             if len(self._index) > 64:
                 self._index.clear()
-            idx = self._index[key] = torch.tensor(slots, dtype=torch.long, device=dev)
-        return idx
+            t = self._index[key] = torch.tensor(values, dtype=dtype, device=dev)
+        return t
+
+    def _index_of(self, dev, slots):
+        return self.constant(dev, slots, torch.long)
 
     def gather(self, params, buffers):
         """For params (grouped by device, in the order given), the columns
@@ -215,7 +220,7 @@ class NormSlots(_StatsMixin):
         self._pending = {}      # device -> ({slot: (param, grad, view of grad, slot)}, elements)
         self._stats = {}        # device -> float64 [2, slots]: sum p^2, sum exp_avg_sq
         self._stat_recs = ({}, {})  # per row: id(param) -> (weakref(source), version, data_ptr)
-        self._index = {}        # (device, slots) -> index tensor on that device
+        self._index = {}        # (device, dtype, values) -> tensor (see constant())
 
     def _layout(self):
         if self._slot_of is None:

@@ -719,8 +719,7 @@ class _FusedOptimizer(Optimizer):
             gsq = slots.grad_sumsq(params, grads, from_norm)
             steps = self._counters(params, device) if kind == _AUTO_MODES["scheduled"] \
                 else torch.zeros(len(params), dtype=torch.float64, device=device)
-            numels = torch.tensor([float(_local_real(p).numel()) for p in params], dtype=torch.float64,
-                                  device=device)
+            numels = slots.constant(device, [float(_local_real(p).numel()) for p in params], torch.float64)
             for gi, group in zip(gis, groups):
                 clip = group["max_grad_norm"] is not None and norm is not None
                 state = torch.zeros(1, dtype=torch.float64, device=device)

@@ -688,6 +688,32 @@ def test_step_does_not_sync(name):
     torch.cuda.synchronize()
 
 
+@pytest.mark.parametrize("mode", ["scheduled", "adaptive"])
+def test_automatic_decay_and_weight_norm_do_not_sync(mode):
+    """The automatic modes read their statistics on the device, and
+    last_weight_norm is a device tensor: no host sync in either, a
+    GradScaler driving the step."""
+    shapes = [(300, 7), (1000,), (), (5, 5)]
+    ps = leaves(host_params(torch.float32, shapes))
+    opt = fused_wd.AdamW(ps, lr=1e-2, weight_decay=0.1, weight_decay_mode=mode, max_grad_norm=1.0)
+    for p, g in zip(ps, host_grads(shapes, 0)):
+        p.grad = (g * 1024).to(DEV)
+    opt.step()  # creates the state, reads the statistics once
+    assert opt.last_weight_norm is not None
+    opt.grad_scale = torch.full((), 1024.0, device=DEV)
+    opt.found_inf = torch.zeros((), device=DEV)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(2):
+            opt.step()
+            norm = opt.last_weight_norm
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    want = torch.sqrt(sum((p.detach().double() ** 2).sum() for p in ps))
+    torch.testing.assert_close(norm.double(), want, rtol=1e-6, atol=0)
+
+
 # ---------------------------------------------------------- CUDA graphs
 
 
