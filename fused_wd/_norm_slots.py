@@ -13,6 +13,7 @@ pointer, as the one the hook read. A param without a grad on a step has a
 zero partial (x + 0 == x: it changes no bit of the sum or the max).
 """
 import functools
+import operator
 import weakref
 
 import torch
@@ -50,6 +51,39 @@ def _holds(rec, t):
     return rec[0]() is t and rec[1] == t._version and rec[2] == t.data_ptr()
 
 
+_version_of = operator.attrgetter("_version")
+_ptr_of = operator.methodcaller("data_ptr")
+
+
+class _Selection:
+    """The params of one automatic decay mode, laid out once: ordered by
+    device (the order of everything gathered for them), each device's slot
+    index tensor, their element counts, and the snapshots make_current
+    proves their rows against."""
+
+    def __init__(self, slots, params):
+        self.given = list(params)
+        slot_of = slots._layout()
+        by_dev = {}
+        for k, p in enumerate(self.given):
+            dev, slot = slot_of[id(p)]
+            by_dev.setdefault(dev, []).append((k, slot))
+        self.perm = [k for items in by_dev.values() for k, _ in items]
+        self.params = [self.given[k] for k in self.perm]
+        self.device = next(iter(by_dev))
+        self.parts = [(dev, slots._index_of(dev, [slot for _, slot in items])) for dev, items in by_dev.items()]
+        self.numels = torch.tensor([float(slots._view(p).numel()) for p in self.params], dtype=torch.float64,
+                                   device=self.device)
+        self.snaps = {}
+
+    def holds(self, params):
+        return len(params) == len(self.given) and all(map(operator.is_, params, self.given))
+
+    def ordered(self, xs):
+        """xs (one per given param) in self.params' order."""
+        return xs if len(self.parts) == 1 else [xs[k] for k in self.perm]
+
+
 class _StatsMixin:
     """Statistics of the update pass, per slot (csrc/schema.h, adam_'s
     stats): row 0 the sum of p^2 of the param (of its fp32 master when it
@@ -81,22 +115,31 @@ class _StatsMixin:
             slots.append(slot)
         return self.stats_buffer(device), slots
 
-    def _sources(self, p, row):
-        state = self._opt().state.get(p)
+    def _sources(self, params, row):
+        """The tensor each param's row describes: row 0 the param or its
+        master, row 1 its exp_avg_sq (None without state)."""
+        states = map(self._opt().state.get, params)
         if row == 0:
-            mp = None if state is None else state.get("master_param")
-            return p if mp is None else mp
-        return None if state is None else state.get("exp_avg_sq")
+            return [p if d is None or d.get("master_param") is None else d["master_param"]
+                    for p, d in zip(params, states)]
+        return [None if d is None else d.get("exp_avg_sq") for d in states]
 
-    def make_current(self, params, rows):
+    def make_current(self, params, rows, snaps=None):
         """Reads again the rows (0, 1 or both) of params that are not
-        current."""
+        current. `snaps` (a dict kept by the caller for the same params):
+        what the rows were last proven against, as lists (sources, their
+        versions and data pointers), so that an unchanged set is proven in
+        three C loops instead of a record lookup per param."""
         slot_of = self._layout()
         for row in rows:
+            srcs = self._sources(params, row)
+            snap = None if snaps is None else snaps.get(row)
+            if snap is not None and all(map(operator.is_, srcs, snap[0])) \
+                    and list(map(_version_of, srcs)) == snap[1] and list(map(_ptr_of, srcs)) == snap[2]:
+                continue
             recs = self._stat_recs[row]
             stale = {}
-            for p in params:
-                src = self._sources(p, row)
+            for p, src in zip(params, srcs):
                 rec = recs.get(id(p))
                 if rec is None or not _holds(rec, src):
                     dev, slot = slot_of[id(p)]
@@ -116,6 +159,8 @@ class _StatsMixin:
                 for p, src, _ in items:
                     recs[id(p)] = _record(src)
                 self.stat_reads += len(items)
+            if snaps is not None and None not in srcs:
+                snaps[row] = (srcs, list(map(_version_of, srcs)), list(map(_ptr_of, srcs)))
 
     def constant(self, dev, values, dtype):
         """torch.tensor(values) on dev, made once per distinct values (a
@@ -131,42 +176,32 @@ class _StatsMixin:
     def _index_of(self, dev, slots):
         return self.constant(dev, slots, torch.long)
 
-    def gather(self, params, buffers):
-        """For params (grouped by device, in the order given), the columns
-        of `buffers(dev)` (a [2, slots] or [slots] tensor per device) at
-        their slots, concatenated on the first param's device."""
-        slot_of = self._layout()
-        by_dev = {}
-        for p in params:
-            dev, slot = slot_of[id(p)]
-            by_dev.setdefault(dev, []).append(slot)
-        parts = []
-        first = None
-        for dev, slots in by_dev.items():
-            part = buffers(dev).index_select(-1, self._index_of(dev, slots))
-            first = dev if first is None else first
-            parts.append(part.to(first, non_blocking=True))
+    def select(self, key, params):
+        """The _Selection of params (kept under `key` while the same params
+        come in the same order)."""
+        sel = self._selections.get(key)
+        if sel is None or not sel.holds(params):
+            sel = self._selections[key] = _Selection(self, params)
+        return sel
+
+    def gather(self, sel, buffers):
+        """The columns of `buffers(dev)` (a [2, slots] or [slots] tensor per
+        device) at the slots of sel's params, in sel.params' order, on its
+        first device."""
+        parts = [buffers(dev).index_select(-1, idx).to(sel.device, non_blocking=True)
+                 for dev, idx in sel.parts]
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
 
-    def by_device(self, params):
-        """params reordered so that those of one device are together (the
-        order gather() returns them in)."""
-        slot_of = self._layout()
-        by_dev = {}
-        for p in params:
-            by_dev.setdefault(slot_of[id(p)][0], []).append(p)
-        return [p for ps in by_dev.values() for p in ps]
-
-    def grad_sumsq(self, params, grads, from_norm):
-        """The sum of squares of each grad (its partial of the 2-norm), for
-        params ordered as by_device() gives them: from the norm's own slots
+    def grad_sumsq(self, sel, grads, from_norm):
+        """The sum of squares of each grad (its partial of the 2-norm) of
+        sel's params (grads in sel.params' order): from the norm's own slots
         when this step's norm was a 2-norm over them (from_norm), else read
         now into a separate buffer."""
         if from_norm:
-            return self.gather(params, self._buffer)
+            return self.gather(sel, self._buffer)
         slot_of = self._layout()
         by_dev = {}
-        for p, g in zip(params, grads):
+        for p, g in zip(sel.params, grads):
             dev, slot = slot_of[id(p)]
             by_dev.setdefault(dev, ([], []))
             by_dev[dev][0].append(self._view(g))
@@ -176,7 +211,7 @@ class _StatsMixin:
             buf = torch.zeros(len(self._params_at[dev]), dtype=torch.float64, device=dev)
             _ops.norm_partials_(gs, buf, slots, 2.0)
             bufs[dev] = buf
-        return self.gather(params, bufs.__getitem__)
+        return self.gather(sel, bufs.__getitem__)
 
     def weight_norm(self):
         """The 2-norm of every param of the optimizer (their masters where
@@ -221,6 +256,7 @@ class NormSlots(_StatsMixin):
         self._stats = {}        # device -> float64 [2, slots]: sum p^2, sum exp_avg_sq
         self._stat_recs = ({}, {})  # per row: id(param) -> (weakref(source), version, data_ptr)
         self._index = {}        # (device, dtype, values) -> tensor (see constant())
+        self._selections = {}   # key -> _Selection (see select())
 
     def _layout(self):
         if self._slot_of is None:

@@ -676,10 +676,11 @@ class _FusedOptimizer(Optimizer):
     def _counters(self, params, device):
         """The params' step counters before this step (0 without state), as
         one float64 tensor on `device`."""
-        steps = [self.state.get(p, {}).get("step") for p in params]
-        if all(isinstance(t, torch.Tensor) and t.device == device and t.dtype == steps[0].dtype
-               for t in steps):
-            return torch.stack(steps).to(torch.float64).reshape(-1)
+        steps = [None if d is None else d.get("step") for d in map(self.state.get, params)]
+        try:
+            return torch.stack(steps).to(device, torch.float64).reshape(-1)
+        except (TypeError, RuntimeError):  # a param without a counter yet, or counters of several kinds
+            pass
         zero = torch.zeros((), dtype=torch.float64, device=device)
         return torch.stack([zero if t is None else torch.as_tensor(t).to(device, torch.float64).reshape(())
                             for t in steps])
@@ -709,17 +710,16 @@ class _FusedOptimizer(Optimizer):
                     raise ValueError("param groups with weight_decay_mode='scheduled' share one mean of "
                                      "exp_avg_sq, so they must share betas[1] and max_grad_norm; got "
                                      f"betas[1] {sorted(betas2)} and max_grad_norm {sorted(clips, key=str)}")
-            grad_of = dict((id(p), g) for p, g in pairs)
-            params = slots.by_device([p for p, _ in pairs])
-            grads = [grad_of[id(p)] for p in params]
-            slots.make_current(params, (1,) if kind == _AUTO_MODES["scheduled"] else (0,))
-            stats = slots.gather(params, slots.stats_buffer)
-            device = stats.device
+            sel = slots.select(mode, [p for p, _ in pairs])
+            params = sel.params
+            slots.make_current(params, (1,) if kind == _AUTO_MODES["scheduled"] else (0,), sel.snaps)
+            stats = slots.gather(sel, slots.stats_buffer)
+            device = sel.device
             from_norm = norm is not None and self._clip_norm_type() == 2.0
-            gsq = slots.grad_sumsq(params, grads, from_norm)
+            gsq = slots.grad_sumsq(sel, None if from_norm else sel.ordered([g for _, g in pairs]), from_norm)
             steps = self._counters(params, device) if kind == _AUTO_MODES["scheduled"] \
                 else torch.zeros(len(params), dtype=torch.float64, device=device)
-            numels = slots.constant(device, [float(_local_real(p).numel()) for p in params], torch.float64)
+            numels = sel.numels
             for gi, group in zip(gis, groups):
                 clip = group["max_grad_norm"] is not None and norm is not None
                 state = torch.zeros(1, dtype=torch.float64, device=device)
