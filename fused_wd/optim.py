@@ -620,13 +620,13 @@ class _FusedOptimizer(Optimizer):
         if sharded:
             per_group = [(None, self._grads_of(group, gi)) if plan is not None else (plan, xs)
                          for gi, (group, (plan, xs)) in enumerate(zip(self.param_groups, per_group))]
-        norm = self._global_norm(per_group, grad_scale, sharded)
-        if norm is not None:
-            self._last_grad_norm[0] = norm
         auto_groups = [gi for gi, g in enumerate(self.param_groups) if g["weight_decay_mode"] in _AUTO_MODES]
         if auto_groups and sharded:
             raise RuntimeError("weight_decay_mode 'scheduled' and 'adaptive' are not available with DTensor "
                                "(FSDP2) params: their statistics would need a reduction across ranks")
+        norm = self._global_norm(per_group, grad_scale, sharded)
+        if norm is not None:
+            self._last_grad_norm[0] = norm
         slots = self._norm_slots
         track = slots.tracking or bool(auto_groups)
         # Every group's lists and arguments are built and checked before the

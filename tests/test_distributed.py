@@ -377,6 +377,8 @@ def scenario_refused(rank, world, out):
     p = torch.nn.Parameter(distribute_tensor(torch.ones(4, 3), mesh, [Shard(0)]))
     p.grad = distribute_tensor(torch.ones(4, 3), mesh, [Replicate()])
     attempt("grad_layout", [p])
+    attempt("automatic", [param(torch.ones(2, 3), [Shard(0)])], max_grad_norm=1.0,
+            weight_decay_mode="adaptive")
     return res
 
 
@@ -608,6 +610,7 @@ def test_dcp_round_trip_resumes_bitwise(world2):
     ("strided", "ValueError", "_StridedShard"),
     ("two_meshes", "ValueError", "different device meshes"),
     ("grad_layout", "RuntimeError", "laid out like its parameter"),
+    ("automatic", "RuntimeError", "reduction across ranks"),  # SWD/AWD statistics are local
 ])
 def test_unsupported_layouts_are_refused(world2, case, error, words):
     for r in world2.result("refused"):
