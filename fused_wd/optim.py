@@ -175,28 +175,30 @@ _is_not = operator.is_not
 _dtype_of = operator.attrgetter("dtype")
 _layout_of = operator.attrgetter("layout")
 
-# A C++ list of tensors (torch's own IValue list). A plan keeps its param
-# and state lists in one each, so that every one of those tensors has a C++
-# reference besides its Python object. Why: an op called from Python gets
-# its tensor lists as C++ lists that it drops with the GIL released; a
-# tensor whose only C++ reference was that list then releases its Python
-# object, which takes the GIL once per tensor: most of the op call's cost
-# with thousands of tensors (grads need nothing: the param holds its grad).
-# The pin changes nothing the op sees. Absent from a torch build, plans
-# simply go without.
+# A C++ list of tensors (torch's own IValue list). A kept plan holds its
+# param and state lists as these and hands them to the op as they are. Why:
+# (1) an op called with a Python list converts it element by element into a
+# C++ list, a C++ list goes in as it is (about 0.3 us per tensor and list
+# saved with thousands of tensors); (2) an op drops its argument lists with
+# the GIL released, and a tensor whose only C++ reference was that list then
+# releases its Python object, taking the GIL once per tensor; the plan's own
+# list keeps that reference (grads need nothing: the param holds its grad).
+# The op sees the same tensors either way. Absent from a torch build, plans
+# keep Python lists.
 _CppList = getattr(torch._C, "ScriptList", None)
 
 
-def _pins(lists):
-    """C++ references to the tensors of a lists dataclass (see _CppList)."""
+def _pinned(lists):
+    """The lists dataclass with each list of tensors as a C++ list (see
+    _CppList)."""
     if _CppList is None:
-        return []
-    out = []
+        return lists
+    out = {}
     for f in dataclasses.fields(lists):
         xs = getattr(lists, f.name)
         if xs and all(isinstance(x, torch.Tensor) for x in xs):
-            out.append(_CppList(xs))
-    return out
+            out[f.name] = _CppList(xs)
+    return dataclasses.replace(lists, **out)
 
 
 class _Plans(dict):
@@ -228,7 +230,6 @@ class _StepPlan:
         self.calls = []  # (device, indices into the grads or None for all, lists without grads, sr)
         self.reusable = False
         self.grads_built = []
-        self.pins = []
 
     def freeze(self, opt, group, params):
         """Records what the plan depends on, for `grads` to compare."""
@@ -803,7 +804,7 @@ class _FusedOptimizer(Optimizer):
         plan.reusable = reusable and not any(p.is_complex() for p in params)
         if plan.reusable:
             plan.freeze(self, group, params)
-            plan.pins = [pin for _, _, sub, _ in plan.calls for pin in _pins(sub)]
+            plan.calls = [(device, idx, _pinned(sub), sr) for device, idx, sub, sr in plan.calls]
         return plan
 
     def _common_kwargs(self, group, device, norm, grad_scale, found_inf):
