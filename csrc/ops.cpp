@@ -15,10 +15,16 @@ TORCH_LIBRARY(fused_wd, m) {
   for (const char* schema : fused_wd::kSchemas) m.def(schema);
 }
 
+#include <string>
+
+#include "cpu/kernels.h"
+
 namespace fused_wd {
 namespace cpu {
 const char* isa_name();
-}
+std::string tuning_reason();
+void set_tuning(int prefetch_blocks, int locality);
+}  // namespace cpu
 }  // namespace fused_wd
 
 static PyObject* cpu_isa(PyObject*, PyObject*) {
@@ -30,8 +36,35 @@ static PyObject* cpu_isa(PyObject*, PyObject*) {
   }
 }
 
+static PyObject* cpu_tuning(PyObject*, PyObject*) {
+  try {
+    const fused_wd::cpu::Tuning t = fused_wd::cpu::tuning();
+    const std::string why = fused_wd::cpu::tuning_reason();
+    return Py_BuildValue("(iis)", t.prefetch_blocks, t.locality, why.c_str());
+  } catch (const std::exception& e) {
+    PyErr_SetString(PyExc_RuntimeError, e.what());
+    return nullptr;
+  }
+}
+
+static PyObject* set_cpu_tuning(PyObject*, PyObject* args) {
+  int blocks = 0, locality = 0;
+  if (!PyArg_ParseTuple(args, "ii", &blocks, &locality)) return nullptr;
+  try {
+    fused_wd::cpu::set_tuning(blocks, locality);
+  } catch (const std::exception& e) {
+    PyErr_SetString(PyExc_ValueError, e.what());
+    return nullptr;
+  }
+  Py_RETURN_NONE;
+}
+
 static PyMethodDef fused_wd_methods[] = {
     {"cpu_isa", cpu_isa, METH_NOARGS, "The instruction set of the CPU kernels in use."},
+    {"cpu_tuning", cpu_tuning, METH_NOARGS,
+     "(prefetch_blocks, locality, reason): the CPU kernels' tuning in force."},
+    {"set_cpu_tuning", set_cpu_tuning, METH_VARARGS,
+     "set_cpu_tuning(prefetch_blocks, locality): force the CPU kernels' tuning (A/B runs)."},
     {nullptr, nullptr, 0, nullptr}};
 
 static struct PyModuleDef fused_wd_module = {PyModuleDef_HEAD_INIT, "_C",

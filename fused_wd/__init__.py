@@ -23,7 +23,11 @@ __all__ = [
     "param_groups_for_decay",
     "reference",
     "backends",
+    "cpu_tuning",
+    "set_cpu_tuning",
     "__version__",
 ]
 
 backends = _ext.backends
+cpu_tuning = _ext.cpu_tuning
+set_cpu_tuning = _ext.set_cpu_tuning

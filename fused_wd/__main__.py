@@ -17,6 +17,8 @@ def info():
     print(f"extension built against torch {_ext.C.torch_version}")
     print(f"backends compiled: {', '.join(_ext.backends())}")
     print(f"CPU kernels: {_ext.C.cpu_isa()} ({torch.get_num_threads()} threads)")
+    t = _ext.cpu_tuning()
+    print(f"CPU tuning: prefetch {t['prefetch_blocks']} blocks ahead, locality {t['locality']} ({t['reason']})")
     if _ext.load_error:
         print(_ext.load_error)
     return 0

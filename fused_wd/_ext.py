@@ -47,3 +47,21 @@ def backends():
     if C is None:
         return []
     return ["cpu", "cuda"] if C.with_cuda else ["cpu"]
+
+
+def cpu_tuning():
+    """The CPU kernels' tuning in force: {"prefetch_blocks", "locality",
+    "reason"} (docs/design.md, "CPU tuning"). Chosen by a rule per CPU at
+    first use; FUSED_WD_CPU_PREFETCH forces one ("off", "<blocks>" or
+    "<blocks>:<locality>"). No choice changes a bit of any result."""
+    require()
+    blocks, locality, reason = C.cpu_tuning()
+    return {"prefetch_blocks": blocks, "locality": locality, "reason": reason}
+
+
+def set_cpu_tuning(prefetch_blocks, locality=3):
+    """Forces the CPU kernels' tuning in this process (for A/B runs): each
+    block of the update loops prefetches the block `prefetch_blocks` blocks
+    ahead (0: none) with __builtin_prefetch locality `locality` (0-3)."""
+    require()
+    C.set_cpu_tuning(int(prefetch_blocks), int(locality))

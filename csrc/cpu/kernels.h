@@ -51,6 +51,20 @@ struct KernelTable {
   void (*scale)(Storage, void*, int64_t, int64_t, double coef);
 };
 
+// How the update loops stream memory on this CPU (docs/design.md, "CPU
+// tuning"): each block of the loops prefetches the block prefetch_blocks
+// blocks ahead of it (0: no software prefetch) with __builtin_prefetch's
+// locality hint `locality` (0-3). Chosen by a rule per CPU at first use,
+// forced with FUSED_WD_CPU_PREFETCH, or set for A/B runs; no choice changes
+// a bit of any result (prefetches only move data into caches).
+struct Tuning {
+  int prefetch_blocks;
+  int locality;
+};
+
+// The tuning in force (read once per range by the kernels).
+Tuning tuning();
+
 KernelTable kernels_base();
 KernelTable kernels_avx2();
 KernelTable kernels_avx512();

@@ -108,14 +108,14 @@ using StorageC = std::integral_constant<Storage, S>;
 
 // ------------------------------------------------------------ blocks
 
-// Elements per block of the update loops, and how far ahead (in elements)
-// each block prefetches its streams. Measured on a 2-core AVX-512 VM (50M
-// params, clip + AdamW): without the prefetch the bf16 step takes 48 ms
-// instead of 27 and fp32 43 instead of 38; blocks of 64-256 elements
-// prefetched 512-1024 elements ahead are within noise of each other, larger
-// blocks or distances are slower.
+// Elements per block of the update loops. How far ahead each block
+// prefetches its streams is the CPU's Tuning (kernels.h; chosen in
+// ops_cpu.cpp). Measured on a 2-core AVX-512 Intel VM (50M params, clip +
+// AdamW): without the prefetch the bf16 step takes 48 ms instead of 27 and
+// fp32 43 instead of 38; blocks of 64-256 elements prefetched 512-1024
+// elements ahead are within noise of each other, larger blocks or distances
+// are slower.
 constexpr int64_t kBlock = 64;
-constexpr int64_t kAhead = 8 * kBlock;
 
 // One stream of a range: its base pointer (null: absent), element size, and
 // whether it is written (prefetched for ownership) or only read.
@@ -125,30 +125,44 @@ struct Stream {
   bool write;
 };
 
-inline void prefetch(const Stream& st, int64_t from, int64_t to) {
+template <int LOCALITY>
+inline void prefetch_at(const Stream& st, int64_t from, int64_t to) {
   if (st.base == nullptr) return;
   const char* p = static_cast<const char*>(st.base);
   for (int64_t off = from * st.size; off < to * st.size; off += 64) {
     if (st.write)
-      __builtin_prefetch(p + off, 1, 3);
+      __builtin_prefetch(p + off, 1, LOCALITY);
     else
-      __builtin_prefetch(p + off, 0, 3);
+      __builtin_prefetch(p + off, 0, LOCALITY);
   }
 }
 
-// Calls body(b, n) for the blocks of [begin, end), after prefetching block
-// b + kAhead of each stream; blocks never straddle a multiple of 2^32 (the
-// stochastic-rounding key changes there).
+// Prefetches elements [from, to) of a stream with the locality hint (0-3).
+inline void prefetch(const Stream& st, int64_t from, int64_t to, int locality = 3) {
+  switch (locality) {
+    case 0: return prefetch_at<0>(st, from, to);
+    case 1: return prefetch_at<1>(st, from, to);
+    case 2: return prefetch_at<2>(st, from, to);
+    default: return prefetch_at<3>(st, from, to);
+  }
+}
+
+// Calls body(b, n) for the blocks of [begin, end), after prefetching the
+// block tuning().prefetch_blocks blocks ahead of b in each stream; blocks
+// never straddle a multiple of 2^32 (the stochastic-rounding key changes
+// there).
 template <int N, typename Body>
 void for_blocks(const Stream (&streams)[N], int64_t begin, int64_t end, Body body) {
+  const Tuning tn = tuning();
+  const int64_t distance = static_cast<int64_t>(tn.prefetch_blocks) * kBlock;
   for (int64_t b = begin; b < end;) {
     int64_t n = end - b < kBlock ? end - b : kBlock;
     const int64_t to_wrap = (((b >> 32) + 1) << 32) - b;
     if (n > to_wrap) n = to_wrap;
-    const int64_t ahead = b + kAhead;
-    if (ahead < end) {
+    const int64_t ahead = b + distance;
+    if (distance > 0 && ahead < end) {
       const int64_t stop = ahead + kBlock < end ? ahead + kBlock : end;
-      for (const Stream& st : streams) prefetch(st, ahead, stop);
+      for (const Stream& st : streams) prefetch(st, ahead, stop, tn.locality);
     }
     body(b, n);
     b += n;

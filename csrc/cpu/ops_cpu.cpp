@@ -6,7 +6,9 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdlib>
+#include <mutex>
 #include <string>
 #include <vector>
 
@@ -51,6 +53,94 @@ const KernelTable& table() {
 }
 
 const char* isa_name() { return table().isa; }
+
+// ------------------------------------------------------------------ tuning
+
+namespace {
+
+// The tuning in force and why it was chosen (set once at first use, or by
+// set_tuning for A/B runs; the kernels read it once per range).
+std::atomic<int> g_prefetch_blocks{-1}, g_locality{3};
+std::string g_reason;
+std::mutex g_tuning_mutex;
+
+struct Rule {
+  Tuning tuning;
+  std::string reason;
+};
+
+// The rule: per CPU vendor (the only distinction measured so far). Intel
+// (a 2-core AVX-512 Xeon VM): 8 blocks ahead, locality 3, which took the
+// bf16 clip + AdamW step from 48 to 27 ms and fp32 from 43 to 38 ms. AMD
+// Zen: the same until measured otherwise (docs/design.md, "CPU tuning").
+Rule rule_for_this_cpu() {
+  std::string vendor = "unknown";
+#if defined(__x86_64__) && defined(__GNUC__)
+  __builtin_cpu_init();
+  if (__builtin_cpu_is("intel")) vendor = "Intel";
+  else if (__builtin_cpu_is("amd")) vendor = "AMD";
+#endif
+  return {Tuning{8, 3}, "rule for " + vendor + " CPUs: 8 blocks ahead, locality 3"};
+}
+
+// FUSED_WD_CPU_PREFETCH: "off", "<blocks>" or "<blocks>:<locality>".
+Rule rule_from_env(const std::string& v) {
+  const std::string what = "FUSED_WD_CPU_PREFETCH=" + v;
+  if (v == "off" || v == "0") return {Tuning{0, 3}, what + " (forced): no software prefetch"};
+  int blocks = -1, locality = 3;
+  size_t used = 0;
+  try {
+    blocks = std::stoi(v, &used);
+    if (used < v.size()) {
+      TORCH_CHECK(v[used] == ':', "");
+      size_t used2 = 0;
+      locality = std::stoi(v.substr(used + 1), &used2);
+      TORCH_CHECK(used + 1 + used2 == v.size(), "");
+    }
+  } catch (const std::exception&) {
+    blocks = -1;
+  }
+  TORCH_CHECK(blocks >= 0 && blocks <= 1024 && locality >= 0 && locality <= 3,
+              "FUSED_WD_CPU_PREFETCH must be 'off', '<blocks>' or '<blocks>:<locality>' with blocks in "
+              "[0, 1024] and locality in [0, 3], got '", v, "'");
+  return {Tuning{blocks, locality}, what + " (forced)"};
+}
+
+void choose_tuning() {
+  std::lock_guard<std::mutex> lock(g_tuning_mutex);
+  if (g_prefetch_blocks.load() >= 0) return;
+  const char* env = std::getenv("FUSED_WD_CPU_PREFETCH");
+  const Rule r = env && *env ? rule_from_env(env) : rule_for_this_cpu();
+  g_reason = r.reason;
+  g_locality.store(r.tuning.locality);
+  g_prefetch_blocks.store(r.tuning.prefetch_blocks);
+}
+
+}  // namespace
+
+Tuning tuning() {
+  if (g_prefetch_blocks.load(std::memory_order_relaxed) < 0) choose_tuning();
+  return Tuning{g_prefetch_blocks.load(std::memory_order_relaxed),
+                g_locality.load(std::memory_order_relaxed)};
+}
+
+std::string tuning_reason() {
+  tuning();
+  std::lock_guard<std::mutex> lock(g_tuning_mutex);
+  return g_reason;
+}
+
+void set_tuning(int prefetch_blocks, int locality) {
+  TORCH_CHECK(prefetch_blocks >= 0 && prefetch_blocks <= 1024 && locality >= 0 && locality <= 3,
+              "fused_wd: prefetch_blocks must be in [0, 1024] and locality in [0, 3], got ",
+              prefetch_blocks, " and ", locality);
+  tuning();
+  std::lock_guard<std::mutex> lock(g_tuning_mutex);
+  g_reason = "set by fused_wd.set_cpu_tuning: " + std::to_string(prefetch_blocks) +
+             " blocks ahead, locality " + std::to_string(locality);
+  g_locality.store(locality);
+  g_prefetch_blocks.store(prefetch_blocks);
+}
 
 namespace {
 

@@ -73,6 +73,9 @@ def environment(device: torch.device, argv: list) -> dict:
         info["fused_wd"] = getattr(fused_wd, "__version__", "?")
         b = getattr(fused_wd, "backends", None)
         info["fused_wd_backends"] = b() if callable(b) else b
+        if device.type == "cpu":
+            info["cpu_isa"] = fused_wd._ext.C.cpu_isa()
+            info["cpu_tuning"] = fused_wd.cpu_tuning()
     except Exception as e:  # noqa: BLE001
         info["fused_wd"] = None
         info["fused_wd_error"] = f"{type(e).__name__}: {e}"[:200]
@@ -265,6 +268,10 @@ def _header_rows(res: dict) -> list:
     rows = [["device", dev], ["torch", env["torch"] + (f", CUDA {env['torch_cuda']}" if env.get("torch_cuda") else "")],
             ["fused_wd", f"{env.get('fused_wd')} at {commit}, backends: {env.get('fused_wd_backends')}"],
             ["date", env["date"]]]
+    if env.get("cpu_tuning"):
+        t = env["cpu_tuning"]
+        rows.append(["CPU kernels", f"{env.get('cpu_isa')}, prefetch {t['prefetch_blocks']} blocks ahead, "
+                                    f"locality {t['locality']} ({t['reason']})"])
     if bw:
         end = res.get("bandwidth_end") or {}
         s = f"{bw['median_gbps']:.1f} GB/s at start"
