@@ -69,6 +69,8 @@ SWEPT = ("adam_l2", "adamw", "independent", "corrected", "cautious", "sgd_l2")
 VARIANTS = ("adamw", "corrected", "cautious")
 # the modes of sparsity.png, swept over wd at the reference lr
 SPARSE = ("adam_l2", "adam_l1", "l1_proximal")
+# |w| below this counts as near zero (summary only; the figure counts exact zeros)
+NEAR_ZERO = 1e-3
 LABELS = {
     "none": "Adam, no decay",
     "adam_l2": "Adam + L2 (coupled)",
@@ -272,8 +274,10 @@ def train(data, mode, lr, wd, cfg, max_grad_norm=None, record=True):
         sched.step()
     log(cfg.steps)
     result = {k: v[-1] for k, v in hist.items() if k != "step"}
+    numel = sum(w.numel() for w in weights)
     result.update(mode=mode, lr=lr, wd=wd, max_grad_norm=max_grad_norm,
-                  zero_fraction=sum(int((w == 0).sum()) for w in weights) / sum(w.numel() for w in weights))
+                  zero_fraction=sum(int((w == 0).sum()) for w in weights) / numel,
+                  near_zero_fraction=sum(int((w.abs() < NEAR_ZERO).sum()) for w in weights) / numel)
     if record:
         result["history"] = hist
         result["grad_norm"] = torch.stack(grad_norms).tolist()
@@ -312,14 +316,16 @@ def sweep(data, cfg, modes=SWEPT, progress=None):
 def sparsity_sweep(data, cfg, progress=None):
     """Adam with L2, L1 and proximal L1 at the reference lr over
     `cfg.sparse_wds` (and wd = 0): final test accuracy, weight norm and the
-    share of exact zeros in the weight matrices (the decayed params)."""
+    share of exact zeros (and of |w| < NEAR_ZERO) in the weight matrices
+    (the decayed params)."""
     lr = cfg.ref_lr["adam"]
     base = train(data, "none", lr, 0.0, cfg, record=False)
     out = {}
     for mode in SPARSE:
         rs = [base] + [train(data, mode, lr, wd, cfg, record=False) for wd in cfg.sparse_wds[mode]]
         out[mode] = {"lr": lr, "wds": [r["wd"] for r in rs],
-                     **{k: [r[k] for r in rs] for k in ("test_acc", "zero_fraction", "weight_norm")}}
+                     **{k: [r[k] for r in rs] for k in ("test_acc", "zero_fraction", "near_zero_fraction",
+                                                        "weight_norm")}}
         if progress:
             progress(f"  {mode:12s} lr={lr:g}: " + " ".join(
                 f"wd={r['wd']:g} {100 * r['test_acc']:.1f}%/{100 * r['zero_fraction']:.1f}% zeros" for r in rs))
@@ -531,28 +537,37 @@ def plot_variants(sw, runs, path):
 
 
 def plot_sparsity(sp, path):
-    """Share of exact zeros in the weight matrices over wd, and test accuracy
-    against it, for L2, L1 and proximal L1 under Adam."""
+    """Test accuracy and the share of exact zeros in the weight matrices over
+    wd, and accuracy against that share, for L2, L1 and proximal L1 under
+    Adam."""
     plt = _plt()
-    fig, (a0, a1) = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig, (a0, a1, a2) = plt.subplots(1, 3, figsize=(14, 4.2))
+    none = [LABELS[m] for m, c in sp.items() if not any(c["zero_fraction"])]
     for mode, c in sp.items():
         wds, acc, zf = c["wds"][1:], c["test_acc"][1:], c["zero_fraction"][1:]
-        a0.plot(wds, [100 * z for z in zf], "o-", color=COLORS[mode], label=LABELS[mode], lw=1.5)
-        a1.plot([100 * z for z in zf], [100 * a for a in acc], "o-", color=COLORS[mode], label=LABELS[mode],
-                lw=1.5)
-        for w, z, a in zip(wds, zf, acc):
-            a1.annotate(f"{w:g}", (100 * z, 100 * a), fontsize=6, xytext=(3, 3), textcoords="offset points",
-                        color=COLORS[mode])
+        a0.plot(wds, [100 * a for a in acc], "o-", color=COLORS[mode], label=LABELS[mode], lw=1.5)
+        a1.plot(wds, [100 * z for z in zf], "o-", color=COLORS[mode], label=LABELS[mode], lw=1.5)
+        if any(zf):
+            a2.plot([100 * z for z in zf], [100 * a for a in acc], "o-", color=COLORS[mode], label=LABELS[mode],
+                    lw=1.5)
+            for w, z, a in zip(wds, zf, acc):
+                a2.annotate(f"wd {w:g}", (100 * z, 100 * a), fontsize=7, xytext=(3, -9),
+                            textcoords="offset points", color=COLORS[mode])
     c = next(iter(sp.values()))
-    a1.axhline(100 * c["test_acc"][0], color=COLORS["none"], ls="--", lw=1, label="no decay")
-    a0.set_xscale("log")
-    a0.set_xlabel("weight_decay")
-    a0.set_ylabel("exact zeros in the weight matrices (%)")
-    a0.set_title(f"Exact zeros after training, lr = {c['lr']:g} (cosine schedule)", fontsize=9)
-    a1.set_xlabel("exact zeros in the weight matrices (%)")
-    a1.set_ylabel("final test accuracy (%)")
-    a1.set_title("Test accuracy against sparsity (labels: weight_decay)", fontsize=9)
+    for ax in (a0, a2):
+        ax.axhline(100 * c["test_acc"][0], color=COLORS["none"], ls="--", lw=1, label="no decay")
     for ax in (a0, a1):
+        ax.set_xscale("log")
+        ax.set_xlabel("weight_decay")
+    a0.set_ylabel("final test accuracy (%)")
+    a0.set_title(f"Test accuracy over weight_decay, lr = {c['lr']:g} (cosine schedule)", fontsize=9)
+    a1.set_ylabel("exact zeros in the weight matrices (%)")
+    a1.set_title("Share of weights exactly 0 after training", fontsize=9)
+    a2.set_xlabel("exact zeros in the weight matrices (%)")
+    a2.set_ylabel("final test accuracy (%)")
+    a2.set_title("Test accuracy against exact zeros" + (f"\n(no exact zeros: {', '.join(none)})" if none else ""),
+                 fontsize=9)
+    for ax in (a0, a1, a2):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.tight_layout()
@@ -647,10 +662,12 @@ def format_summary(s):
         lines.append(f"clipping, {m}: " + "; ".join(
             f"{k}: test acc {100 * v['test_acc']:.1f}%, median pre-clip norm {v['median_grad_norm']:.3f}"
             for k, v in pair.items()))
-    lines.append("sparsity at the reference lr (wd: test acc / exact zeros in the weight matrices):")
+    lines.append(f"sparsity at the reference lr (wd: test acc / exact zeros / |w| < {NEAR_ZERO:g}, in the "
+                 "weight matrices):")
     for m, c in s["sparsity"].items():
-        lines.append(f"  {m:12s} " + "; ".join(f"{w:g}: {100 * a:.1f}% / {100 * z:.1f}%" for w, a, z in
-                                               zip(c["wds"], c["test_acc"], c["zero_fraction"])))
+        lines.append(f"  {m:12s} " + "; ".join(
+            f"{w:g}: {100 * a:.1f}% / {100 * z:.1f}% / {100 * nz:.1f}%" for w, a, z, nz in
+            zip(c["wds"], c["test_acc"], c["zero_fraction"], c["near_zero_fraction"])))
     lines.append(f"wall time {s['wall_s']} s")
     return "\n".join(lines)
 
