@@ -115,12 +115,16 @@ void check_steps(const char* op, at::TensorList steps, at::TensorList params) {
 }
 
 void check_step_args(const char* op, const StepArgs& a, size_t nparams) {
-  TORCH_CHECK(a.decay_mode >= kModeL2 && a.decay_mode <= kModeCorrected, op,
-              ": decay_mode must be 0 (l2), 1 (decoupled), 2 (independent) or 3 (corrected), got ",
-              a.decay_mode);
-  TORCH_CHECK(!a.cautious_wd || a.decay_mode != kModeL2, op,
+  TORCH_CHECK(a.decay_mode >= kModeL2 && a.decay_mode <= kModeL1Proximal, op,
+              ": decay_mode must be 0 (l2), 1 (decoupled), 2 (independent), 3 (corrected), 4 (l1) "
+              "or 5 (l1_proximal), got ", a.decay_mode);
+  TORCH_CHECK(!a.cautious_wd || (a.decay_mode != kModeL2 && a.decay_mode != kModeL1), op,
               ": cautious_wd needs decay_mode 1 (decoupled), 2 (independent) or 3 (corrected); "
-              "with 0 (l2) the decay is part of the gradient and there is no separate shrink to mask");
+              "with 0 (l2) or 4 (l1) the decay is part of the gradient and there is no separate "
+              "shrink to mask");
+  TORCH_CHECK(!a.cautious_wd || a.decay_mode != kModeL1Proximal, op,
+              ": cautious_wd needs decay_mode 1 (decoupled), 2 (independent) or 3 (corrected); "
+              "5 (l1_proximal) is a soft threshold, not a shrink to mask");
   TORCH_CHECK(!a.stochastic_rounding || a.sr_ids.size() == nparams, op,
               ": stochastic_rounding needs one sr_ids entry per param, got ", a.sr_ids.size(),
               " for ", nparams);

@@ -31,8 +31,10 @@ constexpr const char* kSchemas[] = {
   // found_inf come from a GradScaler. When found_inf is set, or the norm is
   // not finite and skip_nonfinite, nothing is written and the step counters
   // do not advance. decay_mode: 0 l2, 1 decoupled, 2 independent, 3
-  // corrected; cautious_wd: the decay shrinks only the elements where the
-  // update and the param agree in sign (modes 1-3; refused with 0).
+  // corrected, 4 l1 (g += wd * sign(p)), 5 l1_proximal (after the update,
+  // p = sign(p) * max(|p| - lr * wd, 0)); cautious_wd: the decay shrinks
+  // only the elements where the update and the param agree in sign (modes
+  // 1-3; refused with 0, 4 and 5).
   //
   // Mixed precision (all optional): exp_avgs/exp_avg_sqs/max_exp_avg_sqs may
   // be float32 or bfloat16 for float32/float16/bfloat16 params (math in

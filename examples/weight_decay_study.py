@@ -15,6 +15,8 @@ test accuracy for this model (at most ~1 point), hence the noise
   corrected    AdamW, "corrected":          p *= 1 - wd * lr**2 / initial_lr
   cautious     AdamW, decoupled, cautious:  p *= 1 - lr * wd where update * p >= 0
   sgd_l2       SGD + momentum 0.9, L2:      g += wd * p
+  adam_l1      Adam, coupled L1:            g += wd * sign(p)
+  l1_proximal  Adam, proximal L1:           p = sign(p) * max(|p| - lr * wd, 0) after the update
 
 Decay goes to the weight matrices only (`fused_wd.param_groups_for_decay`);
 biases are not decayed. The learning rate follows a cosine schedule, so for
@@ -30,6 +32,9 @@ It sweeps learning rate x decay for every mode but "none" and writes to
   grad_norms.png     global gradient norm with and without clipping (AdamW, SGD)
   variants.png       AdamW against its corrected and cautious variants: test
                      accuracy over wd at the reference lr, weight norm over training
+  sparsity.png       Adam with L2, L1 and proximal L1 over a range of wd at the
+                     reference lr: the share of exact zeros in the weight matrices
+                     and test accuracy
   summary.json       every number behind the plots
 
     pip install -e ".[examples]"        # scikit-learn, matplotlib
@@ -57,10 +62,15 @@ except ImportError:          # run from a source checkout without installing: th
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     import fused_wd
 
-MODES = ("none", "adam_l2", "adamw", "independent", "corrected", "cautious", "sgd_l2")
+MODES = ("none", "adam_l2", "adamw", "independent", "corrected", "cautious", "sgd_l2", "adam_l1",
+         "l1_proximal")
 SWEPT = ("adam_l2", "adamw", "independent", "corrected", "cautious", "sgd_l2")
 # the decoupled variants compared in variants.png
 VARIANTS = ("adamw", "corrected", "cautious")
+# the modes of sparsity.png, swept over wd at the reference lr
+SPARSE = ("adam_l2", "adam_l1", "l1_proximal")
+# |w| below this counts as near zero (summary only; the figure counts exact zeros)
+NEAR_ZERO = 1e-3
 LABELS = {
     "none": "Adam, no decay",
     "adam_l2": "Adam + L2 (coupled)",
@@ -69,10 +79,12 @@ LABELS = {
     "corrected": "AdamW, corrected (wd*lr^2/lr0)",
     "cautious": "AdamW, cautious (lr*wd, masked)",
     "sgd_l2": "SGD momentum 0.9 + L2",
+    "adam_l1": "Adam + L1 (coupled)",
+    "l1_proximal": "Adam, proximal L1",
 }
 COLORS = {"none": "#444444", "adam_l2": "#d62728", "adamw": "#1f77b4",
           "independent": "#2ca02c", "corrected": "#9467bd", "cautious": "#8c564b",
-          "sgd_l2": "#ff7f0e"}
+          "sgd_l2": "#ff7f0e", "adam_l1": "#e377c2", "l1_proximal": "#17becf"}
 DOTTED = ("independent", "corrected", "cautious")
 
 
@@ -99,6 +111,12 @@ class Config:
         "cautious": [1.0, 3.0, 10.0, 30.0, 100.0],
         "sgd_l2": [1e-3, 3e-3, 1e-2, 3e-2, 0.1],
     })
+    # the wd grids of sparsity.png (at ref_lr["adam"]; a run without decay is added)
+    sparse_wds: Dict[str, List[float]] = dataclasses.field(default_factory=lambda: {
+        "adam_l2": [1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3],
+        "adam_l1": [1e-4, 3e-4, 1e-3, 2e-3, 3e-3, 1e-2],
+        "l1_proximal": [0.01, 0.03, 0.1, 0.2, 0.3, 0.5],
+    })
     # the lr of the curves, weight-norm and clipping runs (each mode at its best wd there)
     ref_lr: Dict[str, float] = dataclasses.field(default_factory=lambda: {"adam": 4e-3, "sgd": 0.08})
     clip_norm: float = 0.5   # max_grad_norm of the clipped runs of grad_norms.png
@@ -113,6 +131,7 @@ def tiny_config():
                   lrs={"adam": [1e-3, 1e-2], "sgd": [0.03, 0.3]},
                   wds={"adam_l2": [0.1], "adamw": [3.0], "independent": [3e-2], "corrected": [3.0],
                        "cautious": [3.0], "sgd_l2": [3e-2]},
+                  sparse_wds={"adam_l2": [0.1], "adam_l1": [1e-2], "l1_proximal": [0.3, 3.0]},
                   ref_lr={"adam": 1e-2, "sgd": 0.3})
 
 
@@ -196,6 +215,10 @@ def make_optimizer(mode, model, lr, wd, max_grad_norm=None):
         return fused_wd.AdamW(groups, cautious_weight_decay=True, **kw)
     if mode == "sgd_l2":
         return fused_wd.SGD(groups, momentum=0.9, **kw)          # "l2" is SGD's default
+    if mode == "adam_l1":
+        return fused_wd.Adam(groups, weight_decay_mode="l1", **kw)
+    if mode == "l1_proximal":
+        return fused_wd.Adam(groups, weight_decay_mode="l1_proximal", **kw)
     raise ValueError(f"unknown mode {mode!r}; one of {MODES}")
 
 
@@ -253,7 +276,10 @@ def train(data, mode, lr, wd, cfg, max_grad_norm=None, record=True, make_opt=Non
         sched.step()
     log(cfg.steps)
     result = {k: v[-1] for k, v in hist.items() if k != "step"}
-    result.update(mode=mode, lr=lr, wd=wd, max_grad_norm=max_grad_norm)
+    numel = sum(w.numel() for w in weights)
+    result.update(mode=mode, lr=lr, wd=wd, max_grad_norm=max_grad_norm,
+                  zero_fraction=sum(int((w == 0).sum()) for w in weights) / numel,
+                  near_zero_fraction=sum(int((w.abs() < NEAR_ZERO).sum()) for w in weights) / numel)
     if record:
         result["history"] = hist
         result["grad_norm"] = torch.stack(grad_norms).tolist()
@@ -286,6 +312,25 @@ def sweep(data, cfg, modes=SWEPT, progress=None):
             if progress:
                 progress(f"  {mode:12s} lr={lr:g}: " + " ".join(f"{a:.3f}" for a in acc[i]))
         out[mode] = dict(lrs=list(lrs), wds=wds, test_acc=acc, weight_norm=wnorm)
+    return out
+
+
+def sparsity_sweep(data, cfg, progress=None):
+    """Adam with L2, L1 and proximal L1 at the reference lr over
+    `cfg.sparse_wds` (and wd = 0): final test accuracy, weight norm and the
+    share of exact zeros (and of |w| < NEAR_ZERO) in the weight matrices
+    (the decayed params)."""
+    lr = cfg.ref_lr["adam"]
+    base = train(data, "none", lr, 0.0, cfg, record=False)
+    out = {}
+    for mode in SPARSE:
+        rs = [base] + [train(data, mode, lr, wd, cfg, record=False) for wd in cfg.sparse_wds[mode]]
+        out[mode] = {"lr": lr, "wds": [r["wd"] for r in rs],
+                     **{k: [r[k] for r in rs] for k in ("test_acc", "zero_fraction", "near_zero_fraction",
+                                                        "weight_norm")}}
+        if progress:
+            progress(f"  {mode:12s} lr={lr:g}: " + " ".join(
+                f"wd={r['wd']:g} {100 * r['test_acc']:.1f}%/{100 * r['zero_fraction']:.1f}% zeros" for r in rs))
     return out
 
 
@@ -493,6 +538,45 @@ def plot_variants(sw, runs, path):
     plt.close(fig)
 
 
+def plot_sparsity(sp, path):
+    """Test accuracy and the share of exact zeros in the weight matrices over
+    wd, and accuracy against that share, for L2, L1 and proximal L1 under
+    Adam."""
+    plt = _plt()
+    fig, (a0, a1, a2) = plt.subplots(1, 3, figsize=(14, 4.2))
+    none = [LABELS[m] for m, c in sp.items() if not any(c["zero_fraction"])]
+    for mode, c in sp.items():
+        wds, acc, zf = c["wds"][1:], c["test_acc"][1:], c["zero_fraction"][1:]
+        a0.plot(wds, [100 * a for a in acc], "o-", color=COLORS[mode], label=LABELS[mode], lw=1.5)
+        a1.plot(wds, [100 * z for z in zf], "o-", color=COLORS[mode], label=LABELS[mode], lw=1.5)
+        if any(zf):
+            a2.plot([100 * z for z in zf], [100 * a for a in acc], "o-", color=COLORS[mode], label=LABELS[mode],
+                    lw=1.5)
+            for w, z, a in zip(wds, zf, acc):
+                a2.annotate(f"wd {w:g}", (100 * z, 100 * a), fontsize=7, xytext=(3, -9),
+                            textcoords="offset points", color=COLORS[mode])
+    c = next(iter(sp.values()))
+    for ax in (a0, a2):
+        ax.axhline(100 * c["test_acc"][0], color=COLORS["none"], ls="--", lw=1, label="no decay")
+    for ax in (a0, a1):
+        ax.set_xscale("log")
+        ax.set_xlabel("weight_decay")
+    a0.set_ylabel("final test accuracy (%)")
+    a0.set_title(f"Test accuracy over weight_decay, lr = {c['lr']:g} (cosine schedule)", fontsize=9)
+    a1.set_ylabel("exact zeros in the weight matrices (%)")
+    a1.set_title("Share of weights exactly 0 after training", fontsize=9)
+    a2.set_xlabel("exact zeros in the weight matrices (%)")
+    a2.set_ylabel("final test accuracy (%)")
+    a2.set_title("Test accuracy against exact zeros" + (f"\n(no exact zeros: {', '.join(none)})" if none else ""),
+                 fontsize=9)
+    for ax in (a0, a1, a2):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
 # ------------------------------------------------------------------ study
 
 def run_study(cfg, out, data=None, plots=True, progress=print):
@@ -508,6 +592,7 @@ def run_study(cfg, out, data=None, plots=True, progress=print):
     progress(f"data: {len(data.y_train)} train, {len(data.y_test)} test; "
              f"MLP {data.n_features}-{cfg.hidden}-{cfg.hidden}-{data.n_classes}; {cfg.steps} steps per run")
     sw = sweep(data, cfg, progress=progress)
+    sp = sparsity_sweep(data, cfg, progress=progress)
 
     family = lambda m: "sgd" if m == "sgd_l2" else "adam"  # noqa: E731
     settings = {"none": (cfg.ref_lr["adam"], 0.0)}
@@ -525,12 +610,13 @@ def run_study(cfg, out, data=None, plots=True, progress=print):
     if plots:
         files = {"curves": "curves.png", "heatmaps": "heatmaps.png",
                  "weight_norms": "weight_norms.png", "grad_norms": "grad_norms.png",
-                 "variants": "variants.png"}
+                 "variants": "variants.png", "sparsity": "sparsity.png"}
         plot_curves(runs, os.path.join(out, files["curves"]))
         plot_heatmaps(sw, os.path.join(out, files["heatmaps"]))
         plot_weight_norms(runs, os.path.join(out, files["weight_norms"]))
         plot_grad_norms(clip_runs, os.path.join(out, files["grad_norms"]))
         plot_variants(sw, runs, os.path.join(out, files["variants"]))
+        plot_sparsity(sp, os.path.join(out, files["sparsity"]))
 
     best = {"none": dict(zip(("lr", "wd", "test_acc"), best_setting(
         dict(sw["adam_l2"], wds=[0.0], test_acc=[[row[0]] for row in sw["adam_l2"]["test_acc"]]))))}
@@ -546,6 +632,7 @@ def run_study(cfg, out, data=None, plots=True, progress=print):
         "best_wd_per_lr": {m: best_wd_per_lr(sw[m]) for m in sw},
         "ridge_drift_decades": {m: ridge_drift(sw[m]) for m in sw},
         "sweep": sw,
+        "sparsity": sp,
         "clipping": {m: {k: {"test_acc": r["test_acc"], "max_grad_norm": r["max_grad_norm"],
                              "median_grad_norm": float(torch.tensor(r["grad_norm"]).median()),
                              "weight_norm": r["weight_norm"]} for k, r in pair.items()}
@@ -577,6 +664,12 @@ def format_summary(s):
         lines.append(f"clipping, {m}: " + "; ".join(
             f"{k}: test acc {100 * v['test_acc']:.1f}%, median pre-clip norm {v['median_grad_norm']:.3f}"
             for k, v in pair.items()))
+    lines.append(f"sparsity at the reference lr (wd: test acc / exact zeros / |w| < {NEAR_ZERO:g}, in the "
+                 "weight matrices):")
+    for m, c in s["sparsity"].items():
+        lines.append(f"  {m:12s} " + "; ".join(
+            f"{w:g}: {100 * a:.1f}% / {100 * z:.1f}% / {100 * nz:.1f}%" for w, a, z, nz in
+            zip(c["wds"], c["test_acc"], c["zero_fraction"], c["near_zero_fraction"])))
     lines.append(f"wall time {s['wall_s']} s")
     return "\n".join(lines)
 

@@ -1,7 +1,8 @@
 """fused_wd: the optimizer step as one memory-bound pass.
 
-Global gradient-norm clipping, L2 / decoupled / independent weight decay and
-the Adam, AdamW and SGD updates, fused in CPU and CUDA kernels, behind
+Global gradient-norm clipping, weight decay (L2, decoupled, independent,
+corrected, cautious, L1, proximal L1) and the Adam, AdamW and SGD updates,
+fused in CPU and CUDA kernels, behind
 drop-in replacements for torch.optim.
 """
 from fused_wd import _ext

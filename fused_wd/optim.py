@@ -5,14 +5,17 @@ the update, in the fused_wd kernels.
 Extra keyword-only options (per param group, in `defaults`):
   max_grad_norm=None    clip the global gradient norm to this (None: no clip)
   norm_type=2.0         2.0 or inf
-  weight_decay_mode     "l2" | "decoupled" | "independent" | "corrected" |
-                        "scheduled" | "adaptive" (None: the class default);
-                        "corrected" shrinks by wd*lr**2/initial_lr; "scheduled"
-                        (SWD, Adam/AdamW) by lr*wd/(sqrt(mean v_hat)+eps);
+  weight_decay_mode     "l2" | "decoupled" | "independent" | "corrected" | "l1" |
+                        "l1_proximal" | "scheduled" | "adaptive" (None: the class
+                        default); "corrected" shrinks by wd*lr**2/initial_lr; "l1"
+                        adds wd*sign(p) to the gradient; "l1_proximal"
+                        soft-thresholds p by lr*wd after the update; "scheduled"
+                        (SWD, Adam/AdamW) shrinks by lr*wd/(sqrt(mean v_hat)+eps);
                         "adaptive" (AWD) by lr*lambda_bar, lambda_bar smoothed
                         from wd*|g|/|p| (docs/weight-decay.md)
   cautious_weight_decay=False  shrink only where the update and the param agree
-                        in sign (not with "l2"; docs/weight-decay.md)
+                        in sign (not with "l2", "l1", "l1_proximal";
+                        docs/weight-decay.md)
   skip_nonfinite=True   skip the whole step when the global norm is not finite
 
 Mixed precision (per param group; see the README's "Mixed precision"):
@@ -53,8 +56,10 @@ from fused_wd import distributed as _dist
 from fused_wd._norm_slots import NormSlots
 from fused_wd._ops import AdamLists, SgdLists, split_by_master
 
-DECAY_MODES = {"l2": 0, "decoupled": 1, "independent": 2, "corrected": 3,
+DECAY_MODES = {"l2": 0, "decoupled": 1, "independent": 2, "corrected": 3, "l1": 4, "l1_proximal": 5,
                "scheduled": 1, "adaptive": 1}
+# the modes that add their decay to the gradient (torch's decoupled_weight_decay=False)
+_COUPLED_MODES = ("l2", "l1")
 # the automatic modes (docs/weight-decay.md): decoupled decay whose strength
 # auto_decay computes on the device each step (its mode number); AWD keeps
 # its smoothed coefficient in the group under this key
@@ -136,10 +141,14 @@ def _check_cautious(cautious, mode):
     """cautious_weight_decay as given, checked against the group's mode."""
     if not isinstance(cautious, bool):
         raise ValueError(f"cautious_weight_decay must be a bool, got {cautious!r}")
-    if cautious and mode == "l2":
-        raise ValueError("cautious_weight_decay=True needs weight_decay_mode 'decoupled', 'independent' "
-                         "or 'corrected': with 'l2' the decay is part of the gradient, so there is no "
-                         "separate shrink to mask")
+    if cautious and mode in _COUPLED_MODES:
+        raise ValueError("cautious_weight_decay=True needs weight_decay_mode 'decoupled', 'independent', "
+                         f"'corrected', 'scheduled' or 'adaptive': with {mode!r} the decay is part of the "
+                         "gradient, so there is no separate shrink to mask")
+    if cautious and mode == "l1_proximal":
+        raise ValueError("cautious_weight_decay=True needs weight_decay_mode 'decoupled', 'independent', "
+                         "'corrected', 'scheduled' or 'adaptive': 'l1_proximal' is a soft threshold after "
+                         "the update, not a shrink to mask")
     return cautious
 
 
@@ -885,7 +894,7 @@ class _AdamBase(_FusedOptimizer):
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
                         maximize=maximize, foreach=foreach, capturable=capturable,
                         differentiable=differentiable, fused=fused,
-                        decoupled_weight_decay=extras["weight_decay_mode"] != "l2", **extras,
+                        decoupled_weight_decay=extras["weight_decay_mode"] not in _COUPLED_MODES, **extras,
                         **_check_mixed(master_weights, state_dtype, stochastic_rounding, sr_seed))
         super().__init__(params, defaults, norm_in_backward)
 
@@ -894,7 +903,7 @@ class _AdamBase(_FusedOptimizer):
         for group in self.param_groups:
             group.setdefault("amsgrad", False)
             group.setdefault("capturable", False)
-            group.setdefault("decoupled_weight_decay", group["weight_decay_mode"] != "l2")
+            group.setdefault("decoupled_weight_decay", group["weight_decay_mode"] not in _COUPLED_MODES)
 
     def _init_group(self, group, pairs, gi, view=_real):
         """The AdamLists of (param, grad) pairs, creating state lazily."""

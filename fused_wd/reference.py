@@ -16,7 +16,8 @@ import sys
 import torch
 from torch.optim import Optimizer
 
-_MODES = ("l2", "decoupled", "independent", "corrected")
+_MODES = ("l2", "decoupled", "independent", "corrected", "l1", "l1_proximal")
+_COUPLED = ("l2", "l1")  # the decay is part of the gradient
 _LOW = (torch.float16, torch.bfloat16)
 _MASTER = "master_param"
 
@@ -200,8 +201,9 @@ class _Reference(Optimizer):
         group.setdefault("cautious_weight_decay", False)
         if group["cautious_weight_decay"] not in (False, True):
             raise ValueError(f"cautious_weight_decay must be a bool, got {group['cautious_weight_decay']!r}")
-        if group["cautious_weight_decay"] and group["weight_decay_mode"] == "l2":
-            raise ValueError("cautious_weight_decay=True does not go with weight_decay_mode='l2'")
+        if group["cautious_weight_decay"] and group["weight_decay_mode"] in _COUPLED + ("l1_proximal",):
+            raise ValueError("cautious_weight_decay=True does not go with weight_decay_mode="
+                             f"{group['weight_decay_mode']!r}")
         group["norm_type"] = float(group["norm_type"])
         if group["norm_type"] not in (2.0, math.inf):
             raise ValueError(f"norm_type must be 2.0 or inf, got {group['norm_type']!r}")
@@ -344,15 +346,25 @@ class _Reference(Optimizer):
 
     @staticmethod
     def _decay(group, hp, x, g):
-        """Weight decay before the update: into the grad (l2) or onto the
-        param; cautious decay is left to _cautious_decay, after the update
-        direction is known."""
-        mode, wd, lr = group["weight_decay_mode"], hp["wd"], hp["lr"]
-        if wd == 0.0 or group["cautious_weight_decay"]:
+        """Weight decay before the update: into the grad (l2, l1) or onto
+        the param; cautious decay is left to _cautious_decay, after the
+        update direction is known, and proximal L1 to _proximal, after the
+        update."""
+        mode, wd = group["weight_decay_mode"], hp["wd"]
+        if wd == 0.0 or group["cautious_weight_decay"] or mode == "l1_proximal":
             return x, g
         if mode == "l2":
             return x, g + wd * x
+        if mode == "l1":
+            return x, g + wd * torch.sign(x)  # the gradient of wd * |x|, sign(0) = 0
         return x * _Reference._shrink(mode, hp), g
+
+    @staticmethod
+    def _proximal(group, hp, x):
+        """Proximal L1 after the update: x soft-thresholded by lr * wd."""
+        if hp["wd"] == 0.0 or group["weight_decay_mode"] != "l1_proximal":
+            return x
+        return torch.sign(x) * torch.clamp(x.abs() - hp["lr"] * hp["wd"], min=0.0)
 
     @staticmethod
     def _shrink(mode, hp):
@@ -421,6 +433,7 @@ class _AdamMath(_Reference):
         u = m / denom
         x = self._cautious_decay(group, hp, x, u)
         x = x - (lr / bias_correction1) * u
+        x = self._proximal(group, hp, x)
         M.copy_(m)
         V.copy_(v)
         if mp is not None:
@@ -447,7 +460,7 @@ class Adam(_AdamMath):
         super().__init__(params, dict(
             lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
             maximize=maximize, foreach=foreach, capturable=capturable,
-            differentiable=differentiable, fused=fused, decoupled_weight_decay=mode != "l2",
+            differentiable=differentiable, fused=fused, decoupled_weight_decay=mode not in _COUPLED,
             max_grad_norm=max_grad_norm, norm_type=norm_type, weight_decay_mode=mode,
             skip_nonfinite=skip_nonfinite, master_weights=master_weights, state_dtype=state_dtype,
             stochastic_rounding=stochastic_rounding, sr_seed=sr_seed,
@@ -512,6 +525,7 @@ class SGD(_Reference):
             g = g + momentum * b if group["nesterov"] else b
         x = self._cautious_decay(group, hp, x, g)
         x = x - hp["lr"] * g
+        x = self._proximal(group, hp, x)
         if mp is not None:
             mp.copy_(x)
             P.copy_(x)

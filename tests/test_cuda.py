@@ -152,7 +152,7 @@ def test_sgd_parity_with_torch(case, weight_decay, maximize, clip, dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("mode", ["l2", "decoupled", "independent", "corrected", "cautious",
-                                  "cautious-corrected"])
+                                  "cautious-corrected", "l1", "l1_proximal"])
 @pytest.mark.parametrize("name", ["Adam", "AdamW", "SGD"])
 def test_weight_decay_modes_match_reference(name, mode, dtype):
     fcls = getattr(fused_wd, name)
@@ -273,6 +273,9 @@ ADAM_BITWISE = {
     "corrected-lrtensor": dict(decay_mode=3, lr_tensor=True),
     "cautious-amsgrad-maximize": dict(decay_mode=1, cautious=True, amsgrad=True, maximize=True),
     "cautious-corrected-scaled": dict(decay_mode=3, cautious=True, scaled=True),
+    "l1-amsgrad-maximize": dict(decay_mode=4, amsgrad=True, maximize=True),
+    # threshold lr * wd = 0.02: some elements become exact zeros
+    "l1_proximal-scaled-lrtensor": dict(decay_mode=5, wd=2.0, scaled=True, lr_tensor=True),
 }
 
 
@@ -306,7 +309,7 @@ def _adam_vs_cpu(dtype, layout, case, clip, betas, tol=None):
         found = torch.zeros((), device=dev) if opt.get("scaled") else None
         for gs, (norm, max_norm) in zip(grads, norms):
             ops.adam_(p, _to_device(gs, dev), m, v, vmax, steps, master, [], **adam_hyper(
-                lr=0.01, lr_tensor=lr_t, beta1=betas[0], beta2=betas[1], weight_decay=0.1,
+                lr=0.01, lr_tensor=lr_t, beta1=betas[0], beta2=betas[1], weight_decay=opt.get("wd", 0.1),
                 decay_mode=opt["decay_mode"], cautious_wd=bool(opt.get("cautious")), initial_lr=0.02,
                 amsgrad=bool(opt.get("amsgrad")),
                 maximize=bool(opt.get("maximize")), grad_norm=None if norm is None else norm.to(dev),
@@ -325,6 +328,10 @@ SGD_BITWISE = {
     "nesterov-cautious-independent-maximize": dict(momentum=0.9, nesterov=True, decay_mode=2, cautious=True,
                                                    maximize=True),
     "momentum-cautious-lrtensor": dict(momentum=0.9, decay_mode=1, cautious=True, lr_tensor=True),
+    "nesterov-l1-maximize": dict(momentum=0.9, nesterov=True, decay_mode=4, maximize=True),
+    # threshold lr * wd = 0.02: some elements become exact zeros
+    "no-momentum-l1_proximal-lrtensor": dict(momentum=0.0, decay_mode=5, wd=2.0, lr_tensor=True),
+    "momentum-l1_proximal-scaled": dict(momentum=0.9, decay_mode=5, wd=2.0, scaled=True),
 }
 
 
@@ -349,7 +356,7 @@ def test_sgd_matches_cpu_kernels_bitwise(dtype, layout, case, clip):
             new = [s == 0 and i % 2 == 1 for i in range(len(p))] if momentum else []
             ops.sgd_(p, _to_device(gs, dev), b, new, master, [], [], **sgd_hyper(
                 lr=0.01, lr_tensor=lr_t, momentum=momentum, dampening=opt.get("dampening", 0.0),
-                nesterov=bool(opt.get("nesterov")), weight_decay=0.1, decay_mode=opt["decay_mode"],
+                nesterov=bool(opt.get("nesterov")), weight_decay=opt.get("wd", 0.1), decay_mode=opt["decay_mode"],
                 cautious_wd=bool(opt.get("cautious")), initial_lr=0.02, maximize=bool(opt.get("maximize")),
                 grad_norm=None if norm is None else norm.to(dev), max_norm=max_norm, grad_scale=scale,
                 found_inf=found))

@@ -288,6 +288,13 @@ ADAM_OPTIONS = {
                                          amsgrad=True),
     "cautious_corrected_maximize_clip": dict(weight_decay=0.3, decay_mode=3, initial_lr=0.1, cautious_wd=True,
                                              maximize=True, grad_norm=torch.tensor(7.25), max_norm=1.0),
+    "l1": dict(weight_decay=0.1, decay_mode=4),
+    "l1_amsgrad_maximize_clip": dict(weight_decay=0.3, decay_mode=4, amsgrad=True, maximize=True,
+                                     grad_norm=torch.tensor(7.25), max_norm=1.0),
+    # a threshold lr * wd = 0.1 that zeroes some elements
+    "l1_proximal": dict(weight_decay=2.0, decay_mode=5),
+    "l1_proximal_amsgrad_maximize_lr_tensor": dict(weight_decay=2.0, decay_mode=5, amsgrad=True, maximize=True,
+                                                   lr_tensor=torch.tensor(0.03, dtype=torch.float64)),
     "amsgrad": dict(amsgrad=True),
     "maximize": dict(maximize=True, weight_decay=0.1, decay_mode=0),
     "clip": dict(grad_norm=torch.tensor(7.25), max_norm=1.0),
@@ -369,7 +376,8 @@ def layout_id(layout):
 # decay variants of the mixed-layout tests: plain decoupled, with amsgrad,
 # and cautious corrected decay (its own kernel instantiation)
 MIXED_ADAM = {"decoupled": dict(decay_mode=1), "amsgrad": dict(decay_mode=1, amsgrad=True),
-              "cautious_corrected": dict(decay_mode=3, initial_lr=0.2, cautious_wd=True)}
+              "cautious_corrected": dict(decay_mode=3, initial_lr=0.2, cautious_wd=True),
+              "l1": dict(decay_mode=4), "l1_proximal": dict(decay_mode=5, weight_decay=2.0)}
 
 
 @pytest.mark.parametrize("variant", list(MIXED_ADAM))
@@ -379,7 +387,7 @@ def test_adam_mixed_layouts_match_cpu(emu, layout, variant):
     amsgrad = MIXED_ADAM[variant].get("amsgrad", False)
     gen = torch.Generator().manual_seed(7)
     spec = adam_spec(pdt, gen, state_dtype=sdt, master=master, amsgrad=amsgrad)
-    kw = adam_kwargs(**for_dtype(dict(MIXED_ADAM[variant], weight_decay=0.1, grad_norm=torch.tensor(9.0),
+    kw = adam_kwargs(**for_dtype(dict(dict(weight_decay=0.1), **MIXED_ADAM[variant], grad_norm=torch.tensor(9.0),
                      max_norm=1.0, stochastic_rounding=sr, sr_seed=12345), pdt))
     ids = [3 * i + 1 for i in range(len(SHAPES))]
     same_layout_verdict(spec, lambda ops, lists: adam_call(ops, lists, kw, ids), emu, ADAM_LISTS,
@@ -465,6 +473,13 @@ SGD_OPTIONS = {
     "cautious_nesterov_independent_maximize": dict(momentum=0.9, nesterov=True, weight_decay=0.1,
                                                    decay_mode=2, initial_lr=0.5, cautious_wd=True,
                                                    maximize=True),
+    "l1": dict(momentum=0.9, weight_decay=0.1, decay_mode=4),
+    "l1_plain_maximize_clip": dict(weight_decay=0.3, decay_mode=4, maximize=True,
+                                   grad_norm=torch.tensor(7.25), max_norm=1.0),
+    # thresholds lr * wd = 0.1 that zero some elements
+    "l1_proximal_nesterov": dict(momentum=0.9, nesterov=True, weight_decay=2.0, decay_mode=5),
+    "l1_proximal_plain_maximize_lr_tensor": dict(weight_decay=2.0, decay_mode=5, maximize=True,
+                                                 lr_tensor=torch.tensor(0.03)),
     "maximize": dict(momentum=0.5, maximize=True),
     "clip": dict(momentum=0.9, grad_norm=torch.tensor(7.25), max_norm=1.0),
     "scaled": dict(grad_scale=torch.tensor(2.0), found_inf=torch.tensor(0.0)),
@@ -490,7 +505,9 @@ def test_sgd_matches_cpu(emu, dtype, option, first):
 
 
 MIXED_SGD = {"plain-l2": dict(momentum=0.0, decay_mode=0), "momentum-l2": dict(momentum=0.9, decay_mode=0),
-             "momentum-cautious": dict(momentum=0.9, decay_mode=1, cautious_wd=True)}
+             "momentum-cautious": dict(momentum=0.9, decay_mode=1, cautious_wd=True),
+             "momentum-l1": dict(momentum=0.9, decay_mode=4),
+             "plain-l1_proximal": dict(momentum=0.0, decay_mode=5, weight_decay=2.0)}
 
 
 @pytest.mark.parametrize("variant", list(MIXED_SGD))
@@ -500,7 +517,7 @@ def test_sgd_mixed_layouts_match_cpu(emu, layout, variant):
     momentum = MIXED_SGD[variant]["momentum"]
     gen = torch.Generator().manual_seed(12)
     spec = sgd_spec(pdt, gen, state_dtype=sdt, master=master, momentum=momentum != 0, sr=sr)
-    kw = sgd_kwargs(**for_dtype(dict(MIXED_SGD[variant], weight_decay=0.1,
+    kw = sgd_kwargs(**for_dtype(dict(dict(weight_decay=0.1), **MIXED_SGD[variant],
                                      grad_norm=torch.tensor(9.0), max_norm=1.0,
                                      stochastic_rounding=sr, sr_seed=999), pdt))
     is_new = [i % 3 == 0 for i in range(len(SHAPES))] if momentum else []

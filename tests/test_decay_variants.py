@@ -364,7 +364,7 @@ def test_cautious_with_l2_refused_by_the_ops():
     with pytest.raises(RuntimeError, match="cautious_wd needs decay_mode"):
         ops.sgd_([p], [g], [], [], [], [], [], **sgd_hyper(weight_decay=0.1, cautious_wd=True))
     with pytest.raises(RuntimeError, match="decay_mode must be"):
-        ops.sgd_([p], [g], [], [], [], [], [], **sgd_hyper(weight_decay=0.1, decay_mode=4))
+        ops.sgd_([p], [g], [], [], [], [], [], **sgd_hyper(weight_decay=0.1, decay_mode=6))
     assert torch.equal(p, torch.ones(3)) and torch.equal(m, torch.zeros(3)) and step.item() == 0
 
 

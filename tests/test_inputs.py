@@ -150,7 +150,7 @@ def test_same_param_twice():
     ("AdamW", dict(max_grad_norm=0.0), "max_grad_norm"),
     ("AdamW", dict(max_grad_norm=float("inf")), "max_grad_norm"),
     ("AdamW", dict(norm_type=1.0), "norm_type"),
-    ("AdamW", dict(weight_decay_mode="l1"), "weight_decay_mode"),
+    ("AdamW", dict(weight_decay_mode="elastic"), "weight_decay_mode"),
     ("AdamW", dict(weight_decay_mode="l2", cautious_weight_decay=True), "cautious_weight_decay"),
     ("AdamW", dict(skip_nonfinite="yes"), "skip_nonfinite"),
     ("Adam", dict(decoupled_weight_decay=True, weight_decay_mode="l2"), "contradicts"),

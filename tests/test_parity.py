@@ -152,7 +152,7 @@ def test_parity_is_not_vacuous(device):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("mode", ["l2", "decoupled", "independent"])
+@pytest.mark.parametrize("mode", ["l2", "decoupled", "independent", "l1", "l1_proximal"])
 @pytest.mark.parametrize("cls", ["Adam", "AdamW", "SGD"])
 def test_matches_reference(cls, mode, dtype, device):
     """Every decay mode (independent has no torch counterpart) against

@@ -44,9 +44,10 @@ def _loss(params, data):
     return ((torch.tanh(x @ w.t() + b) - y) ** 2).mean()
 
 
-def _run(make_opt, steps=10, l2_in_loss=0.0, seed=0):
+def _run(make_opt, steps=10, l2_in_loss=0.0, seed=0, l1_in_loss=0.0):
     """Trains the small problem for `steps` full-batch steps; `l2_in_loss`
-    adds lambda/2 * ||w||^2 (all params) to the loss."""
+    adds lambda/2 * ||w||^2 (all params) to the loss, `l1_in_loss` adds
+    lambda * sum|w|."""
     init, data = _problem(seed)
     params = [p.clone().requires_grad_(True) for p in init]
     opt = make_opt(params)
@@ -55,6 +56,8 @@ def _run(make_opt, steps=10, l2_in_loss=0.0, seed=0):
         loss = _loss(params, data)
         if l2_in_loss:
             loss = loss + 0.5 * l2_in_loss * sum((p * p).sum() for p in params)
+        if l1_in_loss:
+            loss = loss + l1_in_loss * sum(p.abs().sum() for p in params)
         loss.backward()
         opt.step()
     return [p.detach() for p in params]
@@ -87,6 +90,30 @@ def test_l2_mode_is_the_loss_term(name, make):
     assert _close(fused, in_loss, **FP32), _maxdiff(fused, in_loss)
     plain = _run(make(0.0))
     assert _maxdiff(fused, plain) > 1e-3       # and the decay did something
+
+
+@pytest.mark.parametrize("name,make", [
+    ("Adam", lambda wd: lambda ps: fused_wd.Adam(ps, lr=0.01, weight_decay=wd, weight_decay_mode="l1")),
+    ("Adam-amsgrad", lambda wd: lambda ps: fused_wd.Adam(ps, lr=0.01, weight_decay=wd, amsgrad=True,
+                                                         weight_decay_mode="l1")),
+    ("AdamW-mode-l1", lambda wd: lambda ps: fused_wd.AdamW(ps, lr=0.01, weight_decay=wd, weight_decay_mode="l1")),
+    ("SGD-momentum", lambda wd: lambda ps: fused_wd.SGD(ps, lr=0.05, momentum=0.9, weight_decay=wd,
+                                                        weight_decay_mode="l1")),
+    ("SGD-nesterov", lambda wd: lambda ps: fused_wd.SGD(ps, lr=0.05, momentum=0.9, nesterov=True,
+                                                        weight_decay=wd, weight_decay_mode="l1")),
+], ids=lambda x: x if isinstance(x, str) else "")
+def test_l1_mode_is_the_loss_term(name, make):
+    """weight_decay=lambda in "l1" mode == weight_decay=0 with lambda*sum|w|
+    added to the loss, bit for bit over several steps: autograd's gradient of
+    |w| is sign(w) (0 at 0), lambda*sign(w) is exact, and both sides add it
+    to the same loss gradient once. The mode with weight decay 0 (nothing
+    added) is not the loss term."""
+    fused = _run(make(LAM))
+    in_loss = _run(make(0.0), l1_in_loss=LAM)
+    assert all(torch.equal(a, b) for a, b in zip(fused, in_loss)), _maxdiff(fused, in_loss)
+    assert _maxdiff(fused, _run(make(0.0))) > 1e-3       # and the decay did something
+    l2 = _run(make(0.0), l2_in_loss=LAM)
+    assert _maxdiff(fused, l2) > 1e-4                     # and it is not L2
 
 
 def test_decoupled_is_not_the_loss_term_under_adam():
@@ -228,6 +255,17 @@ def test_study_end_to_end_on_synthetic_data(tmp_path):
         assert len(h["weight_norm"]) == cfg.steps // cfg.eval_every + 1
         assert len(decayed["grad_norm"]) == cfg.steps
         assert all(math.isfinite(x) for x in decayed["grad_norm"])
+
+    # sparsity: L2 leaves no weight exactly zero, proximal L1 does, more with
+    # a larger wd, and every run is accounted for (wd = 0 first)
+    assert set(summary["sparsity"]) == set(study.SPARSE)
+    for mode, c in summary["sparsity"].items():
+        assert c["wds"] == [0.0] + list(cfg.sparse_wds[mode])
+        assert len(c["test_acc"]) == len(c["zero_fraction"]) == len(c["wds"])
+        assert all(0.0 <= z <= 1.0 for z in c["zero_fraction"])
+    assert summary["sparsity"]["adam_l2"]["zero_fraction"] == [0.0] * len(cfg.sparse_wds["adam_l2"]) + [0.0]
+    prox = summary["sparsity"]["l1_proximal"]["zero_fraction"]
+    assert prox[0] == 0.0 and 0.0 < prox[1] < prox[-1]
 
     # fixed seeds: the same run twice gives the same numbers
     a = study.train(data, "adamw", 1e-2, 3.0, cfg)

@@ -35,12 +35,21 @@ namespace fused_wd {
 // onto these): "l2" -> kL2; "decoupled", "independent" and "corrected" ->
 // kScaleParam (they differ only in the factor, computed by decay_factor
 // below), or kCautious with cautious decay (the same factor, applied only
-// where the update and the param agree in sign); any mode with
-// weight_decay == 0 -> kNone (torch skips the decay entirely then).
-enum DecayKind : int { kNone = 0, kL2 = 1, kScaleParam = 2, kCautious = 3 };
+// where the update and the param agree in sign); "l1" -> kL1 (g += wd *
+// sign(p)); "l1_proximal" -> kProximal (soft threshold by lr * wd after the
+// update); any mode with weight_decay == 0 -> kNone (torch skips the decay
+// entirely then).
+enum DecayKind : int { kNone = 0, kL2 = 1, kScaleParam = 2, kCautious = 3, kL1 = 4, kProximal = 5 };
 
 // User-facing decay modes, as passed through the op schemas.
-enum DecayMode : int { kModeL2 = 0, kModeDecoupled = 1, kModeIndependent = 2, kModeCorrected = 3 };
+enum DecayMode : int {
+  kModeL2 = 0,
+  kModeDecoupled = 1,
+  kModeIndependent = 2,
+  kModeCorrected = 3,
+  kModeL1 = 4,
+  kModeL1Proximal = 5
+};
 
 // A flag or a mode as a compile-time constant (the kernels' template
 // parameters come from these dispatchers).
@@ -70,8 +79,9 @@ struct GradPrep {
 template <typename T>
 struct AdamScalars {
   GradPrep<T> gp;
-  T wd;             // kL2: g += wd * p
+  T wd;             // kL2: g += wd * p; kL1: g += wd * sign(p)
   T decay;          // kScaleParam, kCautious: p *= decay
+  T threshold;      // kProximal: lr * wd, the soft threshold after the update
   T w1, one_minus_w1;  // lerp weight (1 - beta1) and 1 - that
   T beta2, one_minus_beta2;
   T bc2_sqrt;       // sqrt(1 - beta2^t)
@@ -84,6 +94,7 @@ struct SgdScalars {
   GradPrep<T> gp;
   T wd;
   T decay;
+  T threshold;
   T momentum;
   T one_minus_dampening;
   T neg_lr;
@@ -141,6 +152,8 @@ FWD_HD void with_decay(int kind, F&& f) {
     case kL2: f(IntC<kL2>{}); break;
     case kScaleParam: f(IntC<kScaleParam>{}); break;
     case kCautious: f(IntC<kCautious>{}); break;
+    case kL1: f(IntC<kL1>{}); break;
+    case kProximal: f(IntC<kProximal>{}); break;
     default: f(IntC<kNone>{}); break;
   }
 }
@@ -157,10 +170,13 @@ FWD_HD void with_sgd_modes(int kind, bool momentum, bool nesterov, F&& f) {
 }
 
 // Weight-decay kind the kernel runs, from the user mode, strength and the
-// cautious flag (refused with "l2" by check_step_args before this is used).
+// cautious flag (refused with "l2", "l1" and "l1_proximal" by check_step_args
+// before this is used).
 FWD_HD int decay_kind(int mode, double weight_decay, bool cautious) {
   if (weight_decay == 0.0) return kNone;
   if (mode == kModeL2) return kL2;
+  if (mode == kModeL1) return kL1;
+  if (mode == kModeL1Proximal) return kProximal;
   return cautious ? kCautious : kScaleParam;
 }
 
@@ -180,6 +196,23 @@ FWD_HD double decay_factor(int mode, double lr, double weight_decay, double init
 template <typename T>
 FWD_HD T cautious_decay(T p, T u, T decay) {
   return u * p >= T(0) ? p * decay : p;
+}
+
+// sign(p) as torch.sign computes it, and as autograd differentiates |p|:
+// 1, -1, or 0 for +-0 and NaN. Coupled L1 adds wd * sign(p) to the gradient,
+// which is the gradient of wd * sum|p| added to the loss.
+template <typename T>
+FWD_HD T sign_of(T p) {
+  return p > T(0) ? T(1) : (p < T(0) ? T(-1) : T(0));
+}
+
+// Proximal L1 (soft thresholding) after the update:
+// sign(p) * max(|p| - threshold, 0), an exact +0 where |p| <= threshold.
+// A NaN stays NaN (|NaN| - t <= 0 is false), an infinity stays infinite.
+template <typename T>
+FWD_HD T soft_threshold(T p, T threshold) {
+  const T a = (p < T(0) ? -p : p) - threshold;
+  return a <= T(0) ? T(0) : (p < T(0) ? -a : a);
 }
 
 // Gradient preprocessing shared by every optimizer: AMP unscale, clip and
@@ -228,6 +261,7 @@ FWD_HD AdamScalars<T> make_adam_scalars(double lr, double beta1, double beta2, d
   s.gp = gp;
   s.wd = static_cast<T>(weight_decay);
   s.decay = static_cast<T>(decay_factor(mode, lr, weight_decay, initial_lr));
+  s.threshold = static_cast<T>(lr * weight_decay);
   const double w1 = 1.0 - beta1;
   s.w1 = static_cast<T>(w1);
   s.one_minus_w1 = static_cast<T>(1) - s.w1;
@@ -245,11 +279,14 @@ FWD_HD AdamScalars<T> make_adam_scalars(double lr, double beta1, double beta2, d
 // skip decision is taken before). vmax is read and written only when AMSGRAD.
 // Under kCautious the direction u = m / denom (the sign of the bias-corrected
 // m-hat / (sqrt(v-hat) + eps), as bc1 > 0) is computed before the decay,
-// which is legal because decoupled decay never feeds the moments.
+// which is legal because decoupled decay never feeds the moments. kL1 feeds
+// wd * sign(p) to the moments like kL2 feeds wd * p; kProximal thresholds
+// the updated p by lr * wd.
 template <typename T, bool AMSGRAD, int DECAY>
 FWD_HD void adam_element(T& p, T g, T& m, T& v, T& vmax, const AdamScalars<T>& s) {
   g = prep_grad(g, s.gp);
   if (DECAY == kL2) g = g + s.wd * p;
+  if (DECAY == kL1) g = g + s.wd * sign_of(p);
   if (DECAY == kScaleParam) p = p * s.decay;
   m = lerp(m, g, s.w1, s.one_minus_w1);
   v = v * s.beta2 + s.one_minus_beta2 * g * g;
@@ -262,6 +299,7 @@ FWD_HD void adam_element(T& p, T g, T& m, T& v, T& vmax, const AdamScalars<T>& s
   const T u = m / denom;
   if (DECAY == kCautious) p = cautious_decay(p, u, s.decay);
   p = p + s.neg_step_size * u;
+  if (DECAY == kProximal) p = soft_threshold(p, s.threshold);
 }
 
 // ---------------------------------------------------------------- SGD
@@ -274,6 +312,7 @@ FWD_HD SgdScalars<T> make_sgd_scalars(double lr, double momentum, double dampeni
   s.gp = gp;
   s.wd = static_cast<T>(weight_decay);
   s.decay = static_cast<T>(decay_factor(mode, lr, weight_decay, initial_lr));
+  s.threshold = static_cast<T>(lr * weight_decay);
   s.momentum = static_cast<T>(momentum);
   s.one_minus_dampening = static_cast<T>(1.0 - dampening);
   s.neg_lr = static_cast<T>(-lr);
@@ -283,11 +322,13 @@ FWD_HD SgdScalars<T> make_sgd_scalars(double lr, double momentum, double dampeni
 // One element of SGD. MOMENTUM: buf is read (unless first) and written.
 // `first` is true on the step that creates the momentum buffer (buf = g).
 // Under kCautious the direction u is the final g (the momentum direction,
-// nesterov included, or the gradient without momentum).
+// nesterov included, or the gradient without momentum). kL1 and kProximal
+// as in adam_element.
 template <typename T, int DECAY, bool MOMENTUM, bool NESTEROV>
 FWD_HD void sgd_element(T& p, T g, T& buf, bool first, const SgdScalars<T>& s) {
   g = prep_grad(g, s.gp);
   if (DECAY == kL2) g = g + s.wd * p;
+  if (DECAY == kL1) g = g + s.wd * sign_of(p);
   if (DECAY == kScaleParam) p = p * s.decay;
   if (MOMENTUM) {
     buf = first ? g : buf * s.momentum + s.one_minus_dampening * g;
@@ -295,6 +336,7 @@ FWD_HD void sgd_element(T& p, T g, T& buf, bool first, const SgdScalars<T>& s) {
   }
   if (DECAY == kCautious) p = cautious_decay(p, g, s.decay);
   p = p + s.neg_lr * g;
+  if (DECAY == kProximal) p = soft_threshold(p, s.threshold);
 }
 
 // ---------------------------------------------- automatic weight decay
