@@ -999,3 +999,207 @@ def test_norm_slots_follow_params_moved_to_another_device():
     opt.step()
     assert opt.last_grad_norm.device.type == "cuda"
     torch.testing.assert_close(opt.last_grad_norm, want, rtol=1e-6, atol=0)
+
+
+# ------------------------------------- statistics, wd_tensor and auto_decay
+
+# per-thread sums of at most 64 float terms, then float64 (see
+# test_cuda_emulated.py, where the same code runs on the host)
+STATS_RTOL = 4e-6
+STATS_SHAPES = [(37, 19), (5,), (), (0,), (40001,), (16385,), (7,)]
+
+
+def _stats_inputs(dtype, master, seed=31):
+    g = torch.Generator().manual_seed(seed)
+    rnd = lambda s, dt, pos=False: (  # noqa: E731
+        (torch.rand(s, generator=g, dtype=torch.float64) + 1e-3) if pos
+        else torch.randn(s, generator=g, dtype=torch.float64)).to(dt)
+    sd = torch.float32 if master else dtype
+    return dict(params=[rnd(s, dtype) for s in STATS_SHAPES], grads=[rnd(s, dtype) for s in STATS_SHAPES],
+                m=[0.1 * rnd(s, sd) for s in STATS_SHAPES],
+                v=[0.01 * rnd(s, sd, True) for s in STATS_SHAPES],
+                vmax=[0.02 * rnd(s, sd, True) for s in STATS_SHAPES],
+                steps=[torch.tensor(3.0 + i) for i in range(len(STATS_SHAPES))],
+                master=[rnd(s, torch.float32) for s in STATS_SHAPES] if master else [])
+
+
+def _stats_call(ops, lists, optimizer, amsgrad, stats, slots, wd):
+    n = len(lists["params"])
+    if optimizer == "adam":
+        ops.adam_(lists["params"], lists["grads"], lists["m"], lists["v"], lists["vmax"] if amsgrad else [],
+                  lists["steps"], lists["master"], [], stats=stats, stat_slots=slots, wd_tensor=wd,
+                  **adam_hyper(lr=0.05, weight_decay=1.0, decay_mode=1, amsgrad=amsgrad))
+    else:
+        ops.sgd_(lists["params"], lists["grads"], lists["m"], [False] * n, lists["master"], [], [],
+                 stats=stats, stat_slots=slots, wd_tensor=wd,
+                 **sgd_hyper(lr=0.05, momentum=0.9, weight_decay=1.0, decay_mode=0))
+
+
+@pytest.mark.parametrize("case", ["adam-f32", "adam-f32-amsgrad", "adam-bf16-master", "sgd-f32",
+                                  "sgd-bf16-master"])
+def test_stats_and_wd_tensor_match_cpu_kernels(case):
+    """The CUDA kernels' statistics equal the CPU kernels' (to the float
+    rounding of the per-thread sums) and a float64 sum of the values they
+    describe; a device wd_tensor decays like the CPU one; the updates agree
+    bit for bit; and two runs give the same statistics bits."""
+    optimizer, dt, *rest = case.split("-")
+    dtype = dict(f32=torch.float32, bf16=torch.bfloat16)[dt]
+    master, amsgrad = "master" in rest, "amsgrad" in rest
+    base = _stats_inputs(dtype, master)
+    n = len(STATS_SHAPES)
+    slots = [(3 * i + 2) % (n + 2) for i in range(n)]
+    out = {}
+    for run, dev in [("cpu", "cpu"), ("cuda", DEV), ("cuda again", DEV)]:
+        lists = {k: [t.to(dev, copy=True) for t in v] for k, v in base.items()}
+        stats = torch.full((2, n + 2), -1.0, dtype=torch.float64, device=dev)
+        _stats_call(ops, lists, optimizer, amsgrad, stats, slots, torch.tensor(0.125, device=dev))
+        out[run] = (lists, stats.cpu())
+    assert torch.equal(out["cuda"][1], out["cuda again"][1])
+    for k in base:
+        assert_bitwise(out["cuda"][0][k], out["cpu"][0][k], k)
+    torch.testing.assert_close(out["cuda"][1], out["cpu"][1], rtol=STATS_RTOL, atol=0)
+    vals = out["cpu"][0]["master" if master else "params"]
+    psq = torch.tensor([float(t.double().pow(2).sum()) for t in vals], dtype=torch.float64)
+    vsum = (torch.tensor([float(t.double().sum()) for t in out["cpu"][0]["v"]], dtype=torch.float64)
+            if optimizer == "adam" else torch.zeros(n, dtype=torch.float64))
+    torch.testing.assert_close(out["cuda"][1][0, slots], psq, rtol=STATS_RTOL, atol=0)
+    torch.testing.assert_close(out["cuda"][1][1, slots], vsum, rtol=STATS_RTOL, atol=0)
+    unused = sorted(set(range(n + 2)) - set(slots))
+    assert (out["cuda"][1][:, unused] == -1).all()
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "sgd"])
+def test_stats_of_a_skipped_step_are_not_written_cuda(optimizer):
+    base = _stats_inputs(torch.float32, False)
+    lists = {k: [t.to(DEV) for t in v] for k, v in base.items()}
+    n = len(STATS_SHAPES)
+    stats = torch.full((2, n), -1.0, dtype=torch.float64, device=DEV)
+    skip = dict(found_inf=torch.ones((), device=DEV), grad_scale=torch.full((), 8.0, device=DEV))
+    kw = dict(stats=stats, stat_slots=list(range(n)), wd_tensor=torch.tensor(0.1, device=DEV))
+    if optimizer == "adam":
+        ops.adam_(lists["params"], lists["grads"], lists["m"], lists["v"], [], lists["steps"], [], [], **kw,
+                  **adam_hyper(weight_decay=1.0, decay_mode=1, **skip))
+    else:
+        ops.sgd_(lists["params"], lists["grads"], lists["m"], [False] * n, [], [], [], **kw,
+                 **sgd_hyper(momentum=0.9, weight_decay=1.0, **skip))
+    assert (stats.cpu() == -1).all()
+    for k, v in base.items():
+        for x, y in zip(v, lists[k]):
+            assert torch.equal(y.cpu(), x), k
+
+
+def test_cpu_wd_tensor_for_cuda_params():
+    """A CPU wd_tensor is read on the host (like a CPU lr_tensor): the same
+    bits as a device one."""
+    base = _stats_inputs(torch.float32, False)
+    res = []
+    for wd in (torch.tensor(0.3, dtype=torch.float64), torch.tensor(0.3, dtype=torch.float64, device=DEV)):
+        lists = {k: [t.to(DEV) for t in v] for k, v in base.items()}
+        _stats_call(ops, lists, "adam", False, None, [], wd)
+        res.append(lists["params"])
+    assert_bitwise(res[1], [p.cpu() for p in res[0]], "params")
+
+
+AUTO_PREP_CUDA = {
+    "plain": {},
+    "scaled": dict(grad_scale=1024.0, found_inf=0.0),
+    "found_inf": dict(grad_scale=1024.0, found_inf=1.0),
+    "clip": dict(grad_norm=3.5, max_norm=1.0),
+    "nonfinite_norm": dict(grad_norm=math.inf, max_norm=1.0),
+}
+
+
+@pytest.mark.parametrize("prep", list(AUTO_PREP_CUDA))
+@pytest.mark.parametrize("mode", [0, 1], ids=["scheduled", "adaptive"])
+def test_auto_decay_matches_cpu(mode, prep):
+    g = torch.Generator().manual_seed(32)
+    n = 9
+    ins = [torch.rand(2, n, generator=g, dtype=torch.float64) * 10,
+           torch.rand(n, generator=g, dtype=torch.float64) * 5e3,
+           torch.randint(0, 50, (n,), generator=g).double(),
+           torch.randint(1, 1000, (n,), generator=g).double()]
+    res = {}
+    for dev in ("cpu", DEV):
+        kw = dict(grad_norm=None, max_norm=0.0, grad_scale=None, found_inf=None, skip_nonfinite=True)
+        for k, v in AUTO_PREP_CUDA[prep].items():
+            kw[k] = v if k == "max_norm" else torch.tensor(v, device=dev)
+        state = torch.tensor([0.25], dtype=torch.float64, device=dev)
+        vals = [ops.auto_decay(*[t.to(dev) for t in ins], state, mode=mode, weight_decay=0.05, beta2=0.999,
+                               eps=1e-8, **kw) for _ in range(2)]
+        assert all(v.device.type == torch.device(dev).type and v.dtype == torch.float64 and v.dim() == 0
+                   for v in vals)
+        res[dev] = (torch.stack(vals).cpu(), state.cpu())
+    # pow() of glibc and of CUDA may differ in the last bit
+    torch.testing.assert_close(res[DEV][0], res["cpu"][0], **FP64_LAST_BITS)
+    torch.testing.assert_close(res[DEV][1], res["cpu"][1], **FP64_LAST_BITS)
+
+
+def test_stats_wd_tensor_and_auto_decay_do_not_sync():
+    base = _stats_inputs(torch.float32, False)
+    lists = {k: [t.to(DEV) for t in v] for k, v in base.items()}
+    n = len(STATS_SHAPES)
+    stats = torch.zeros((2, n), dtype=torch.float64, device=DEV)
+    gsq = torch.ones(n, dtype=torch.float64, device=DEV)
+    steps = torch.full((n,), 3.0, dtype=torch.float64, device=DEV)
+    numels = torch.tensor([float(max(t.numel(), 1)) for t in base["params"]], dtype=torch.float64, device=DEV)
+    state = torch.zeros(1, dtype=torch.float64, device=DEV)
+    scale, found = torch.full((), 8.0, device=DEV), torch.zeros((), device=DEV)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for mode in (0, 1):
+            wd = ops.auto_decay(stats, gsq, steps, numels, state, mode=mode, weight_decay=0.1, beta2=0.999,
+                                eps=1e-8, grad_norm=None, max_norm=0.0, grad_scale=scale, found_inf=found,
+                                skip_nonfinite=True)
+            ops.adam_(lists["params"], lists["grads"], lists["m"], lists["v"], [], lists["steps"], [], [],
+                      stats=stats, stat_slots=list(range(n)), wd_tensor=wd,
+                      **adam_hyper(weight_decay=1.0, decay_mode=1, grad_scale=scale, found_inf=found))
+            ops.sgd_(lists["params"], lists["grads"], lists["m"], [False] * n, [], [], [], stats=stats,
+                     stat_slots=list(range(n)), wd_tensor=wd, **sgd_hyper(momentum=0.9, weight_decay=1.0))
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    torch.cuda.synchronize()
+    assert torch.isfinite(stats).all() and (stats[0, [0, 1, 2, 4, 5, 6]] > 0).all()
+
+
+def test_stats_wd_tensor_and_auto_decay_under_graph_capture():
+    """auto_decay feeding adam_'s wd_tensor, with statistics, captured in a
+    CUDA graph: each replay reads the statistics the last one wrote, like
+    the eager steps."""
+    base = _stats_inputs(torch.float32, False)
+    n = len(STATS_SHAPES)
+    numels = torch.tensor([float(t.numel()) for t in base["params"]], dtype=torch.float64, device=DEV)
+
+    def make():
+        lists = {k: [t.to(DEV, copy=True) for t in v] for k, v in base.items()}
+        stats = torch.ones((2, n), dtype=torch.float64, device=DEV)
+        return lists, stats, torch.zeros(1, dtype=torch.float64, device=DEV)
+
+    def step(lists, stats, state):
+        gsq = torch.stack([g.double().pow(2).sum() for g in lists["grads"]])
+        steps = torch.cat([s.double().reshape(1) for s in lists["steps"]])
+        wd = ops.auto_decay(stats, gsq, steps, numels, state, mode=1, weight_decay=0.5, beta2=0.999, eps=1e-8,
+                            grad_norm=None, max_norm=0.0, grad_scale=None, found_inf=None,
+                            skip_nonfinite=True)
+        ops.adam_(lists["params"], lists["grads"], lists["m"], lists["v"], [], lists["steps"], [], [],
+                  stats=stats, stat_slots=list(range(n)), wd_tensor=wd,
+                  **adam_hyper(lr=0.05, weight_decay=1.0, decay_mode=1))
+
+    eager, captured = make(), make()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step(*eager)
+        step(*captured)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step(*captured)
+    for _ in range(3):
+        graph.replay()
+        step(*eager)
+    torch.cuda.synchronize()
+    assert torch.equal(captured[1], eager[1]) and torch.equal(captured[2], eager[2])
+    for k in base:
+        for x, y in zip(eager[0][k], captured[0][k]):
+            assert torch.equal(x, y), k

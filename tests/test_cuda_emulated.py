@@ -153,7 +153,7 @@ def test_norm_many_tensors_and_chunks(emu, norm_type):
     """More tensors than one table holds (several launches), some of several
     chunks, written to consecutive slots of one partials buffer."""
     gen = torch.Generator().manual_seed(2)
-    # a table holds 108 tensors of one list
+    # a table holds 93 tensors of one list
     shapes = [(int(n),) for n in torch.randint(0, 40, (115,), generator=gen)] + [(50000,), (16384,)]
     ts = [Placed(rand(s, torch.float32, gen), i % 4).make() for i, s in enumerate(shapes)]
     got = emu.multi_tensor_norm(ts, norm_type)
@@ -636,3 +636,344 @@ def test_stochastic_rounding_key_advances_past_2_24(emu, optimizer):
         sgd_call(emu, lists, sgd_kwargs(lr=1.0, stochastic_rounding=True, sr_seed=3), [], [0])
         outs.append(lists["params"][0])
     assert 0.2 < (outs[0] > 1).float().mean() < 0.3 and not torch.equal(outs[0], outs[1])
+
+
+# ------------------------------------------------ statistics of the pass
+#
+# stats[0][slot] is the sum of squares of the param values a step computes
+# (the fp32 master's when there is one, before any rounding to 16-bit
+# storage) and stats[1][slot] the sum of the exp_avg_sq values (before any
+# rounding to the state storage; 0 for sgd_). Each thread sums its (at most
+# 64 per chunk) elements in the math type before the float64 tree, so float
+# math agrees with a float64 sum to 64 float roundings of positive terms:
+STATS_RTOL = {torch.float32: 4e-6, torch.float64: 1e-13}
+UNSET = -7.0  # what the stats tensor holds before a call
+
+
+def stats_args(n, gen, extra=3):
+    """A [2, n + extra] stats tensor (UNSET) and a permutation of slots."""
+    slots = torch.randperm(n + extra, generator=gen)[:n].tolist()
+    return torch.full((2, n + extra), UNSET, dtype=torch.float64), slots
+
+
+def sumsq64(ts):
+    return torch.tensor([float(t.double().pow(2).sum()) for t in ts], dtype=torch.float64)
+
+
+def sum64(ts):
+    return torch.tensor([float(t.double().sum()) for t in ts], dtype=torch.float64)
+
+
+def assert_stats(stats, slots, psq, vsum, rtol, what):
+    got = stats[:, slots]
+    torch.testing.assert_close(got[0], psq, rtol=rtol, atol=0, msg=lambda m: f"{what}: sum p^2: {m}")
+    torch.testing.assert_close(got[1], vsum, rtol=rtol, atol=0, msg=lambda m: f"{what}: sum v: {m}")
+    unused = torch.ones(stats.shape[1], dtype=torch.bool)
+    unused[slots] = False
+    assert (stats[:, unused] == UNSET).all(), f"{what}: a slot of no param was written"
+
+
+def upcast(spec):
+    """The spec with every 16-bit tensor stored as float32: its Adam step
+    computes the same float values (the math is float32 either way), without
+    the rounding to storage, so its outputs are the values the statistics sum."""
+    def up(p):
+        v = p.values
+        return Placed(v.float() if v.dtype in (torch.float16, torch.bfloat16) else v, p.offset)
+    out = {k: [up(p) for p in v] for k, v in spec.items() if k not in ("state_steps", "master_params")}
+    out["state_steps"] = spec["state_steps"]
+    out["master_params"] = []
+    if spec["master_params"]:
+        out["params"] = [Placed(m.values, m.offset) for m in spec["master_params"]]
+    return out
+
+
+# (param dtype, state dtype, master, amsgrad)
+STATS_ADAM = {
+    "f32": (torch.float32, None, False, False),
+    "f32-amsgrad": (torch.float32, None, False, True),
+    "f64-amsgrad": (torch.float64, None, False, True),
+    "bf16-master": (torch.bfloat16, torch.float32, True, False),
+    "bf16-master-bf16states-amsgrad": (torch.bfloat16, torch.bfloat16, True, True),
+    "f32-bf16states": (torch.float32, torch.bfloat16, False, False),
+    "f16-f16": (torch.float16, None, False, False),
+}
+
+
+@pytest.mark.parametrize("variant", list(STATS_ADAM))
+def test_adam_stats_match_float64(emu, variant):
+    pdt, sdt, master, amsgrad = STATS_ADAM[variant]
+    gen = torch.Generator().manual_seed(20)
+    spec = adam_spec(pdt, gen, state_dtype=sdt, master=master, amsgrad=amsgrad)
+    n = len(SHAPES)
+    stats0, slots = stats_args(n, gen)
+    kw = adam_kwargs(**for_dtype(dict(weight_decay=0.1, decay_mode=1, amsgrad=amsgrad), pdt))
+    runs = {}
+    for name, ops in [("cpu", CPU), ("emu", emu), ("emu again", emu)]:
+        lists = make_lists(spec)
+        stats = stats0.clone()
+        adam_call(ops, lists, dict(kw, stats=stats, stat_slots=slots))
+        runs[name] = (lists, stats)
+    for name in ADAM_LISTS:  # the statistics change nothing else
+        for i, (x, y) in enumerate(zip(runs["cpu"][0][name], runs["emu"][0][name])):
+            assert_bitwise(whole(y), whole(x), f"{variant}: {name}[{i}]")
+    assert_bitwise(runs["emu again"][1], runs["emu"][1], f"{variant}: stats of two runs")
+    # the values before rounding: those of the same step on float32 storage
+    plain = make_lists(upcast(spec))
+    adam_call(CPU, plain, kw)
+    psq, vsum = sumsq64(plain["params"]), sum64(plain["exp_avg_sqs"])
+    rtol = STATS_RTOL[torch.float64 if pdt == torch.float64 else torch.float32]
+    assert psq[3] == 0 and vsum[3] == 0  # the empty param
+    assert_stats(runs["emu"][1], slots, psq, vsum, rtol, f"{variant} emulated")
+    assert_stats(runs["cpu"][1], slots, psq, vsum, rtol, f"{variant} cpu")
+    if sdt is None and not master and pdt in (torch.float32, torch.float64):
+        # no rounding anywhere: the stored values themselves
+        assert_stats(runs["emu"][1], slots, sumsq64(runs["emu"][0]["params"]),
+                     sum64(runs["emu"][0]["exp_avg_sqs"]), rtol, f"{variant} stored")
+
+
+# (param dtype, state dtype, master, momentum)
+STATS_SGD = {
+    "f32": (torch.float32, None, False, False),
+    "f32-momentum": (torch.float32, None, False, True),
+    "f64-momentum": (torch.float64, None, False, True),
+    "bf16-master-momentum": (torch.bfloat16, torch.float32, True, True),
+    "bf16-master": (torch.bfloat16, None, True, False),
+}
+
+
+@pytest.mark.parametrize("variant", list(STATS_SGD))
+def test_sgd_stats_match_float64(emu, variant):
+    pdt, sdt, master, momentum = STATS_SGD[variant]
+    gen = torch.Generator().manual_seed(21)
+    spec = sgd_spec(pdt, gen, state_dtype=sdt, master=master, momentum=momentum)
+    n = len(SHAPES)
+    stats0, slots = stats_args(n, gen)
+    kw = sgd_kwargs(**for_dtype(dict(weight_decay=0.1, decay_mode=0, momentum=0.9 if momentum else 0.0),
+                                pdt))
+    is_new = [i % 2 == 0 for i in range(n)] if momentum else []
+    runs = {}
+    for name, ops in [("cpu", CPU), ("emu", emu), ("emu again", emu)]:
+        lists = make_lists(spec)
+        stats = stats0.clone()
+        sgd_call(ops, lists, dict(kw, stats=stats, stat_slots=slots), is_new)
+        runs[name] = (lists, stats)
+    for name in SGD_LISTS:
+        for i, (x, y) in enumerate(zip(runs["cpu"][0][name], runs["emu"][0][name])):
+            assert_bitwise(whole(y), whole(x), f"{variant}: {name}[{i}]")
+    assert_bitwise(runs["emu again"][1], runs["emu"][1], f"{variant}: stats of two runs")
+    ref = runs["emu"][0]["master_params"] if master else runs["emu"][0]["params"]
+    rtol = STATS_RTOL[torch.float64 if pdt == torch.float64 else torch.float32]
+    zeros = torch.zeros(n, dtype=torch.float64)
+    assert_stats(runs["emu"][1], slots, sumsq64(ref), zeros, rtol, f"{variant} emulated")
+    assert_stats(runs["cpu"][1], slots, sumsq64(ref), zeros, rtol, f"{variant} cpu")
+
+
+def test_stats_many_tensors_and_empty_params(emu):
+    """More tensors than one table holds (several update launches, one
+    reduction), tensors of several chunks, and more empty params than one
+    reduction launch zeroes (their slots get 0)."""
+    gen = torch.Generator().manual_seed(22)
+    shapes = ([(int(n),) for n in torch.randint(1, 200, (150,), generator=gen)] + [(50000,), (16384,)]
+              + [(0,)] * 260)
+    order = torch.randperm(len(shapes), generator=gen).tolist()
+    shapes = [shapes[i] for i in order]
+    for pdt, sdt, master in [(torch.float32, None, False), (torch.bfloat16, torch.float32, True)]:
+        spec = adam_spec(pdt, gen, shapes=shapes, state_dtype=sdt, master=master)
+        stats, slots = stats_args(len(shapes), gen)
+        kw = adam_kwargs(weight_decay=0.1, decay_mode=1)
+        lists = make_lists(spec)
+        adam_call(emu, lists, dict(kw, stats=stats, stat_slots=slots))
+        ref = lists["master_params"] if master else lists["params"]
+        assert_stats(stats, slots, sumsq64(ref), sum64(lists["exp_avg_sqs"]), STATS_RTOL[torch.float32],
+                     f"x{len(shapes)} {pdt}")
+
+
+def test_stats_of_a_param_do_not_depend_on_the_call(emu):
+    """A param's sums are the same bits whether it is stepped alone or with
+    others (other dtypes, other tables)."""
+    gen = torch.Generator().manual_seed(23)
+    shapes = [(40001,), (37, 19), (7,), (16385,)] + [(int(n),) for n in torch.randint(1, 50, (120,),
+                                                                                       generator=gen)]
+    spec = adam_spec(torch.float32, gen, shapes=shapes, amsgrad=True)
+    # another dtype in the same call: a second launch group
+    for k, dt in [("params", torch.float64), ("grads", torch.float64), ("exp_avgs", torch.float64),
+                  ("exp_avg_sqs", torch.float64), ("max_exp_avg_sqs", torch.float64)]:
+        spec[k][5] = Placed(spec[k][5].values.to(dt), spec[k][5].offset)
+    kw = adam_kwargs(amsgrad=True, weight_decay=0.1, decay_mode=2, initial_lr=0.1)
+    n = len(shapes)
+    together = torch.full((2, n), UNSET, dtype=torch.float64)
+    adam_call(emu, make_lists(spec), dict(kw, stats=together, stat_slots=list(range(n))))
+    alone = torch.full((2, n), UNSET, dtype=torch.float64)
+    for i in [0, 1, 3, 5, 7]:
+        one = {k: v[i:i + 1] for k, v in spec.items()}
+        adam_call(emu, make_lists(one), dict(kw, stats=alone, stat_slots=[i]))
+        assert_bitwise(alone[:, i], together[:, i], f"param {i} alone vs in the call")
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "sgd"])
+@pytest.mark.parametrize("why", ["found_inf", "nonfinite_norm"])
+def test_stats_of_a_skipped_step_are_not_written(emu, optimizer, why):
+    gen = torch.Generator().manual_seed(24)
+    skip = (dict(found_inf=torch.tensor(1.0), grad_scale=torch.tensor(8.0)) if why == "found_inf"
+            else dict(grad_norm=torch.tensor(float("nan")), max_norm=1.0))
+    n = len(SHAPES)
+    for ops_name, ops in backends(emu):
+        stats, slots = stats_args(n, gen)
+        if optimizer == "adam":
+            spec = adam_spec(torch.bfloat16, gen, state_dtype=torch.float32, master=True)
+            lists = make_lists(spec)
+            adam_call(ops, lists, dict(adam_kwargs(weight_decay=0.1, decay_mode=1, **skip), stats=stats,
+                                       stat_slots=slots))
+            names = ADAM_LISTS
+        else:
+            spec = sgd_spec(torch.float32, gen)
+            lists = make_lists(spec)
+            sgd_call(ops, lists, dict(sgd_kwargs(momentum=0.9, **skip), stats=stats, stat_slots=slots),
+                     [False] * n)
+            names = SGD_LISTS
+        assert (stats == UNSET).all(), f"{ops_name}: a skipped step wrote stats"
+        for name in names:
+            for i, p in enumerate(spec[name]):
+                assert_bitwise(lists[name][i], p.values, f"{ops_name}: {name}[{i}]")
+
+
+def test_stats_bad_slots_are_refused_before_anything_is_written(emu):
+    gen = torch.Generator().manual_seed(25)
+    spec = adam_spec(torch.float32, gen, shapes=[(40,), (3,)])
+    for name, ops in backends(emu):
+        for stats, slots, match in [(torch.zeros(2, 2, dtype=torch.float64), [1, 1], "earlier param"),
+                                    (torch.zeros(2, 2, dtype=torch.float64), [0, 2], "outside"),
+                                    (torch.zeros(2, 2, dtype=torch.float32), [0, 1], "float64"),
+                                    (torch.zeros(2, 2, dtype=torch.float64), [0], "one stat_slots")]:
+            lists = make_lists(spec)
+            before = stats.clone()
+            with pytest.raises(RuntimeError, match=match):
+                adam_call(ops, lists, dict(adam_kwargs(), stats=stats, stat_slots=slots))
+            assert torch.equal(stats, before)
+            for k in ("params", "exp_avgs", "exp_avg_sqs", "state_steps"):
+                for i, p in enumerate(spec[k]):
+                    assert_bitwise(lists[k][i], p.values, f"{name}: {k}[{i}]")
+
+
+# ---------------------------------------------------------------- wd_tensor
+
+WD_CASES = {
+    "l2": dict(decay_mode=0),
+    "decoupled": dict(decay_mode=1),
+    "independent": dict(decay_mode=2, initial_lr=0.2),
+    "corrected": dict(decay_mode=3, initial_lr=0.2),
+    "cautious": dict(decay_mode=1, cautious_wd=True),
+}
+
+
+@pytest.mark.parametrize("wd_dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("case", list(WD_CASES))
+@pytest.mark.parametrize("optimizer", ["adam", "adam-mixed", "sgd", "sgd-mixed"])
+def test_wd_tensor_is_weight_decay(emu, optimizer, case, wd_dtype):
+    """wd_tensor's value replaces weight_decay's (which still says whether
+    there is decay): the same bits as that value passed as weight_decay,
+    on the CPU op and on the CUDA code, which reads it on the device."""
+    wd = torch.tensor(0.37, dtype=wd_dtype)
+    value = float(wd)
+    gen = torch.Generator().manual_seed(26)
+    mixed = optimizer.endswith("mixed")
+    pdt = torch.bfloat16 if mixed else torch.float32
+    if optimizer.startswith("adam"):
+        spec = adam_spec(pdt, gen, state_dtype=torch.float32 if mixed else None, master=mixed)
+        names = ADAM_LISTS
+        base = adam_kwargs(**for_dtype(WD_CASES[case], pdt))
+
+        def call(ops, lists, **kw):
+            adam_call(ops, lists, dict(base, **kw))
+    else:
+        spec = sgd_spec(pdt, gen, state_dtype=torch.float32 if mixed else None, master=mixed)
+        names = SGD_LISTS
+        base = sgd_kwargs(**for_dtype(dict(WD_CASES[case], momentum=0.9), pdt))
+
+        def call(ops, lists, **kw):
+            sgd_call(ops, lists, dict(base, **kw), [False] * len(SHAPES))
+    runs = []
+    for ops, kw in [(emu, dict(weight_decay=value)), (emu, dict(weight_decay=1.0, wd_tensor=wd)),
+                    (CPU, dict(weight_decay=1.0, wd_tensor=wd)), (CPU, dict(weight_decay=value))]:
+        lists = make_lists(spec)
+        call(ops, lists, **kw)
+        runs.append(lists)
+    # the decay did act: without it the params get other bits
+    nodecay = make_lists(spec)
+    call(emu, nodecay, weight_decay=0.0)
+    assert not all(torch.equal(x, y) for x, y in zip(nodecay["params"], runs[0]["params"]))
+    for r in runs[1:]:
+        for name in names:
+            for i, (x, y) in enumerate(zip(runs[0][name], r[name])):
+                assert_bitwise(whole(y), whole(x), f"{optimizer} {case}: {name}[{i}]")
+
+
+def test_wd_tensor_with_zero_weight_decay_means_no_decay(emu):
+    gen = torch.Generator().manual_seed(27)
+    spec = adam_spec(torch.float32, gen)
+    a, b = make_lists(spec), make_lists(spec)
+    adam_call(emu, a, adam_kwargs(decay_mode=1))
+    adam_call(emu, b, dict(adam_kwargs(decay_mode=1), wd_tensor=torch.tensor(0.5)))
+    for name in ADAM_LISTS:
+        for i, (x, y) in enumerate(zip(a[name], b[name])):
+            assert_bitwise(y, x, f"{name}[{i}]")
+
+
+# ------------------------------------------------------------- auto_decay
+
+AUTO_PREP = {
+    "plain": {},
+    "scaled": dict(grad_scale=torch.tensor(1024.0), found_inf=torch.tensor(0.0)),
+    "found_inf": dict(grad_scale=torch.tensor(1024.0), found_inf=torch.tensor(1.0)),
+    "clip": dict(grad_norm=torch.tensor(3.5), max_norm=1.0),
+    "clip_scaled": dict(grad_norm=torch.tensor(3.5), max_norm=1.0, grad_scale=torch.tensor(64.0),
+                        found_inf=torch.tensor(0.0)),
+    "nonfinite_norm": dict(grad_norm=torch.tensor(float("inf")), max_norm=1.0),
+}
+
+
+def auto_inputs(gen, n=9):
+    stats = torch.rand(2, n, generator=gen, dtype=torch.float64) * 10
+    stats[1] *= 1e-3
+    grad_sumsq = torch.rand(n, generator=gen, dtype=torch.float64) * 5e3
+    steps = torch.randint(0, 50, (n,), generator=gen).double()
+    numels = torch.randint(1, 1000, (n,), generator=gen).double()
+    return stats, grad_sumsq, steps, numels
+
+
+@pytest.mark.parametrize("prep", list(AUTO_PREP))
+@pytest.mark.parametrize("mode", [0, 1], ids=["scheduled", "adaptive"])
+def test_auto_decay_matches_cpu(emu, mode, prep):
+    gen = torch.Generator().manual_seed(28)
+    ins = auto_inputs(gen)
+    kw = dict(dict(grad_norm=None, max_norm=0.0, grad_scale=None, found_inf=None, skip_nonfinite=True),
+              **AUTO_PREP[prep])
+    out = []
+    for _, ops in backends(emu):
+        state = torch.tensor([0.25], dtype=torch.float64)
+        vals = [ops.auto_decay(*ins, state, mode=mode, weight_decay=0.05, beta2=0.999, eps=1e-8, **kw)
+                for _ in range(2)]  # twice: the adaptive mode's state moves on
+        out.append((vals, state))
+    for v in out[1][0]:
+        assert v.dtype == torch.float64 and v.dim() == 0
+    for (x, y) in zip(out[0][0], out[1][0]):
+        assert_bitwise(y, x, f"auto_decay {mode} {prep}")
+    assert_bitwise(out[1][1], out[0][1], "state")
+    assert torch.isfinite(out[1][0][0]) and out[1][0][0] > 0
+    skipped = prep in ("found_inf", "nonfinite_norm")
+    if mode == 1:
+        assert (out[1][1].item() == 0.25) == skipped
+
+
+def test_auto_decay_of_no_params_matches_cpu(emu):
+    empty = torch.zeros(0, dtype=torch.float64)
+    for mode in (0, 1):
+        vals = []
+        for _, ops in backends(emu):
+            state = torch.tensor([0.5], dtype=torch.float64)
+            vals.append(ops.auto_decay(torch.zeros(2, 0, dtype=torch.float64), empty, empty, empty, state,
+                                       mode=mode, weight_decay=0.1, beta2=0.99, eps=1e-8, grad_norm=None,
+                                       max_norm=0.0, grad_scale=None, found_inf=None,
+                                       skip_nonfinite=True))
+        assert_bitwise(vals[1], vals[0], f"mode {mode}")

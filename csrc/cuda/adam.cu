@@ -1,6 +1,9 @@
 // adam_ on CUDA: one multi-tensor launch per dtype bucket (and per full
-// table), the per-element math of fused_wd/math.h, then one small launch that
-// advances the step counters unless the step was skipped.
+// table), the per-element math of fused_wd/math.h, then (with stats) one
+// small launch that reduces the statistics, and one that advances the step
+// counters, both unless the step was skipped.
+#include <algorithm>
+
 #include "cuda/multi_tensor_apply.cuh"
 #include "cuda/ops_cuda.cuh"
 
@@ -42,6 +45,60 @@ void increment_steps(at::TensorList steps, const PrepArgs& prep, Stream stream) 
   flush();
 }
 
+// ------------------------------------------------------------ statistics
+
+namespace {
+
+__global__ void __launch_bounds__(kThreads) stats_reduce_kernel(StatsReduce r, PrepArgs prep) {
+  __shared__ double sh_p[kThreads];
+  __shared__ double sh_v[kThreads];
+  if (read_prep(prep).skip) return;  // the update wrote no partial either
+  const int b = static_cast<int>(blockIdx.x);
+  if (b < r.ntensors) {
+    const double* m = r.meta + 3 * static_cast<int64_t>(b);
+    const int64_t slot = static_cast<int64_t>(m[0]);
+    const int64_t first = static_cast<int64_t>(m[1]);
+    const int64_t nc = static_cast<int64_t>(m[2]);
+    const double p = reduce_chunks<false, kThreads>(r.part + first, nc, sh_p);
+    const double v = reduce_chunks<false, kThreads>(r.part + r.total_chunks + first, nc, sh_v);
+    if (threadIdx.x == 0) {
+      r.stats[slot] = p;
+      r.stats[r.nslots + slot] = v;
+    }
+    return;
+  }
+  for (int j = threadIdx.x; j < r.nempty; j += blockDim.x) {
+    r.stats[r.empty[j]] = 0.0;
+    r.stats[r.nslots + r.empty[j]] = 0.0;
+  }
+}
+
+}  // namespace
+
+void StatsPlan::finish(const PrepArgs& prep, Stream stream) {
+  if (!on_) return;
+  StatsReduce r;
+  std::memset(&r, 0, sizeof(r));
+  r.part = out_.part;
+  r.meta = out_.meta;
+  r.stats = stats_.data_ptr<double>();
+  r.total_chunks = out_.total_chunks;
+  r.nslots = stats_.size(1);
+  TORCH_INTERNAL_ASSERT(out_.tensor_offset == ntensors_ && out_.chunk_offset == out_.total_chunks);
+  TORCH_CHECK(ntensors_ < INT32_MAX, "fused_wd: too many tensors");
+  r.ntensors = static_cast<int>(ntensors_);
+  // one launch unless more than kEmptyPerLaunch params are empty
+  size_t e = 0;
+  do {
+    r.nempty = static_cast<int>(std::min<size_t>(empty_.size() - e, kEmptyPerLaunch));
+    for (int j = 0; j < r.nempty; ++j) r.empty[j] = empty_[e + j];
+    e += r.nempty;
+    const int64_t grid = r.ntensors + (r.nempty > 0 ? 1 : 0);
+    if (grid > 0) launch(stats_reduce_kernel, grid, kThreads, stream, r, prep);
+    r.ntensors = 0;
+  } while (e < empty_.size());
+}
+
 // ---------------------------------------------------------------- Adam
 
 namespace {
@@ -63,20 +120,22 @@ __device__ double block_adam_scalars(const ChunkTable<DEPTH>& tab, const ChunkPo
   if (pr.skip) return 0.0;
   const double t = step_after(tab.step[pos.t], tab.step_f64[pos.t] != 0);
   const GradPrep<T> gp = make_grad_prep<T>(pr.inv_scale, pr.coef, a.step.maximize != 0);
-  *out = make_adam_scalars<T>(read_lr(a.step), a.beta1, a.beta2, a.eps, a.step.weight_decay,
+  *out = make_adam_scalars<T>(read_lr(a.step), a.beta1, a.beta2, a.eps, read_wd(a.step),
                               a.step.decay_mode, a.step.initial_lr, t, gp);
   return t;
 }
 
 template <typename scalar_t, bool AMSGRAD, int DECAY>
 __global__ void __launch_bounds__(kThreads)
-    adam_kernel(ChunkTable<AMSGRAD ? 5 : 4> tab, AdamArgs a) {
+    adam_kernel(ChunkTable<AMSGRAD ? 5 : 4> tab, AdamArgs a, StatsOut so) {
   constexpr int D = AMSGRAD ? 5 : 4;
   // written: param, exp_avg, exp_avg_sq (and max_exp_avg_sq); grad is read only
   constexpr unsigned kWrite = AMSGRAD ? 0x1Du : 0x0Du;
   using T = at::opmath_type<scalar_t>;
   __shared__ AdamScalars<T> sh_scalars;
   __shared__ int sh_skip;
+  __shared__ double sh_p[kThreads];
+  __shared__ double sh_v[kThreads];
   const ChunkPos pos = locate_chunk(tab);
   if (threadIdx.x == 0) block_adam_scalars(tab, pos, a, &sh_skip, &sh_scalars);
   __syncthreads();
@@ -85,6 +144,7 @@ __global__ void __launch_bounds__(kThreads)
   scalar_t* p[D];
 #pragma unroll
   for (int d = 0; d < D; ++d) p[d] = static_cast<scalar_t*>(tab.ptr[d][pos.t]) + pos.begin;
+  T psq = T(0), vsum = T(0);  // this thread's statistics
   for_each_element<scalar_t, D, kWrite>(p, pos.n, [&](T(&x)[D]) {
     if constexpr (AMSGRAD) {
       adam_element<T, true, DECAY>(x[0], x[1], x[2], x[3], x[D - 1], s);
@@ -92,26 +152,32 @@ __global__ void __launch_bounds__(kThreads)
       T unused = T(0);
       adam_element<T, false, DECAY>(x[0], x[1], x[2], x[3], unused, s);
     }
+    psq = psq + x[0] * x[0];
+    vsum = vsum + x[3];
   });
+  write_chunk_stats(so, tab, pos, psq, vsum, sh_p, sh_v);
 }
 
 template <typename scalar_t, bool AMSGRAD, int DECAY>
 void launch_adam(const std::vector<std::vector<at::Tensor>>& dense, const std::vector<int64_t>& idx,
-                 at::TensorList steps, const AdamArgs& args, Stream stream) {
+                 at::TensorList steps, const AdamArgs& args, StatsPlan& stats, Stream stream) {
   constexpr int D = AMSGRAD ? 5 : 4;
   for_each_table<D>(
       static_cast<int64_t>(idx.size()),
       [&](int64_t k) {
         Entry<D> e = entry_of<D>(dense, idx[k]);
         set_step(e, steps[idx[k]]);
+        e.slot = stats.slot(idx[k]);
         return e;
       },
       [&](const ChunkTable<D>& tab, int nchunks) {
-        launch(adam_kernel<scalar_t, AMSGRAD, DECAY>, nchunks, kThreads, stream, tab, args);
+        launch(adam_kernel<scalar_t, AMSGRAD, DECAY>, nchunks, kThreads, stream, tab, args,
+               stats.next(tab, nchunks));
       });
 }
 
-static_assert(sizeof(ChunkTable<5>) + sizeof(AdamArgs) <= 4000, "adam kernel arguments too large");
+static_assert(sizeof(ChunkTable<5>) + sizeof(AdamArgs) + sizeof(StatsOut) <= 4000,
+              "adam kernel arguments too large");
 
 // ---------------------------------------------------- Adam, mixed precision
 
@@ -125,8 +191,10 @@ struct MixedArgs {
 // 4 max_exp_avg_sq (ST; amsgrad), 5 master (float; when mx.master).
 template <typename PT, typename ST, bool AMSGRAD>
 __global__ void __launch_bounds__(kThreads)
-    adam_mixed_kernel(ChunkTable<6> tab, AdamArgs a, MixedArgs mx) {
+    adam_mixed_kernel(ChunkTable<6> tab, AdamArgs a, MixedArgs mx, StatsOut so) {
   __shared__ BlockSetup<AdamScalars<float>> sh;
+  __shared__ double sh_p[kThreads];
+  __shared__ double sh_v[kThreads];
   const ChunkPos pos = locate_chunk(tab);
   if (threadIdx.x == 0) {
     const double t = block_adam_scalars(tab, pos, a, &sh.skip, &sh.scalars);
@@ -142,6 +210,9 @@ __global__ void __launch_bounds__(kThreads)
   ST* const S[3] = {static_cast<ST*>(tab.ptr[2][pos.t]) + b, static_cast<ST*>(tab.ptr[3][pos.t]) + b,
                     AMSGRAD ? static_cast<ST*>(tab.ptr[4][pos.t]) + b : nullptr};
   float* MS = mx.master ? static_cast<float*>(tab.ptr[5][pos.t]) + b : nullptr;
+  // this thread's statistics: the float param (the master's new value)
+  // before rounding to PT, exp_avg_sq before rounding to ST
+  float psq = 0.0f, vsum = 0.0f;
   // the decay kind as a runtime branch (uniform over the launch): one kernel
   // per storage pair and amsgrad keeps the instantiations few
   with_decay(a.step.decay, [&](auto d) {
@@ -149,11 +220,14 @@ __global__ void __launch_bounds__(kThreads)
                               [&](float& p, float g, float (&x)[3]) {
                                 adam_element<float, AMSGRAD, decltype(d)::value>(p, g, x[0], x[1],
                                                                                  x[2], s);
+                                psq = psq + p * p;
+                                vsum = vsum + x[1];
                               });
   });
+  write_chunk_stats(so, tab, pos, psq, vsum, sh_p, sh_v);
 }
 
-static_assert(sizeof(ChunkTable<6>) + sizeof(AdamArgs) + sizeof(MixedArgs) <= 4000,
+static_assert(sizeof(ChunkTable<6>) + sizeof(AdamArgs) + sizeof(MixedArgs) + sizeof(StatsOut) <= 4000,
               "adam mixed kernel arguments too large");
 
 // list indices into the dense lists: p, g, m, v, vmax (or -1), master (or -1)
@@ -161,7 +235,7 @@ template <typename PT, typename ST, bool AMSGRAD>
 void launch_adam_mixed(const std::vector<std::vector<at::Tensor>>& dense, const int (&li)[6],
                        const std::vector<int64_t>& idx, at::TensorList steps,
                        at::IntArrayRef sr_ids, const AdamArgs& args, const MixedArgs& mx,
-                       Stream stream) {
+                       StatsPlan& stats, Stream stream) {
   for_each_table<6>(
       static_cast<int64_t>(idx.size()),
       [&](int64_t k) {
@@ -169,10 +243,12 @@ void launch_adam_mixed(const std::vector<std::vector<at::Tensor>>& dense, const 
         Entry<6> e = entry_of(dense, i, li);
         set_step(e, steps[i]);
         e.id = mx.sr ? static_cast<uint32_t>(sr_ids[i]) : 0u;
+        e.slot = stats.slot(i);
         return e;
       },
       [&](const ChunkTable<6>& tab, int nchunks) {
-        launch(adam_mixed_kernel<PT, ST, AMSGRAD>, nchunks, kThreads, stream, tab, args, mx);
+        launch(adam_mixed_kernel<PT, ST, AMSGRAD>, nchunks, kThreads, stream, tab, args, mx,
+               stats.next(tab, nchunks));
       });
 }
 
@@ -183,9 +259,6 @@ void adam(const AdamCall& c) {
   const char* op = "fused_wd::adam_";
   const StepArgs& a = c.step;
   check_step_args(op, a, c.params.size());
-  TORCH_CHECK(!(a.stats.has_value() && a.stats->defined()) &&
-                  !(a.wd_tensor.has_value() && a.wd_tensor->defined()),
-              op, ": stats and wd_tensor are not implemented on CUDA yet");
   std::vector<ListSpec> specs = {{"params", c.params, true, false},
                                  {"grads", c.grads, false, false},
                                  {"exp_avgs", c.exp_avgs, true, false, kDtypeState},
@@ -203,11 +276,13 @@ void adam(const AdamCall& c) {
   check_same_state_dtype(op, specs);
   check_steps(op, c.state_steps, c.params);
   if (c.params.empty()) return;
+  check_stats(op, a, c.params.size(), c.params[0].device(), true);
   const Launch on(op, c.params, a);
   const Stream stream = on.stream;
   const AdamArgs args{on.step, c.beta1, c.beta2, c.eps};
 
   DenseLists dl = make_dense(specs);
+  StatsPlan stats(a, dl.dense[0]);
   for (const Group& group : plan_groups(op, dl, 2, master, a.stochastic_rounding)) {
     const auto& idx = group.idx;
     const Layout& L = group.layout;
@@ -217,9 +292,11 @@ void adam(const AdamCall& c) {
         using PT = typename decltype(ptag)::type;
         using ST = typename decltype(stag)::type;
         if (c.amsgrad)
-          launch_adam_mixed<PT, ST, true>(dl.dense, li, idx, c.state_steps, a.sr_ids, args, mx, stream);
+          launch_adam_mixed<PT, ST, true>(dl.dense, li, idx, c.state_steps, a.sr_ids, args, mx, stats,
+                                          stream);
         else
-          launch_adam_mixed<PT, ST, false>(dl.dense, li, idx, c.state_steps, a.sr_ids, args, mx, stream);
+          launch_adam_mixed<PT, ST, false>(dl.dense, li, idx, c.state_steps, a.sr_ids, args, mx, stats,
+                                           stream);
       });
       continue;
     }
@@ -228,11 +305,12 @@ void adam(const AdamCall& c) {
       with_bool(c.amsgrad, [&](auto ams) {
         with_decay(args.step.decay, [&](auto decay) {
           launch_adam<scalar_t, decltype(ams)::value, decltype(decay)::value>(
-              dl.dense, idx, c.state_steps, args, stream);
+              dl.dense, idx, c.state_steps, args, stats, stream);
         });
       });
     });
   }
+  stats.finish(args.step.prep, stream);
   increment_steps(c.state_steps, args.step.prep, stream);
   dl.write_back();
 }

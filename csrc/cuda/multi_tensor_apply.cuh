@@ -29,6 +29,7 @@
 #include <vector>
 
 #include "common.h"
+#include "cuda/reduce.cuh"
 #include "cuda/runtime.h"
 #include "fused_wd/math.h"
 
@@ -42,13 +43,14 @@ constexpr int kTableBytes = 3584;  // room for the table; the op's own
 
 template <int DEPTH>
 struct ChunkTable {
-  static constexpr int kPerTensor = 8 * DEPTH + 8 + 8 + 4 + 4 + 1 + 1;
+  static constexpr int kPerTensor = 8 * DEPTH + 8 + 8 + 4 + 4 + 4 + 1 + 1;
   static constexpr int kMax = (kTableBytes - 16) / kPerTensor;
   void* ptr[DEPTH][kMax];
   int64_t numel[kMax];
   void* step[kMax];     // the tensor's step counter (Adam; SGD with stochastic rounding)
   int chunk_start[kMax];
   uint32_t id[kMax];    // stochastic rounding: the param's id in its key
+  int32_t slot[kMax];   // statistics: the param's slot in stats
   int ntensors;
   uint8_t flag[kMax];   // SGD: the momentum buffer is new
   uint8_t step_f64[kMax];  // the step counter is float64 (else float32)
@@ -67,6 +69,7 @@ struct Entry {
   uint8_t flag = 0;
   uint8_t step_f64 = 0;
   uint32_t id = 0;
+  int32_t slot = 0;
 };
 
 // The entry of tensor i of the dense lists: the params' (dense[0]) element
@@ -123,6 +126,7 @@ void for_each_table(int64_t count, Get&& get, Launch&& launch) {
     tab.flag[s] = e.flag;
     tab.step_f64[s] = e.step_f64;
     tab.id[s] = e.id;
+    tab.slot[s] = e.slot;
     tab.chunk_start[s] = static_cast<int>(chunks);
     chunks += nc;
   }
@@ -413,6 +417,7 @@ __device__ __forceinline__ StepPrep read_prep(const PrepArgs& a) {
 struct DeviceStep {
   PrepArgs prep;
   ScalarRef lr_tensor;  // ptr null: lr below
+  ScalarRef wd_tensor;  // ptr null: weight_decay below
   double lr, weight_decay, initial_lr;
   int decay_mode;  // DecayMode, for decay_factor
   int decay;       // DecayKind, the kernels' dispatch
@@ -424,40 +429,63 @@ __device__ __forceinline__ double read_lr(const DeviceStep& s) {
   return s.lr_tensor.ptr != nullptr ? load_scalar(s.lr_tensor) : s.lr;
 }
 
-// Host: the learning rate. An lr_tensor on the params' device is read by
-// the kernels (its reference is returned); a CPU one is read here (no device
-// sync), which a CUDA graph being captured would freeze: refused then.
-inline ScalarRef lr_ref(const char* op, const at::Device& device,
-                        const std::optional<at::Tensor>& lr_tensor, double* lr) {
-  check_scalar_tensor(op, "lr_tensor", lr_tensor, device, true);
-  if (lr_tensor.has_value() && lr_tensor->defined() && lr_tensor->device() != device) {
-    TORCH_CHECK(!capturing(), op, ": lr_tensor is on ", lr_tensor->device(),
+// Device: the decay strength of this step (its value; whether there is
+// decay at all is `decay`, from weight_decay).
+__device__ __forceinline__ double read_wd(const DeviceStep& s) {
+  return s.wd_tensor.ptr != nullptr ? load_scalar(s.wd_tensor) : s.weight_decay;
+}
+
+// Host: a hyperparameter given as a tensor (lr_tensor, wd_tensor; `hint`
+// names the optimizer option). One on the params' device is read by the
+// kernels (its reference is returned); a CPU one is read here into *value
+// (no device sync), which a CUDA graph being captured would freeze: refused
+// then.
+inline ScalarRef hyper_ref(const char* op, const char* name, const char* hint,
+                           const at::Device& device, const std::optional<at::Tensor>& t,
+                           double* value) {
+  check_scalar_tensor(op, name, t, device, true);
+  if (t.has_value() && t->defined() && t->device() != device) {
+    TORCH_CHECK(!capturing(), op, ": ", name, " is on ", t->device(),
                 " while a CUDA graph is being captured; its value would be frozen into the "
-                "graph. Put the lr tensor on ", device, " (e.g. lr=torch.tensor(lr, device=\"",
-                device, "\")) to change it between replays");
-    *lr = lr_tensor->item<double>();
+                "graph. Put the tensor on ", device, " (e.g. ", hint, "=torch.tensor(", hint,
+                ", device=\"", device, "\")) to change it between replays");
+    *value = t->item<double>();
     return ScalarRef{nullptr, kSF64};
   }
-  return scalar_ref(op, "lr_tensor", lr_tensor);
+  return scalar_ref(op, name, t);
+}
+
+// Host: the skip/unscale/clip inputs (grad_norm, grad_scale, found_inf on
+// `device`), checked and packed for read_prep.
+inline PrepArgs prep_args(const char* op, const at::Device& device,
+                          const std::optional<at::Tensor>& grad_norm, double max_norm,
+                          const std::optional<at::Tensor>& grad_scale,
+                          const std::optional<at::Tensor>& found_inf, bool skip_nonfinite) {
+  check_scalar_tensor(op, "grad_norm", grad_norm, device, false);
+  check_scalar_tensor(op, "grad_scale", grad_scale, device, false);
+  check_scalar_tensor(op, "found_inf", found_inf, device, false);
+  PrepArgs p;
+  std::memset(&p, 0, sizeof(p));
+  p.grad_norm = scalar_ref(op, "grad_norm", grad_norm);
+  p.grad_scale = scalar_ref(op, "grad_scale", grad_scale);
+  p.found_inf = scalar_ref(op, "found_inf", found_inf);
+  p.max_norm = static_cast<float>(max_norm);
+  p.clip = p.grad_norm.ptr != nullptr && max_norm > 0.0;
+  p.skip_nonfinite = skip_nonfinite ? 1 : 0;
+  return p;
 }
 
 // Host: checks the 1-element arguments (grad_norm, grad_scale, found_inf on
-// `device`; lr_tensor there or on the CPU) and packs the step.
+// `device`; lr_tensor and wd_tensor there or on the CPU) and packs the step.
 inline DeviceStep device_step(const char* op, const at::Device& device, const StepArgs& a) {
-  check_scalar_tensor(op, "grad_norm", a.grad_norm, device, false);
-  check_scalar_tensor(op, "grad_scale", a.grad_scale, device, false);
-  check_scalar_tensor(op, "found_inf", a.found_inf, device, false);
   DeviceStep s;
   std::memset(&s, 0, sizeof(s));
-  s.prep.grad_norm = scalar_ref(op, "grad_norm", a.grad_norm);
-  s.prep.grad_scale = scalar_ref(op, "grad_scale", a.grad_scale);
-  s.prep.found_inf = scalar_ref(op, "found_inf", a.found_inf);
-  s.prep.max_norm = static_cast<float>(a.max_norm);
-  s.prep.clip = s.prep.grad_norm.ptr != nullptr && a.max_norm > 0.0;
-  s.prep.skip_nonfinite = a.skip_nonfinite ? 1 : 0;
+  s.prep = prep_args(op, device, a.grad_norm, a.max_norm, a.grad_scale, a.found_inf,
+                     a.skip_nonfinite);
   s.lr = a.lr;
-  s.lr_tensor = lr_ref(op, device, a.lr_tensor, &s.lr);
+  s.lr_tensor = hyper_ref(op, "lr_tensor", "lr", device, a.lr_tensor, &s.lr);
   s.weight_decay = a.weight_decay;
+  s.wd_tensor = hyper_ref(op, "wd_tensor", "weight_decay", device, a.wd_tensor, &s.weight_decay);
   s.initial_lr = a.initial_lr;
   s.decay_mode = static_cast<int>(a.decay_mode);
   s.decay = decay_kind(s.decay_mode, a.weight_decay, a.cautious_wd);
@@ -514,6 +542,114 @@ inline bool add_master(std::vector<ListSpec>& specs, at::TensorList masters, int
   specs.push_back({"master_params", masters, true, false, kDtypeMaster});
   return true;
 }
+
+// ------------------------------------------------------------ statistics
+
+// The pass's statistics (schema: csrc/schema.h) in two fixed stages, as the
+// norm's partials: every block of an update launch reduces its threads'
+// sums (each thread's own elements summed in the math type, then a fixed
+// float64 tree) into one partial per chunk, and the first chunk of each
+// tensor records where the tensor's chunks are and its slot; then one
+// launch per op call (stats_done) combines each tensor's chunk partials in
+// chunk order and writes its slot. No atomics, and a tensor's sums depend
+// on its elements (and their alignment) alone.
+struct StatsOut {
+  double* part;           // null: no statistics; else [2, total_chunks] (p^2 sums, v sums)
+  double* meta;           // [ntensors, 3]: slot, first chunk in part, chunk count
+  int64_t total_chunks;
+  int64_t chunk_offset;   // part's index of the launch's chunk 0
+  int64_t tensor_offset;  // meta's index of the launch's table slot 0
+};
+
+// Device, every thread of an update block after its elements: psq and vsum
+// are the thread's sums of p^2 and of exp_avg_sq (T). Needs two shared
+// arrays of kThreads doubles; a no-op (and no barrier) without statistics.
+template <int DEPTH, typename T>
+__device__ __forceinline__ void write_chunk_stats(const StatsOut& so, const ChunkTable<DEPTH>& tab,
+                                                  const ChunkPos& pos, T psq, T vsum,
+                                                  double* sh_p, double* sh_v) {
+  if (so.part == nullptr) return;
+  const double p = block_reduce<false, kThreads>(static_cast<double>(psq), sh_p);
+  const double v = block_reduce<false, kThreads>(static_cast<double>(vsum), sh_v);
+  if (threadIdx.x != 0) return;
+  const int64_t c = so.chunk_offset + static_cast<int64_t>(blockIdx.x);
+  so.part[c] = p;
+  so.part[so.total_chunks + c] = v;
+  if (pos.begin == 0) {
+    double* m = so.meta + 3 * (so.tensor_offset + pos.t);
+    m[0] = static_cast<double>(tab.slot[pos.t]);
+    m[1] = static_cast<double>(so.chunk_offset + tab.chunk_start[pos.t]);
+    m[2] = static_cast<double>((tab.numel[pos.t] + kChunk - 1) / kChunk);
+  }
+}
+
+// Host: the statistics of one update call. Made after the checks
+// (check_stats), before the launches; next() gives each launch its
+// StatsOut, finish() queues the reduction after the last one.
+class StatsPlan {
+ public:
+  StatsPlan(const StepArgs& a, const std::vector<at::Tensor>& params) : slots_(a.stat_slots) {
+    std::memset(&out_, 0, sizeof(out_));
+    if (!a.stats.has_value() || !a.stats->defined()) return;
+    on_ = true;
+    stats_ = *a.stats;
+    TORCH_CHECK(stats_.size(1) <= INT32_MAX, "fused_wd: stats has more than 2^31 - 1 slots");
+    int64_t chunks = 0;
+    for (size_t i = 0; i < params.size(); ++i) {
+      const int64_t n = params[i].numel();
+      if (n == 0) {
+        empty_.push_back(static_cast<int32_t>(slots_[i]));
+        continue;
+      }
+      chunks += (n + kChunk - 1) / kChunk;
+      ++ntensors_;
+    }
+    buf_ = scratch(2 * chunks + 3 * ntensors_, stats_.options());
+    out_.part = buf_.data_ptr<double>();
+    out_.meta = out_.part + 2 * chunks;
+    out_.total_chunks = chunks;
+  }
+
+  // The slot of params[i] (for its table entry).
+  int32_t slot(int64_t i) const { return on_ ? static_cast<int32_t>(slots_[i]) : 0; }
+
+  // The StatsOut of a launch of `tab` (nchunks chunks), then past it.
+  template <int DEPTH>
+  StatsOut next(const ChunkTable<DEPTH>& tab, int nchunks) {
+    const StatsOut s = out_;
+    out_.chunk_offset += nchunks;
+    out_.tensor_offset += tab.ntensors;
+    return s;
+  }
+
+  // Queues the reduction into stats on `stream` (nothing without stats),
+  // conditioned on the skip decision of `prep`.
+  void finish(const PrepArgs& prep, Stream stream);
+
+ private:
+  at::IntArrayRef slots_;
+  at::Tensor stats_, buf_;
+  StatsOut out_;
+  std::vector<int32_t> empty_;
+  int64_t ntensors_ = 0;
+  bool on_ = false;  // stats given (out_.part may be null then: every param empty)
+};
+
+// The arguments of the reduction: blocks 0..ntensors-1 reduce the tensors
+// of meta; a last block (when nempty > 0) writes 0 at the empty params'
+// slots.
+constexpr int kEmptyPerLaunch = 256;
+
+struct StatsReduce {
+  const double* part;
+  const double* meta;
+  double* stats;
+  int64_t total_chunks, nslots;
+  int ntensors, nempty;
+  int32_t empty[kEmptyPerLaunch];
+};
+
+static_assert(sizeof(StatsReduce) + sizeof(PrepArgs) <= 4000, "stats reduce arguments too large");
 
 // ------------------------------------------------------------ step counters
 

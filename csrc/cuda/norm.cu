@@ -13,6 +13,7 @@
 
 #include "cuda/multi_tensor_apply.cuh"
 #include "cuda/ops_cuda.cuh"
+#include "cuda/reduce.cuh"
 
 namespace fused_wd {
 namespace cuda {
@@ -22,24 +23,6 @@ constexpr int kFinalThreads = 1024;
 
 __device__ __forceinline__ float abs_(float x) { return fabsf(x); }
 __device__ __forceinline__ double abs_(double x) { return fabs(x); }
-
-template <bool INF>
-__device__ __forceinline__ double combine(double a, double b) {
-  return INF ? fused_wd::nan_max(a, b) : a + b;
-}
-
-// Fixed-shape tree reduction of one value per thread; result in thread 0.
-template <bool INF, int NT>
-__device__ __forceinline__ double block_reduce(double v, double* sh) {
-  sh[threadIdx.x] = v;
-  __syncthreads();
-#pragma unroll
-  for (int s = NT / 2; s > 0; s >>= 1) {
-    if (threadIdx.x < s) sh[threadIdx.x] = combine<INF>(sh[threadIdx.x], sh[threadIdx.x + s]);
-    __syncthreads();
-  }
-  return sh[0];
-}
 
 // Stage 1: partials[b] = reduction of chunk b of the launch. Each thread
 // accumulates its (at most kChunk / kThreads) elements in opmath, in a fixed
@@ -74,9 +57,7 @@ __global__ void __launch_bounds__(kThreads)
   const int s = static_cast<int>(blockIdx.x);
   const int64_t nc = (tab.numel[s] + kChunk - 1) / kChunk;
   const double* part = chunk_partials + tab.chunk_start[s];
-  double acc = 0.0;
-  for (int64_t c = threadIdx.x; c < nc; c += kThreads) acc = combine<INF>(part[c], acc);
-  const double r = block_reduce<INF, kThreads>(acc, sh);
+  const double r = reduce_chunks<INF, kThreads>(part, nc, sh);
   if (threadIdx.x == 0) out[tab.id[s]] = r;
 }
 

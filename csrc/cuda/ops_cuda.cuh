@@ -24,6 +24,12 @@ void adam(const AdamCall& c);
 
 void sgd(const SgdCall& c);
 
+at::Tensor auto_decay(const at::Tensor& stats, const at::Tensor& grad_sumsq, const at::Tensor& steps,
+                      const at::Tensor& numels, at::Tensor& state, int64_t mode, double weight_decay,
+                      double beta2, double eps, const std::optional<at::Tensor>& grad_norm,
+                      double max_norm, const std::optional<at::Tensor>& grad_scale,
+                      const std::optional<at::Tensor>& found_inf, bool skip_nonfinite);
+
 // The kernels of every op, for a TORCH_LIBRARY_IMPL block: fused_wd's for
 // the CUDA key (register.cu), fused_wd_emu's for the host build (csrc/emu).
 inline void impl_ops(torch::Library& m) {
@@ -33,6 +39,7 @@ inline void impl_ops(torch::Library& m) {
   m.impl("clip_", &clip_);
   m.impl("adam_", &adam_op<adam>);
   m.impl("sgd_", &sgd_op<sgd>);
+  m.impl("auto_decay", &auto_decay);
 }
 
 }  // namespace cuda

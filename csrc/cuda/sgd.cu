@@ -1,5 +1,6 @@
 // sgd_ on CUDA: one multi-tensor launch per dtype bucket (and per full
-// table), the per-element math of fused_wd/math.h.
+// table), the per-element math of fused_wd/math.h, then (with stats) one
+// small launch that reduces the statistics unless the step was skipped.
 #include "cuda/multi_tensor_apply.cuh"
 #include "cuda/ops_cuda.cuh"
 
@@ -20,19 +21,21 @@ __device__ bool block_sgd_scalars(const SgdArgs& a, int* skip, SgdScalars<T>* ou
   *skip = pr.skip ? 1 : 0;
   if (pr.skip) return false;
   const GradPrep<T> gp = make_grad_prep<T>(pr.inv_scale, pr.coef, a.step.maximize != 0);
-  *out = make_sgd_scalars<T>(read_lr(a.step), a.momentum, a.dampening, a.step.weight_decay,
+  *out = make_sgd_scalars<T>(read_lr(a.step), a.momentum, a.dampening, read_wd(a.step),
                              a.step.decay_mode, a.step.initial_lr, gp);
   return true;
 }
 
 template <typename scalar_t, int DECAY, bool MOMENTUM, bool NESTEROV>
 __global__ void __launch_bounds__(kThreads)
-    sgd_kernel(ChunkTable<MOMENTUM ? 3 : 2> tab, SgdArgs a) {
+    sgd_kernel(ChunkTable<MOMENTUM ? 3 : 2> tab, SgdArgs a, StatsOut so) {
   constexpr int D = MOMENTUM ? 3 : 2;
   constexpr unsigned kWrite = MOMENTUM ? 0x5u : 0x1u;  // param (and momentum buffer)
   using T = at::opmath_type<scalar_t>;
   __shared__ SgdScalars<T> sh_scalars;
   __shared__ int sh_skip;
+  __shared__ double sh_p[kThreads];
+  __shared__ double sh_v[kThreads];
   const ChunkPos pos = locate_chunk(tab);
   if (threadIdx.x == 0) block_sgd_scalars(a, &sh_skip, &sh_scalars);
   __syncthreads();
@@ -42,6 +45,7 @@ __global__ void __launch_bounds__(kThreads)
   scalar_t* p[D];
 #pragma unroll
   for (int d = 0; d < D; ++d) p[d] = static_cast<scalar_t*>(tab.ptr[d][pos.t]) + pos.begin;
+  T psq = T(0);  // this thread's statistics (SGD has no exp_avg_sq: 0)
   for_each_element<scalar_t, D, kWrite>(p, pos.n, [&](T(&x)[D]) {
     if constexpr (MOMENTUM) {
       sgd_element<T, DECAY, true, NESTEROV>(x[0], x[1], x[D - 1], first, s);
@@ -49,24 +53,30 @@ __global__ void __launch_bounds__(kThreads)
       T unused = T(0);
       sgd_element<T, DECAY, false, false>(x[0], x[1], unused, false, s);
     }
+    psq = psq + x[0] * x[0];
   });
+  write_chunk_stats(so, tab, pos, psq, T(0), sh_p, sh_v);
 }
 
-static_assert(sizeof(ChunkTable<3>) + sizeof(SgdArgs) <= 4000, "sgd kernel arguments too large");
+static_assert(sizeof(ChunkTable<3>) + sizeof(SgdArgs) + sizeof(StatsOut) <= 4000,
+              "sgd kernel arguments too large");
 
 template <typename scalar_t, int DECAY, bool MOMENTUM, bool NESTEROV>
 void launch_sgd(const std::vector<std::vector<at::Tensor>>& dense, const std::vector<int64_t>& idx,
-                const c10::List<bool>& is_new, const SgdArgs& args, Stream stream) {
+                const c10::List<bool>& is_new, const SgdArgs& args, StatsPlan& stats,
+                Stream stream) {
   constexpr int D = MOMENTUM ? 3 : 2;
   for_each_table<D>(
       static_cast<int64_t>(idx.size()),
       [&](int64_t k) {
         Entry<D> e = entry_of<D>(dense, idx[k]);
         e.flag = MOMENTUM && is_new.get(static_cast<size_t>(idx[k])) ? 1 : 0;
+        e.slot = stats.slot(idx[k]);
         return e;
       },
       [&](const ChunkTable<D>& tab, int nchunks) {
-        launch(sgd_kernel<scalar_t, DECAY, MOMENTUM, NESTEROV>, nchunks, kThreads, stream, tab, args);
+        launch(sgd_kernel<scalar_t, DECAY, MOMENTUM, NESTEROV>, nchunks, kThreads, stream, tab, args,
+               stats.next(tab, nchunks));
       });
 }
 
@@ -84,8 +94,10 @@ struct SgdMixedArgs {
 // momentum), 3 master (float; when mx.master).
 template <typename PT, typename ST>
 __global__ void __launch_bounds__(kThreads)
-    sgd_mixed_kernel(ChunkTable<4> tab, SgdArgs a, SgdMixedArgs mx) {
+    sgd_mixed_kernel(ChunkTable<4> tab, SgdArgs a, SgdMixedArgs mx, StatsOut so) {
   __shared__ BlockSetup<SgdScalars<float>> sh;
+  __shared__ double sh_p[kThreads];
+  __shared__ double sh_v[kThreads];
   const ChunkPos pos = locate_chunk(tab);
   if (threadIdx.x == 0 && block_sgd_scalars(a, &sh.skip, &sh.scalars)) {
     const double t = mx.sr ? step_after(tab.step[pos.t], tab.step_f64[pos.t] != 0) : 0.0;
@@ -101,6 +113,7 @@ __global__ void __launch_bounds__(kThreads)
   const PT* G = static_cast<const PT*>(tab.ptr[1][pos.t]) + b;
   ST* const S[1] = {mx.momentum ? static_cast<ST*>(tab.ptr[2][pos.t]) + b : nullptr};
   float* MS = mx.master ? static_cast<float*>(tab.ptr[3][pos.t]) + b : nullptr;
+  float psq = 0.0f;  // this thread's statistics: the float param before rounding
   // the modes as runtime branches (uniform over the launch): one kernel per
   // storage pair keeps the instantiations few
   with_sgd_modes(a.step.decay, mx.momentum != 0, mx.nesterov != 0, [&](auto d, auto mom, auto nest) {
@@ -108,11 +121,13 @@ __global__ void __launch_bounds__(kThreads)
                               [&](float& p, float g, float (&x)[1]) {
                                 sgd_element<float, decltype(d)::value, decltype(mom)::value,
                                             decltype(nest)::value>(p, g, x[0], first, s);
+                                psq = psq + p * p;
                               });
   });
+  write_chunk_stats(so, tab, pos, psq, 0.0f, sh_p, sh_v);
 }
 
-static_assert(sizeof(ChunkTable<4>) + sizeof(SgdArgs) + sizeof(SgdMixedArgs) <= 4000,
+static_assert(sizeof(ChunkTable<4>) + sizeof(SgdArgs) + sizeof(SgdMixedArgs) + sizeof(StatsOut) <= 4000,
               "sgd mixed kernel arguments too large");
 
 // li: dense list of p, g, buf (or -1), master (or -1)
@@ -120,7 +135,7 @@ template <typename PT, typename ST>
 void launch_sgd_mixed(const std::vector<std::vector<at::Tensor>>& dense, const int (&li)[4],
                       const std::vector<int64_t>& idx, const c10::List<bool>& is_new,
                       at::TensorList steps, at::IntArrayRef sr_ids, const SgdArgs& args,
-                      const SgdMixedArgs& mx, Stream stream) {
+                      const SgdMixedArgs& mx, StatsPlan& stats, Stream stream) {
   for_each_table<4>(
       static_cast<int64_t>(idx.size()),
       [&](int64_t k) {
@@ -131,10 +146,12 @@ void launch_sgd_mixed(const std::vector<std::vector<at::Tensor>>& dense, const i
           set_step(e, steps[i]);
           e.id = static_cast<uint32_t>(sr_ids[i]);
         }
+        e.slot = stats.slot(i);
         return e;
       },
       [&](const ChunkTable<4>& tab, int nchunks) {
-        launch(sgd_mixed_kernel<PT, ST>, nchunks, kThreads, stream, tab, args, mx);
+        launch(sgd_mixed_kernel<PT, ST>, nchunks, kThreads, stream, tab, args, mx,
+               stats.next(tab, nchunks));
       });
 }
 
@@ -144,9 +161,6 @@ void sgd(const SgdCall& c) {
   const char* op = "fused_wd::sgd_";
   const StepArgs& a = c.step;
   check_step_args(op, a, c.params.size());
-  TORCH_CHECK(!(a.stats.has_value() && a.stats->defined()) &&
-                  !(a.wd_tensor.has_value() && a.wd_tensor->defined()),
-              op, ": stats and wd_tensor are not implemented on CUDA yet");
   const bool use_momentum = c.momentum != 0.0;
   std::vector<ListSpec> specs = {{"params", c.params, true, false}, {"grads", c.grads, false, false}};
   if (use_momentum) {
@@ -162,11 +176,13 @@ void sgd(const SgdCall& c) {
   check_lists(op, specs, kDeviceType);
   if (a.stochastic_rounding) check_steps(op, c.state_steps, c.params);
   if (c.params.empty()) return;
+  check_stats(op, a, c.params.size(), c.params[0].device(), true);
   const Launch on(op, c.params, a);
   const Stream stream = on.stream;
   const SgdArgs args{on.step, c.momentum, c.dampening};
 
   DenseLists dl = make_dense(specs);
+  StatsPlan stats(a, dl.dense[0]);
   for (const Group& group : plan_groups(op, dl, use_momentum ? 2 : -1, master, a.stochastic_rounding)) {
     const auto& idx = group.idx;
     const Layout& L = group.layout;
@@ -178,7 +194,7 @@ void sgd(const SgdCall& c) {
       if (!use_momentum) K.state = Storage::kF32;
       dispatch_mixed(K, [&](auto ptag, auto stag) {
         launch_sgd_mixed<typename decltype(ptag)::type, typename decltype(stag)::type>(
-            dl.dense, li, idx, c.buffer_is_new, c.state_steps, a.sr_ids, args, mx, stream);
+            dl.dense, li, idx, c.buffer_is_new, c.state_steps, a.sr_ids, args, mx, stats, stream);
       });
       continue;
     }
@@ -186,10 +202,11 @@ void sgd(const SgdCall& c) {
                                     "fused_wd_sgd", [&] {
       with_sgd_modes(args.step.decay, use_momentum, c.nesterov, [&](auto decay, auto mom, auto nest) {
         launch_sgd<scalar_t, decltype(decay)::value, decltype(mom)::value, decltype(nest)::value>(
-            dl.dense, idx, c.buffer_is_new, args, stream);
+            dl.dense, idx, c.buffer_is_new, args, stats, stream);
       });
     });
   }
+  stats.finish(args.step.prep, stream);
   if (a.stochastic_rounding) increment_steps(c.state_steps, args.step.prep, stream);
   dl.write_back();
 }

@@ -10,6 +10,7 @@
 #include "schema.h"
 
 #include "cuda/adam.cu"
+#include "cuda/auto_decay.cu"
 #include "cuda/norm.cu"
 #include "cuda/sgd.cu"
 
