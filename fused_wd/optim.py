@@ -309,9 +309,10 @@ class _FusedOptimizer(Optimizer):
         self._norm_in_backward = norm_in_backward
         self._norm_slots = NormSlots(self, _local_real)
         super().__init__(params, defaults)
-        # a one-slot list, written in place by step(): dynamo (torch 2.11)
+        # one-slot lists, written in place by step(): dynamo (torch 2.11)
         # refuses an attribute store on the optimizer inside a compiled step
         self._last_grad_norm = [None]
+        self._stepped = [False]
 
     @property
     def last_grad_norm(self):
@@ -328,7 +329,8 @@ class _FusedOptimizer(Optimizer):
         first step. From the statistics the update pass writes as it goes:
         the first read, and params changed since by anything else, cost one
         read of those params; no host sync."""
-        if not self.__dict__.get("_stepped"):
+        stepped = self.__dict__.get("_stepped")
+        if not (stepped and stepped[0]):
             return None
         if any(_dist.is_dtensor(p) for g in self.param_groups for p in g["params"]):
             raise RuntimeError("last_weight_norm is not available with DTensor (FSDP2) params: it would "
@@ -363,6 +365,7 @@ class _FusedOptimizer(Optimizer):
         super().__setstate__(state)
         self._invalidate_plans()
         self.__dict__.setdefault("_last_grad_norm", [self.__dict__.pop("last_grad_norm", None)])
+        self.__dict__.setdefault("_stepped", [False])
         self.__dict__.setdefault("_norm_in_backward", False)
         if "_norm_slots" not in self.__dict__:
             self._norm_slots = NormSlots(self, _local_real)
@@ -676,7 +679,7 @@ class _FusedOptimizer(Optimizer):
             self._call(self._op, gi, lists, **kw)
         for dst, src in commit:
             dst.copy_(src)
-        self.__dict__["_stepped"] = True
+        self._stepped[0] = True
         if plans is not None:
             plans.state_dicts = list(self.state.values())
         return loss
