@@ -17,6 +17,8 @@ export ASAN_OPTIONS="detect_leaks=0:halt_on_error=1:abort_on_error=1"
 export UBSAN_OPTIONS="halt_on_error=1:print_stacktrace=1"
 export PYTHONPATH="$work" FUSED_WD_SANITIZE=1
 python -c "import fused_wd; assert fused_wd.__file__.startswith('$work'), fused_wd.__file__"
-python -m pytest -q -p no:cacheprovider tests/test_parity.py tests/test_features.py tests/test_inputs.py \
+workers=()  # pytest-xdist, where installed: one process per core, at most 4
+python -c "import xdist" 2>/dev/null && workers=(-n auto --maxprocesses 4)
+python -m pytest -q -p no:cacheprovider "${workers[@]}" tests/test_parity.py tests/test_features.py tests/test_inputs.py \
   tests/test_cuda_emulated.py -k "not compile and not instruction_sets" "$@"
 echo "sanitized CPU and emulated CUDA test suites: clean"
