@@ -30,14 +30,20 @@ bool lists_ok(const std::vector<ListSpec>& lists, size_t n, const at::Device& de
               c10::DeviceType device_type) {
   if (device.type() != device_type) return false;
   const at::TensorList params = lists[0].tensors;
-  for (const auto& l : lists) {
-    if (l.optional && l.tensors.empty()) continue;
-    const at::Tensor* ts = l.tensors.data();
-    for (size_t i = 0; i < n; ++i) {
-      const at::TensorImpl* p = params[i].unsafeGetTensorImpl();
-      const at::TensorImpl* t = ts[i].unsafeGetTensorImpl();
-      if (!ts[i].defined() || t->layout() != at::kStrided || t->device() != device) return false;
-      const at::ScalarType pt = p->dtype().toScalarType(), tt = t->dtype().toScalarType();
+  // entry by entry: the tensors of one param are read together, each once
+  // (with thousands of params their metadata does not stay in cache)
+  for (size_t i = 0; i < n; ++i) {
+    if (i + kMetaAhead < n)
+      for (const auto& l : lists)
+        if (!l.tensors.empty()) prefetch_meta(l.tensors[i + kMetaAhead]);
+    const at::TensorImpl* p = params[i].unsafeGetTensorImpl();
+    const at::ScalarType pt = p->dtype().toScalarType();
+    for (const auto& l : lists) {
+      if (l.optional && l.tensors.empty()) continue;
+      const at::Tensor& ti = l.tensors[i];
+      const at::TensorImpl* t = ti.unsafeGetTensorImpl();
+      if (!ti.defined() || t->layout() != at::kStrided || t->device() != device) return false;
+      const at::ScalarType tt = t->dtype().toScalarType();
       if (!is_kernel_dtype(tt) || !dtype_ok(l.dtype_rule, pt, tt)) return false;
       if (t != p && t->sizes() != p->sizes()) return false;
     }
@@ -100,18 +106,22 @@ void check_lists(const char* op, const std::vector<ListSpec>& lists, c10::Device
   TORCH_INTERNAL_ASSERT(false, op, ": lists_ok and the checks above disagree");
 }
 
+void check_step(const char* op, size_t i, const at::Tensor& s, const at::Tensor& param) {
+  TORCH_CHECK(s.defined() && s.numel() == 1, op, ": state_steps[", i, "] must be a 1-element tensor");
+  TORCH_CHECK(s.device() == param.device(), op, ": state_steps[", i, "] is on ", s.device(),
+              " but params[", i, "] is on ", param.device());
+  TORCH_CHECK(s.scalar_type() == at::kFloat || s.scalar_type() == at::kDouble, op,
+              ": state_steps[", i, "] must be float32 (or float64), got ", s.scalar_type());
+}
+
 void check_steps(const char* op, at::TensorList steps, at::TensorList params) {
+  check_step_count(op, steps, params);
+  for (size_t i = 0; i < steps.size(); ++i) check_step(op, i, steps[i], params[i]);
+}
+
+void check_step_count(const char* op, at::TensorList steps, at::TensorList params) {
   TORCH_CHECK(steps.size() == params.size(), op, ": state_steps has ", steps.size(),
               " tensors but params has ", params.size());
-  for (size_t i = 0; i < steps.size(); ++i) {
-    const at::Tensor& s = steps[i];
-    TORCH_CHECK(s.defined() && s.numel() == 1, op, ": state_steps[", i,
-                "] must be a 1-element tensor");
-    TORCH_CHECK(s.device() == params[i].device(), op, ": state_steps[", i, "] is on ", s.device(),
-                " but params[", i, "] is on ", params[i].device());
-    TORCH_CHECK(s.scalar_type() == at::kFloat || s.scalar_type() == at::kDouble, op,
-                ": state_steps[", i, "] must be float32 (or float64), got ", s.scalar_type());
-  }
 }
 
 void check_step_args(const char* op, const StepArgs& a, size_t nparams) {
@@ -131,18 +141,20 @@ void check_step_args(const char* op, const StepArgs& a, size_t nparams) {
 }
 
 void check_same_state_dtype(const char* op, const std::vector<ListSpec>& lists) {
-  const ListSpec* first = nullptr;
-  for (const auto& l : lists) {
-    if (l.dtype_rule != kDtypeState || l.tensors.empty()) continue;
-    if (first == nullptr) {
-      first = &l;
-      continue;
-    }
-    for (size_t i = 0; i < l.tensors.size() && i < first->tensors.size(); ++i)
-      TORCH_CHECK(l.tensors[i].scalar_type() == first->tensors[i].scalar_type(), op, ": ", l.name,
-                  "[", i, "] has dtype ", l.tensors[i].scalar_type(), " but ", first->name, "[",
-                  i, "] has dtype ", first->tensors[i].scalar_type(),
+  std::vector<const ListSpec*> states;
+  for (const auto& l : lists)
+    if (l.dtype_rule == kDtypeState && !l.tensors.empty()) states.push_back(&l);
+  if (states.size() < 2) return;
+  const ListSpec& first = *states[0];
+  for (size_t i = 0; i < first.tensors.size(); ++i) {  // entry by entry, as lists_ok
+    const at::ScalarType ft = first.tensors[i].scalar_type();
+    for (size_t k = 1; k < states.size(); ++k) {
+      const ListSpec& l = *states[k];
+      if (i >= l.tensors.size()) continue;
+      TORCH_CHECK(l.tensors[i].scalar_type() == ft, op, ": ", l.name, "[", i, "] has dtype ",
+                  l.tensors[i].scalar_type(), " but ", first.name, "[", i, "] has dtype ", ft,
                   "; the states of one param share one dtype");
+    }
   }
 }
 
@@ -259,29 +271,41 @@ void DenseLists::write_back() {
   pending.clear();
 }
 
+namespace {
+
+// Whether entry i of the lists goes to the kernels as it is (see DenseLists).
+bool direct_entry(const std::vector<ListSpec>& lists, size_t i) {
+  const at::Tensor& p = lists[0].tensors[i];
+  if (p.numel() == 0) return true;
+  if (!p.is_non_overlapping_and_dense()) return false;
+  for (const auto& l : lists)
+    if (!l.tensors.empty() && l.tensors[i].strides() != p.strides()) return false;
+  return true;
+}
+
+}  // namespace
+
 DenseLists make_dense(const std::vector<ListSpec>& lists) {
   DenseLists out;
-  out.dense.resize(lists.size());
-  const at::TensorList params = lists[0].tensors;
-  for (size_t k = 0; k < lists.size(); ++k) out.dense[k].reserve(lists[k].tensors.size());
-  for (size_t i = 0; i < params.size(); ++i) {
-    const at::Tensor& p = params[i];
-    bool direct = p.is_non_overlapping_and_dense();
-    for (const auto& l : lists) {
-      if (!direct) break;
-      if (l.tensors.empty()) continue;
-      direct = l.tensors[i].strides() == p.strides();
-    }
+  out.dense.reserve(lists.size());
+  for (const auto& l : lists) out.dense.push_back(l.tensors);
+  const size_t n = lists[0].tensors.size();
+  size_t first = 0;
+  while (first < n && direct_entry(lists, first)) ++first;
+  if (first == n) return out;
+  out.owned.resize(lists.size());
+  for (size_t k = 0; k < lists.size(); ++k) {
+    out.owned[k] = lists[k].tensors.vec();
+    out.dense[k] = out.owned[k];
+  }
+  for (size_t i = first; i < n; ++i) {
+    if (direct_entry(lists, i)) continue;
     for (size_t k = 0; k < lists.size(); ++k) {
       if (lists[k].tensors.empty()) continue;
       const at::Tensor& t = lists[k].tensors[i];
-      if (direct || p.numel() == 0) {
-        out.dense[k].push_back(t);
-      } else {
-        at::Tensor tmp = t.contiguous();
-        if (lists[k].mutated && !tmp.is_same(t)) out.pending.emplace_back(t, tmp);
-        out.dense[k].push_back(tmp);
-      }
+      at::Tensor tmp = t.contiguous();
+      if (lists[k].mutated && !tmp.is_same(t)) out.pending.emplace_back(t, tmp);
+      out.owned[k][i] = std::move(tmp);
     }
   }
   return out;

@@ -37,6 +37,20 @@ struct ListSpec {
 // checks that the non-empty lists `names`/`lists` agree at every index.
 void check_same_state_dtype(const char* op, const std::vector<ListSpec>& lists);
 
+// Asks for the metadata of a tensor (its TensorImpl, `storage`: and its
+// StorageImpl, which holds the data pointer) to be brought into cache. The
+// per-step passes over thousands of tensors call it a few entries ahead:
+// their misses then overlap instead of following one another.
+inline void prefetch_meta(const at::Tensor& t, bool storage = false) {
+  const at::TensorImpl* impl = t.unsafeGetTensorImpl();
+  const char* p = reinterpret_cast<const char*>(impl);
+  for (size_t off = 0; off < sizeof(at::TensorImpl); off += 64) __builtin_prefetch(p + off);
+  if (storage && impl->has_storage()) __builtin_prefetch(impl->unsafe_storage().unsafeGetStorageImpl());
+}
+
+// How many entries ahead the per-step passes prefetch (prefetch_meta).
+constexpr size_t kMetaAhead = 8;
+
 // Checks lengths, devices, layouts (strided only: sparse grads are refused),
 // dtypes and shapes of every list against the params. `device_type` is the
 // backend running the op.
@@ -45,6 +59,10 @@ void check_lists(const char* op, const std::vector<ListSpec>& lists, c10::Device
 // Checks that steps has one 1-element float32 or float64 counter per param,
 // on the param's device.
 void check_steps(const char* op, at::TensorList steps, at::TensorList params);
+// check_steps in parts: the counts, then entry i (for a caller that reads
+// each param's tensors once, in one pass)
+void check_step_count(const char* op, at::TensorList steps, at::TensorList params);
+void check_step(const char* op, size_t i, const at::Tensor& s, const at::Tensor& param);
 
 // The norm ops' arguments (schemas: csrc/schema.h). norm_kind: true for
 // inf, false for 2, an error otherwise.
@@ -70,12 +88,16 @@ void check_partials(const char* op, const at::Tensor& partials, c10::DeviceType 
 void check_scalar_tensor(const char* op, const char* name, const std::optional<at::Tensor>& t,
                          const at::Device& device, bool allow_cpu);
 
-// A dense copy of the lists: dense[k][i] is lists[k].tensors[i] itself when
+// A dense view of the lists: dense[k][i] is lists[k].tensors[i] itself when
 // the param is non-overlapping and dense and every tensor of entry i has its
 // strides, else a contiguous temporary. write_back() copies the mutated
-// temporaries into the user's tensors.
+// temporaries into the user's tensors. When every entry is direct (the
+// usual case) dense[k] is the caller's list itself: no tensor is copied, so
+// no reference count is touched per tensor; else list k is copied into
+// owned[k] with its temporaries in place.
 struct DenseLists {
-  std::vector<std::vector<at::Tensor>> dense;
+  std::vector<at::TensorList> dense;
+  std::vector<std::vector<at::Tensor>> owned;
   std::vector<std::pair<at::Tensor, at::Tensor>> pending;  // (user tensor, temporary)
   void write_back();
 };

@@ -13,6 +13,7 @@ pointer, as the one the hook read. A param without a grad on a step has a
 zero partial (x + 0 == x: it changes no bit of the sum or the max).
 """
 import functools
+import itertools
 import operator
 import weakref
 
@@ -257,6 +258,7 @@ class NormSlots(_StatsMixin):
         self._stat_recs = ({}, {})  # per row: id(param) -> (weakref(source), version, data_ptr)
         self._index = {}        # (device, dtype, values) -> tensor (see constant())
         self._selections = {}   # key -> _Selection (see select())
+        self._at_step = None    # (layout, params, per-device split) of the last _norm_at_step
 
     def _layout(self):
         if self._slot_of is None:
@@ -380,21 +382,32 @@ class NormSlots(_StatsMixin):
 
     def _norm_at_step(self, slot_of, params, entries, norm_type):
         """norm() without hooks: every part written now, one call per
-        device, no records (the default path, kept cheap per param)."""
-        by_dev = {}
-        for p, e in zip(params, entries):
-            dev, slot = slot_of[id(p)]
-            lists = by_dev.get(dev)
-            if lists is None:
-                lists = by_dev[dev] = ([], [])
-            lists[0].append(e)
-            lists[1].append(slot)
+        device, no records (the default path, kept cheap per param: the
+        split of the same params as the last call, under the same layout,
+        is reused after one identity check per param)."""
+        memo = self._at_step
+        if memo is not None and memo[0] is slot_of and len(memo[1]) == len(params) \
+                and all(map(operator.is_, params, memo[1])):
+            split = memo[2]
+        else:
+            by_dev = {}
+            for k, p in enumerate(params):
+                dev, slot = slot_of[id(p)]
+                by_dev.setdefault(dev, ([], []))
+                by_dev[dev][0].append(k)
+                by_dev[dev][1].append(slot)
+            split = []
+            for dev, (ks, slots) in by_dev.items():
+                n = len(self._params_at[dev])
+                missing = sorted(set(range(n)).difference(slots)) if len(slots) < n else []
+                # positions None: every param of the call, in order
+                split.append((dev, None if len(by_dev) == 1 else ks, slots + missing, len(missing)))
+            self._at_step = (slot_of, list(params), split)
         norms = []
-        for dev, (ts, slots) in by_dev.items():
-            n = len(self._params_at[dev])
-            if len(slots) < n:  # params without a grad: zero parts
-                missing = sorted(set(range(n)).difference(slots))
-                ts, slots = ts + [None] * len(missing), slots + missing
+        for dev, ks, slots, nmissing in split:
+            ts = list(entries) if ks is None else list(map(entries.__getitem__, ks))
+            if nmissing:  # params without a grad: zero parts
+                ts += [None] * nmissing
             try:
                 _ops.norm_partials_(ts, self._buffer(dev), slots, norm_type)
             except RuntimeError:
@@ -405,7 +418,7 @@ class NormSlots(_StatsMixin):
                     return self.norm(params, entries, norm_type)
                 raise
             norms.append(_ops.norm_from_partials(self._buffer(dev), norm_type))
-        self.counts["at_step"] += sum(e is not None for e in entries)
+        self.counts["at_step"] += sum(map(operator.is_not, entries, itertools.repeat(None)))
         return _ops.combine_device_norms(norms, norm_type)
 
     def _device_norm(self, dev, items, norm_type, plain_reduced):

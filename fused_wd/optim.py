@@ -574,12 +574,12 @@ class _FusedOptimizer(Optimizer):
         norm_type = norm_types.pop()
         params, grads = [], []
         for plan, xs in per_group:
-            if plan is not None:
+            if plan is not None:  # a plan's params are real (_build_plan), and so their grads
                 params.extend(plan.params)
                 grads.extend(xs)
             else:
                 params.extend(p for p, _ in xs)
-                grads.extend(g for _, g in xs)
+                grads.extend(g if sharded else _real(g) for _, g in xs)
         if not grads:
             return None
         if sharded:
@@ -587,7 +587,7 @@ class _FusedOptimizer(Optimizer):
                                      lambda entries, nt: self._norm_slots.norm(params, entries, nt),
                                      _real)
         else:
-            norm = self._norm_slots.norm(params, list(map(_real, grads)), norm_type)
+            norm = self._norm_slots.norm(params, grads, norm_type)
         if grad_scale is not None:
             norm = norm / grad_scale.to(norm.device, non_blocking=True).reshape(())
         return norm

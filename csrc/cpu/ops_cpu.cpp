@@ -154,13 +154,14 @@ struct Item {
   int64_t tensor, begin, end;
 };
 
-std::vector<Item> make_items(const std::vector<at::Tensor>& ts) {
+// Appends the items of tensor i, of n elements.
+void add_items(std::vector<Item>& items, size_t i, int64_t n) {
+  for (int64_t b = 0; b < n; b += kChunk) items.push_back({static_cast<int64_t>(i), b, std::min(n, b + kChunk)});
+}
+
+std::vector<Item> make_items(at::TensorList ts) {
   std::vector<Item> items;
-  for (size_t i = 0; i < ts.size(); ++i) {
-    const int64_t n = ts[i].numel();
-    for (int64_t b = 0; b < n; b += kChunk)
-      items.push_back({static_cast<int64_t>(i), b, std::min(n, b + kChunk)});
-  }
+  for (size_t i = 0; i < ts.size(); ++i) add_items(items, i, ts[i].numel());
   return items;
 }
 
@@ -194,22 +195,19 @@ void parallel_items(const std::vector<Item>& items, F f) {
 
 void* ptr(const at::Tensor& t) { return t.numel() ? t.data_ptr() : nullptr; }
 
-// The step of the update that follows a (checked) step counter, read
-// through its data pointer (no dispatcher call).
-double step_t(const at::Tensor& counter) {
-  return step_after(counter.data_ptr(), counter.scalar_type() == at::kDouble);
-}
-
-// Advances the (checked) step counters by one through their data pointers,
-// as the CUDA kernels do on the device: no add_ (a dispatcher call) per
-// tensor.
-void advance_steps(at::TensorList steps) {
-  for (const at::Tensor& s : steps) {
-    void* p = s.data_ptr();
-    if (s.scalar_type() == at::kDouble) *static_cast<double*>(p) += 1.0;
-    else *static_cast<float*>(p) += 1.0f;
+// A (checked) step counter, read and advanced through its data pointer, as
+// the CUDA kernels do on the device: no dispatcher call per tensor.
+struct Counter {
+  void* at = nullptr;
+  bool f64 = false;
+  explicit Counter(const at::Tensor& s) : at(s.data_ptr()), f64(s.scalar_type() == at::kDouble) {}
+  Counter() = default;
+  double next() const { return step_after(at, f64); }  // the step of the update that follows
+  void advance() const {
+    if (f64) *static_cast<double*>(at) += 1.0;
+    else *static_cast<float*>(at) += 1.0f;
   }
-}
+};
 
 bool given(const std::optional<at::Tensor>& t) { return t.has_value() && t->defined(); }
 
@@ -280,7 +278,7 @@ Layout layout_of(const char* op, const at::Tensor& p, const at::Tensor& state, b
 // The partial of each tensor (float64): the partials of its chunks (fixed
 // size, computed in parallel), combined in chunk order. It depends on the
 // tensor alone, never on the list it came in or the thread count.
-std::vector<double> tensor_partials(const char* op, const std::vector<at::Tensor>& dense, bool inf) {
+std::vector<double> tensor_partials(const char* op, at::TensorList dense, bool inf) {
   const auto items = make_items(dense);
   std::vector<double> chunk(items.size());
   const KernelTable& k = table();
@@ -382,15 +380,39 @@ void adam(const AdamCall& c) {
                                        {"master_params", c.master_params, true, true, kDtypeMaster}};
   check_lists(op, lists, c10::DeviceType::CPU);
   check_same_state_dtype(op, lists);
-  check_steps(op, c.state_steps, c.params);
+  check_step_count(op, c.state_steps, c.params);
   check_stats(op, a, n, n ? c.params[0].device() : at::Device(at::kCPU), true);
   const StepPrep sp = prepare(op, a);
   const bool master = !c.master_params.empty();
+  DenseLists d = make_dense(lists);
+  const auto& P = d.dense[0];
+  const auto& G = d.dense[1];
+  const auto& M = d.dense[2];
+  const auto& V = d.dense[3];
+  const auto& VM = d.dense[4];
+  const auto& MP = d.dense[5];
+  // One pass over the entries (with thousands of params their metadata is
+  // not in cache, and each pass costs as much as the first): counters
+  // checked and read, every layout checked before anything is written,
+  // data pointers and work items gathered.
   std::vector<double> ts(n);
-  std::vector<Layout> layouts(n);  // every layout is checked before anything is written
+  std::vector<Layout> layouts(n);
+  std::vector<Ptrs> ptrs(n);
+  std::vector<Counter> counters(n);
+  std::vector<Item> items;
   for (size_t i = 0; i < n; ++i) {
-    ts[i] = step_t(c.state_steps[i]);
+    if (i + kMetaAhead < n) {
+      for (const auto& l : d.dense)
+        if (!l.empty()) prefetch_meta(l[i + kMetaAhead], true);
+      prefetch_meta(c.state_steps[i + kMetaAhead], true);
+    }
+    check_step(op, i, c.state_steps[i], c.params[i]);
+    counters[i] = Counter(c.state_steps[i]);
+    ts[i] = counters[i].next();
     layouts[i] = layout_of(op, c.params[i], c.exp_avgs[i], master, a, i, ts[i]);
+    ptrs[i] = Ptrs{ptr(P[i]), ptr(G[i]), master ? ptr(MP[i]) : nullptr,
+                   ptr(M[i]), ptr(V[i]), c.amsgrad ? ptr(VM[i]) : nullptr};
+    add_items(items, i, P[i].numel());
   }
   if (sp.skip || n == 0) return;
 
@@ -422,27 +444,17 @@ void adam(const AdamCall& c) {
     }
   }
 
-  DenseLists d = make_dense(lists);
-  const auto& P = d.dense[0];
-  const auto& G = d.dense[1];
-  const auto& M = d.dense[2];
-  const auto& V = d.dense[3];
-  const auto& VM = d.dense[4];
-  const auto& MP = d.dense[5];
   const KernelTable& k = table();
-  const std::vector<Item> items = make_items(P);
   ItemStats stats = stats_for(a, items.size());
   parallel_indexed(items, [&](const Item& it, size_t j) {
     const int64_t i = it.tensor;
-    const Ptrs ptrs{ptr(P[i]), ptr(G[i]), master ? ptr(MP[i]) : nullptr,
-                    ptr(M[i]), ptr(V[i]), c.amsgrad ? ptr(VM[i]) : nullptr};
     if (layouts[i].param == Storage::kF64)
-      k.adam_f64(ptrs, it.begin, it.end, sd[i], c.amsgrad, decay, stats.at(j));
+      k.adam_f64(ptrs[i], it.begin, it.end, sd[i], c.amsgrad, decay, stats.at(j));
     else
-      k.adam(layouts[i], ptrs, it.begin, it.end, sf[i], c.amsgrad, decay, stats.at(j));
+      k.adam(layouts[i], ptrs[i], it.begin, it.end, sf[i], c.amsgrad, decay, stats.at(j));
   });
   d.write_back();
-  advance_steps(c.state_steps);
+  for (const Counter& t : counters) t.advance();
   stats_done(a, items, stats, n);
 }
 
@@ -462,17 +474,37 @@ void sgd(const SgdCall& c) {
                                        {"momentum_buffers", c.momentum_buffers, true, true, kDtypeState},
                                        {"master_params", c.master_params, true, true, kDtypeMaster}};
   check_lists(op, lists, c10::DeviceType::CPU);
-  if (a.stochastic_rounding) check_steps(op, c.state_steps, c.params);
+  if (a.stochastic_rounding) check_step_count(op, c.state_steps, c.params);
   check_stats(op, a, n, n ? c.params[0].device() : at::Device(at::kCPU), true);
   const StepPrep sp = prepare(op, a);
   const bool master = !c.master_params.empty();
-  std::vector<Layout> layouts(n);  // every layout is checked before anything is written
+  DenseLists d = make_dense(lists);
+  const auto& P = d.dense[0];
+  const auto& G = d.dense[1];
+  const auto& B = d.dense[2];
+  const auto& MP = d.dense[3];
+  // one pass over the entries, as in adam
+  std::vector<Layout> layouts(n);
+  std::vector<Ptrs> ptrs(n);
+  std::vector<Counter> counters(a.stochastic_rounding ? n : 0);
+  std::vector<Item> items;
   for (size_t i = 0; i < n; ++i) {
-    const double t = a.stochastic_rounding ? step_t(c.state_steps[i]) : 0.0;
+    if (i + kMetaAhead < n)
+      for (const auto& l : d.dense)
+        if (!l.empty()) prefetch_meta(l[i + kMetaAhead], true);
+    double t = 0.0;
+    if (a.stochastic_rounding) {
+      check_step(op, i, c.state_steps[i], c.params[i]);
+      counters[i] = Counter(c.state_steps[i]);
+      t = counters[i].next();
+    }
     // without momentum there is no state: the layout's state storage is the
     // master's (or the param's)
     const at::Tensor& state = mom ? c.momentum_buffers[i] : master ? c.master_params[i] : c.params[i];
     layouts[i] = layout_of(op, c.params[i], state, master, a, i, t);
+    ptrs[i] = Ptrs{ptr(P[i]), ptr(G[i]), master ? ptr(MP[i]) : nullptr, mom ? ptr(B[i]) : nullptr,
+                   nullptr, nullptr};
+    add_items(items, i, P[i].numel());
   }
   if (sp.skip || n == 0) return;
 
@@ -487,26 +519,18 @@ void sgd(const SgdCall& c) {
   };
   const auto sf = scalars(0.0f);
   const auto sd = scalars(0.0);
-  DenseLists d = make_dense(lists);
-  const auto& P = d.dense[0];
-  const auto& G = d.dense[1];
-  const auto& B = d.dense[2];
-  const auto& MP = d.dense[3];
   const KernelTable& k = table();
-  const std::vector<Item> items = make_items(P);
   ItemStats stats = stats_for(a, items.size());
   parallel_indexed(items, [&](const Item& it, size_t j) {
     const int64_t i = it.tensor;
     const SgdModes md{decay, mom, c.nesterov, mom && c.buffer_is_new.get(i)};
-    const Ptrs ptrs{ptr(P[i]), ptr(G[i]), master ? ptr(MP[i]) : nullptr,
-                    mom ? ptr(B[i]) : nullptr, nullptr, nullptr};
     if (layouts[i].param == Storage::kF64)
-      k.sgd_f64(ptrs, it.begin, it.end, sd, md, stats.at(j));
+      k.sgd_f64(ptrs[i], it.begin, it.end, sd, md, stats.at(j));
     else
-      k.sgd(layouts[i], ptrs, it.begin, it.end, sf, md, stats.at(j));
+      k.sgd(layouts[i], ptrs[i], it.begin, it.end, sf, md, stats.at(j));
   });
   d.write_back();
-  if (a.stochastic_rounding) advance_steps(c.state_steps);
+  for (const Counter& t : counters) t.advance();
   stats_done(a, items, stats, n);
 }
 

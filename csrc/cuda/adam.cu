@@ -159,7 +159,7 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 template <typename scalar_t, bool AMSGRAD, int DECAY>
-void launch_adam(const std::vector<std::vector<at::Tensor>>& dense, const std::vector<int64_t>& idx,
+void launch_adam(const std::vector<at::TensorList>& dense, const std::vector<int64_t>& idx,
                  at::TensorList steps, const AdamArgs& args, StatsPlan& stats, Stream stream) {
   constexpr int D = AMSGRAD ? 5 : 4;
   for_each_table<D>(
@@ -232,7 +232,7 @@ static_assert(sizeof(ChunkTable<6>) + sizeof(AdamArgs) + sizeof(MixedArgs) + siz
 
 // list indices into the dense lists: p, g, m, v, vmax (or -1), master (or -1)
 template <typename PT, typename ST, bool AMSGRAD>
-void launch_adam_mixed(const std::vector<std::vector<at::Tensor>>& dense, const int (&li)[6],
+void launch_adam_mixed(const std::vector<at::TensorList>& dense, const int (&li)[6],
                        const std::vector<int64_t>& idx, at::TensorList steps,
                        at::IntArrayRef sr_ids, const AdamArgs& args, const MixedArgs& mx,
                        StatsPlan& stats, Stream stream) {

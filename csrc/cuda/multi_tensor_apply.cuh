@@ -76,7 +76,7 @@ struct Entry {
 // count and, for each d, the pointer of list li[d] (-1: none, a null
 // pointer).
 template <int DEPTH>
-Entry<DEPTH> entry_of(const std::vector<std::vector<at::Tensor>>& dense, int64_t i,
+Entry<DEPTH> entry_of(const std::vector<at::TensorList>& dense, int64_t i,
                       const int (&li)[DEPTH]) {
   Entry<DEPTH> e;
   e.numel = dense[0][i].numel();
@@ -87,7 +87,7 @@ Entry<DEPTH> entry_of(const std::vector<std::vector<at::Tensor>>& dense, int64_t
 
 // The same with list d at position d.
 template <int DEPTH>
-Entry<DEPTH> entry_of(const std::vector<std::vector<at::Tensor>>& dense, int64_t i) {
+Entry<DEPTH> entry_of(const std::vector<at::TensorList>& dense, int64_t i) {
   int li[DEPTH];
   for (int d = 0; d < DEPTH; ++d) li[d] = d;
   return entry_of<DEPTH>(dense, i, li);
@@ -522,7 +522,7 @@ struct Group {
 // or the param's).
 inline std::vector<Group> plan_groups(const char* op, const DenseLists& dl, int state, bool master,
                                       bool stochastic_rounding) {
-  const std::vector<at::Tensor> none;
+  const at::TensorList none;
   std::vector<Group> groups;
   for (auto& idx : group_by_dtypes(dl.dense[0], state >= 0 ? dl.dense[state] : none)) {
     const at::ScalarType pt = dl.dense[0][idx[0]].scalar_type();
@@ -588,7 +588,7 @@ __device__ __forceinline__ void write_chunk_stats(const StatsOut& so, const Chun
 // StatsOut, finish() queues the reduction after the last one.
 class StatsPlan {
  public:
-  StatsPlan(const StepArgs& a, const std::vector<at::Tensor>& params) : slots_(a.stat_slots) {
+  StatsPlan(const StepArgs& a, at::TensorList params) : slots_(a.stat_slots) {
     std::memset(&out_, 0, sizeof(out_));
     if (!a.stats.has_value() || !a.stats->defined()) return;
     on_ = true;

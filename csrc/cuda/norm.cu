@@ -87,7 +87,7 @@ __global__ void __launch_bounds__(kThreads) clip_kernel(ChunkTable<1> tab, Scala
 // Packs dense (grouped by dtype) into tables and calls per_table(dtype,
 // table, nchunks) for each; entry k carries id ids[k] when ids is given.
 template <typename PerTable>
-void for_each_bucket_table(const std::vector<at::Tensor>& dense, const std::vector<int64_t>* ids,
+void for_each_bucket_table(at::TensorList dense, const std::vector<int64_t>* ids,
                            PerTable&& per_table) {
   for (const auto& idx : group_by_dtype(dense)) {
     const at::ScalarType st = dense[idx[0]].scalar_type();

@@ -62,7 +62,7 @@ static_assert(sizeof(ChunkTable<3>) + sizeof(SgdArgs) + sizeof(StatsOut) <= 4000
               "sgd kernel arguments too large");
 
 template <typename scalar_t, int DECAY, bool MOMENTUM, bool NESTEROV>
-void launch_sgd(const std::vector<std::vector<at::Tensor>>& dense, const std::vector<int64_t>& idx,
+void launch_sgd(const std::vector<at::TensorList>& dense, const std::vector<int64_t>& idx,
                 const c10::List<bool>& is_new, const SgdArgs& args, StatsPlan& stats,
                 Stream stream) {
   constexpr int D = MOMENTUM ? 3 : 2;
@@ -132,7 +132,7 @@ static_assert(sizeof(ChunkTable<4>) + sizeof(SgdArgs) + sizeof(SgdMixedArgs) + s
 
 // li: dense list of p, g, buf (or -1), master (or -1)
 template <typename PT, typename ST>
-void launch_sgd_mixed(const std::vector<std::vector<at::Tensor>>& dense, const int (&li)[4],
+void launch_sgd_mixed(const std::vector<at::TensorList>& dense, const int (&li)[4],
                       const std::vector<int64_t>& idx, const c10::List<bool>& is_new,
                       at::TensorList steps, at::IntArrayRef sr_ids, const SgdArgs& args,
                       const SgdMixedArgs& mx, StatsPlan& stats, Stream stream) {
