@@ -182,6 +182,7 @@ def _local_real(t):
 _is = operator.is_
 _is_not = operator.is_not
 _dtype_of = operator.attrgetter("dtype")
+_grad_of = operator.attrgetter("grad")
 _layout_of = operator.attrgetter("layout")
 
 # A C++ list of tensors (torch's own IValue list). A kept plan holds its
@@ -272,7 +273,7 @@ class _StepPlan:
         if gp is not self.group_params or len(gp) != len(self.all_params) \
                 or opt._plan_key(group) != self.key or not all(map(_is, gp, self.all_params)):
             return None
-        grads = [p.grad for p in gp]
+        grads = list(map(_grad_of, gp))
         if self.mask is None:
             if any(map(_is, grads, itertools.repeat(None))):
                 return None

@@ -197,11 +197,13 @@ def problems(draw):
     cls = draw(st.sampled_from(["Adam", "AdamW", "SGD"]))
     hp = dict(lr=draw(st.sampled_from([0.0, 1e-3, 0.1])),
               weight_decay=draw(st.sampled_from([0.0, 0.01, 1.0])),
-              weight_decay_mode=draw(st.sampled_from(["l2", "decoupled", "independent", "corrected"])),
+              weight_decay_mode=draw(st.sampled_from(["l2", "decoupled", "independent", "corrected", "l1",
+                                                      "l1_proximal"])),
               maximize=draw(st.booleans()),
               max_grad_norm=draw(st.sampled_from([None, 0.1, 10.0])),
               norm_type=draw(st.sampled_from([2.0, math.inf])))
-    hp["cautious_weight_decay"] = hp["weight_decay_mode"] != "l2" and draw(st.booleans())
+    hp["cautious_weight_decay"] = hp["weight_decay_mode"] in ("decoupled", "independent", "corrected") \
+        and draw(st.booleans())
     if cls == "SGD":
         hp.update(momentum=draw(st.sampled_from([0.0, 0.9])), dampening=draw(st.sampled_from([0.0, 0.5])))
     else:
