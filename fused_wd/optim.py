@@ -48,6 +48,7 @@ import weakref
 
 import torch
 from torch.optim import Optimizer
+from torch.optim import optimizer as _torch_optimizer
 
 import dataclasses
 
@@ -74,6 +75,15 @@ _LOW = (torch.float16, torch.bfloat16)
 _KERNEL_DTYPES = (torch.float32, torch.float64) + _LOW
 _STATE_DTYPES = (None, torch.float32, torch.bfloat16)
 MASTER_KEY = "master_param"
+
+
+# torch.optim's global step hooks (pre, post), None if this torch keeps them
+# elsewhere (step then always takes torch's wrapper), and whether the
+# autograd profiler records
+_STEP_HOOKS = tuple(getattr(_torch_optimizer, name, None)
+                    for name in ("_global_optimizer_pre_hooks", "_global_optimizer_post_hooks"))
+_STEP_HOOKS = None if None in _STEP_HOOKS else _STEP_HOOKS
+_profiler_enabled = torch._C._autograd._profiler_enabled
 
 
 # Host copies of tensor hyperparameters: id -> (weak reference, version, value).
@@ -593,9 +603,26 @@ class _FusedOptimizer(Optimizer):
             norm = norm / grad_scale.to(norm.device, non_blocking=True).reshape(())
         return norm
 
-    @torch.no_grad()
     def step(self, closure=None):
         """One optimizer step; `closure` (re)computes the loss under autograd."""
+        if _STEP_HOOKS is None or _STEP_HOOKS[0] or _STEP_HOOKS[1] or self._optimizer_step_pre_hooks \
+                or self._optimizer_step_post_hooks or _profiler_enabled() or torch.compiler.is_compiling():
+            return self._wrapped_step() if closure is None else self._wrapped_step(closure)
+        # torch.optim's step wrapper (record_function, the hooks) and no_grad
+        # cost about 30 us per step; with no hook, no profiler and no
+        # compiler they would do nothing but set the grad mode
+        enabled = torch.is_grad_enabled()
+        torch._C._set_grad_enabled(False)
+        try:
+            return self._step(closure)
+        finally:
+            torch._C._set_grad_enabled(enabled)
+
+    # torch.optim wraps a class's step once (Optimizer._patch_step_function)
+    # unless it is marked hooked: step above is its own wrapper
+    step.hooked = True
+
+    def _step(self, closure=None):
         _ext.require()
         loss = None
         if closure is not None:
@@ -684,6 +711,10 @@ class _FusedOptimizer(Optimizer):
         if plans is not None:
             plans.state_dicts = list(self.state.values())
         return loss
+
+    # step as torch.optim runs it: in torch's wrapper (the profiler's
+    # record_function, the global and the optimizer's step hooks), no_grad
+    _wrapped_step = Optimizer.profile_hook_step(torch.no_grad()(_step))
 
     # ------------------------------------------------ automatic weight decay
 

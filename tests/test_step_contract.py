@@ -130,3 +130,80 @@ def test_unsupported_param_dtype_is_refused_before_any_update():
     with pytest.raises(RuntimeError, match="float8_e4m3fn"):
         opt.step()
     assert torch.equal(good, before) and len(opt.state[good]) == 0
+
+
+# step() skips torch.optim's step wrapper when it would do nothing (no hook,
+# no profiler, no compiler): what the wrapper does must still happen whenever
+# it has something to do.
+
+def _tiny_opt(cls=fused_wd.AdamW):
+    p = torch.nn.Parameter(torch.ones(4))
+    p.grad = torch.full((4,), 0.5)
+    return p, cls([p], lr=0.1)
+
+
+@pytest.mark.parametrize("cls", [fused_wd.AdamW, fused_wd.SGD])
+def test_step_hooks_run_in_order_and_may_replace_the_arguments(cls):
+    p, opt = _tiny_opt(cls)
+    seen = []
+
+    def pre(o, args, kwargs):
+        seen.append(("pre", o is opt, p.detach().clone()))
+        return args, {"closure": lambda: torch.tensor(7.0)}
+
+    def post(o, args, kwargs):
+        seen.append(("post", o is opt, p.detach().clone()))
+
+    handles = [opt.register_step_pre_hook(pre), opt.register_step_post_hook(post)]
+    assert opt.step() == 7.0  # the pre hook's closure ran
+    assert [(k, same) for k, same, _ in seen] == [("pre", True), ("post", True)]
+    assert torch.equal(seen[0][2], torch.ones(4)) and not torch.equal(seen[1][2], torch.ones(4))
+    for h in handles:
+        h.remove()
+    seen.clear()
+    opt.step()
+    assert seen == []
+
+
+def test_global_step_hooks_run():
+    from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
+    p, opt = _tiny_opt()
+    seen = []
+    handles = [register_optimizer_step_pre_hook(lambda o, a, k: seen.append("pre")),
+               register_optimizer_step_post_hook(lambda o, a, k: seen.append("post"))]
+    try:
+        opt.step()
+    finally:
+        for h in handles:
+            h.remove()
+    assert seen == ["pre", "post"]
+
+
+def test_the_profiler_sees_the_step():
+    p, opt = _tiny_opt()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        opt.step()
+    names = {e.name for e in prof.events()}
+    assert "Optimizer.step#AdamW.step" in names
+    assert any(n.startswith("fused_wd::adam_") for n in names)
+
+
+@pytest.mark.parametrize("grad_enabled", [True, False])
+def test_step_restores_the_grad_mode_and_runs_the_closure_with_grad(grad_enabled):
+    p, opt = _tiny_opt()
+    modes = []
+
+    def closure():
+        modes.append(torch.is_grad_enabled())
+        return torch.tensor(1.0)
+
+    with torch.set_grad_enabled(grad_enabled):
+        opt.step(closure)
+        assert torch.is_grad_enabled() is grad_enabled
+        p.grad = torch.ones(4).to_sparse()  # a sparse grad: the step raises
+        with pytest.raises(RuntimeError):
+            opt.step()
+        assert torch.is_grad_enabled() is grad_enabled
+    assert modes == [True]
+    # the step itself ran without grad: the param stays a leaf with no history
+    assert p.grad_fn is None and p.is_leaf
