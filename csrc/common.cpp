@@ -174,7 +174,8 @@ void check_partials(const char* op, const at::Tensor& partials, c10::DeviceType 
 }
 
 NormInputs norm_inputs(const char* op, const c10::List<std::optional<at::Tensor>>& tensors,
-                       at::IntArrayRef index, int64_t nslots, const at::Device& device) {
+                       at::IntArrayRef index, int64_t nslots, const at::Device& device,
+                       bool of_grads) {
   TORCH_CHECK(index.size() == tensors.size(), op, ": index has ", index.size(),
               " entries for ", tensors.size(), " tensors");
   std::vector<bool> taken(static_cast<size_t>(nslots), false);
@@ -185,7 +186,8 @@ NormInputs norm_inputs(const char* op, const c10::List<std::optional<at::Tensor>
                 nslots, " slots)");
     TORCH_CHECK(!taken[s], op, ": index[", j, "] = ", s, " names a slot twice");
     taken[s] = true;
-    const std::optional<at::Tensor> t = tensors.get(j);
+    std::optional<at::Tensor> t = tensors.get(j);
+    if (of_grads && t.has_value() && t->defined()) t = t->grad();
     if (!t.has_value() || !t->defined() || t->numel() == 0) {
       in.zero.push_back(s);
       continue;
@@ -199,6 +201,42 @@ NormInputs norm_inputs(const char* op, const c10::List<std::optional<at::Tensor>
     in.slot.push_back(s);
   }
   return in;
+}
+
+namespace {
+// Whether g can stand for p's gradient as it is (grads_ready).
+bool usable_grad(const at::Tensor& p, const at::Tensor& g) {
+  return g.defined() && g.layout() == at::kStrided && g.scalar_type() == p.scalar_type() &&
+         g.device() == p.device() && g.sizes().equals(p.sizes());
+}
+}  // namespace
+
+bool grads_ready(at::TensorList params, at::IntArrayRef dtypes) {
+  TORCH_CHECK(dtypes.size() == params.size(), "fused_wd.grads_ready: ", dtypes.size(),
+              " dtypes for ", params.size(), " params");
+  for (size_t i = 0; i < params.size(); ++i) {
+    if (i + kMetaAhead < params.size()) prefetch_meta(params[i + kMetaAhead]);
+    if (static_cast<int64_t>(params[i].scalar_type()) != dtypes[i] ||
+        !usable_grad(params[i], params[i].grad()))
+      return false;
+  }
+  return true;
+}
+
+at::TensorList grads_arg(const char* op, at::TensorList params, at::TensorList grads,
+                         bool from_params, std::vector<at::Tensor>& held) {
+  if (!from_params) return grads;
+  TORCH_CHECK(grads.empty(), op, ": grads must be empty with grads_from_params=True, got ",
+              grads.size(), " tensors");
+  held.reserve(params.size());
+  for (size_t i = 0; i < params.size(); ++i) {
+    if (i + kMetaAhead < params.size()) prefetch_meta(params[i + kMetaAhead]);
+    const at::Tensor& g = params[i].grad();
+    TORCH_CHECK(g.defined(), op, ": params[", i, "] (shape ", params[i].sizes(),
+                ") has no grad, and grads_from_params=True takes each param's grad");
+    held.push_back(g);
+  }
+  return held;
 }
 
 void check_scalar_tensor(const char* op, const char* name, const std::optional<at::Tensor>& t,

@@ -77,8 +77,20 @@ struct NormInputs {
   std::vector<at::Tensor> present;
   std::vector<int64_t> slot, zero;
 };
+// of_grads: the entries' grads are taken in their place (norm_partials_'s
+// of_grads).
 NormInputs norm_inputs(const char* op, const c10::List<std::optional<at::Tensor>>& tensors,
-                       at::IntArrayRef index, int64_t nslots, const at::Device& device);
+                       at::IntArrayRef index, int64_t nslots, const at::Device& device,
+                       bool of_grads = false);
+
+// The grads_ready op (schema: csrc/schema.h).
+bool grads_ready(at::TensorList params, at::IntArrayRef dtypes);
+
+// The grads an update op uses: `grads` itself, or with grads_from_params
+// each param's .grad, gathered into `held` (an error names a param without
+// one, or a non-empty grads).
+at::TensorList grads_arg(const char* op, at::TensorList params, at::TensorList grads,
+                         bool from_params, std::vector<at::Tensor>& held);
 
 // Checks `partials` for norm_from_partials: 1-D, contiguous, float64, on a
 // device of `device_type`.
@@ -181,7 +193,9 @@ void adam_op(at::TensorList params, at::TensorList grads, at::TensorList exp_avg
              bool amsgrad, bool maximize, const std::optional<at::Tensor>& grad_norm, double max_norm,
              const std::optional<at::Tensor>& grad_scale,
              const std::optional<at::Tensor>& found_inf, bool skip_nonfinite,
-             bool stochastic_rounding, int64_t sr_seed) {
+             bool stochastic_rounding, int64_t sr_seed, bool grads_from_params) {
+  std::vector<at::Tensor> held;
+  grads = grads_arg("fused_wd.adam_", params, grads, grads_from_params, held);
   Impl(AdamCall{params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, master_params,
                 beta1, beta2, eps, amsgrad,
                 StepArgs{lr, lr_tensor, weight_decay, wd_tensor, decay_mode, cautious_wd, initial_lr,
@@ -200,7 +214,9 @@ void sgd_op(at::TensorList params, at::TensorList grads, at::TensorList momentum
             double initial_lr, bool maximize, const std::optional<at::Tensor>& grad_norm, double max_norm,
             const std::optional<at::Tensor>& grad_scale,
             const std::optional<at::Tensor>& found_inf, bool skip_nonfinite,
-            bool stochastic_rounding, int64_t sr_seed) {
+            bool stochastic_rounding, int64_t sr_seed, bool grads_from_params) {
+  std::vector<at::Tensor> held;
+  grads = grads_arg("fused_wd.sgd_", params, grads, grads_from_params, held);
   Impl(SgdCall{params, grads, momentum_buffers, buffer_is_new, master_params, state_steps, momentum,
                dampening, nesterov,
                StepArgs{lr, lr_tensor, weight_decay, wd_tensor, decay_mode, cautious_wd, initial_lr,

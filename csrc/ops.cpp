@@ -5,6 +5,7 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include "common.h"
 #include "schema.h"
 
 #ifndef FUSED_WD_TORCH_VERSION
@@ -13,6 +14,11 @@
 
 TORCH_LIBRARY(fused_wd, m) {
   for (const char* schema : fused_wd::kSchemas) m.def(schema);
+}
+
+// grads_ready reads metadata only: one kernel for every device (and meta).
+TORCH_LIBRARY_IMPL(fused_wd, CompositeExplicitAutograd, m) {
+  m.impl("grads_ready", &fused_wd::grads_ready);
 }
 
 #include <string>

@@ -19,7 +19,12 @@ constexpr const char* kSchemas[] = {
   // of one call over all of them, bit for bit. norm_from_partials reduces
   // every partial of `partials` in a fixed order and returns the norm as a
   // float32 0-dim tensor; multi_tensor_norm is the two in one.
-  "norm_partials_(Tensor?[] tensors, Tensor(a!) out, int[] index, float norm_type) -> ()",
+  //
+  // of_grads: the partial of each entry's .grad instead (an entry without a
+  // grad writes 0). A step passes its params: no list of grads is built in
+  // Python.
+  "norm_partials_(Tensor?[] tensors, Tensor(a!) out, int[] index, float norm_type, "
+      "bool of_grads=False) -> ()",
   "norm_from_partials(Tensor partials, float norm_type) -> Tensor",
 
   // tensors[i] *= min(1, max_norm / (total_norm + 1e-6)), the scaling of
@@ -60,6 +65,10 @@ constexpr const char* kSchemas[] = {
   // weight_decay's value; weight_decay still says whether the step decays
   // (0: no decay). The automatic decay modes pass auto_decay_'s result here.
   //
+  // grads_from_params: grads is empty and each param's own .grad is its
+  // gradient (an error names a param without one): a step whose grads
+  // grads_ready accepted passes no list of grads from Python.
+  //
   // Hyperparameters are keyword-only (after `*`): two floats can never be
   // swapped by position. The C++ side receives them as one AdamCall
   // (csrc/common.h).
@@ -70,7 +79,7 @@ constexpr const char* kSchemas[] = {
       "float weight_decay, Tensor? wd_tensor=None, int decay_mode, bool cautious_wd, float initial_lr, bool amsgrad, "
       "bool maximize, "
       "Tensor? grad_norm, float max_norm, Tensor? grad_scale, Tensor? found_inf, "
-      "bool skip_nonfinite, bool stochastic_rounding, int sr_seed) -> ()",
+      "bool skip_nonfinite, bool stochastic_rounding, int sr_seed, bool grads_from_params=False) -> ()",
 
   // One SGD step over many tensors. momentum_buffers is empty when
   // momentum == 0; buffer_is_new[i] marks a buffer created for this step
@@ -85,7 +94,14 @@ constexpr const char* kSchemas[] = {
       "int decay_mode, bool cautious_wd, float initial_lr, "
       "bool maximize, "
       "Tensor? grad_norm, float max_norm, Tensor? grad_scale, Tensor? found_inf, "
-      "bool skip_nonfinite, bool stochastic_rounding, int sr_seed) -> ()",
+      "bool skip_nonfinite, bool stochastic_rounding, int sr_seed, bool grads_from_params=False) -> ()",
+
+  // Whether every param has the dtype dtypes[i] names (a c10::ScalarType
+  // code: the dtype the caller validated the param's state against) and a
+  // grad that adam_/sgd_ with grads_from_params and norm_partials_ with
+  // of_grads take as it is: defined, strided, with the param's dtype, shape
+  // and device. Reads metadata only (no device work, no sync).
+  "grads_ready(Tensor[] params, int[] dtypes) -> bool",
 
   // The decay strength of an automatic weight-decay mode for this step
   // (docs/weight-decay.md, "Automatic weight decay"), as a float64 0-dim

@@ -358,11 +358,20 @@ class NormSlots(_StatsMixin):
 
     # ----------------------------------------------------------------- step
 
+    @property
+    def hooked(self):
+        """Whether norm hooks are registered (norm_in_backward)."""
+        return bool(self._hooks)
+
     def norm(self, params, entries, norm_type):
         """The norm over entries (the view of each param's grad, or None for
         one that does not count here), as a float32 0-dim tensor: slots
-        proven current are reused, the others written now."""
+        proven current are reused, the others written now. entries None:
+        each param's own grad, read by the op (a step whose grads
+        grads_ready accepted; no hooks)."""
         slot_of = self._layout()
+        if entries is None and self._hooks:
+            raise RuntimeError("fused_wd: the norm of the params' own grads is only taken without norm hooks")
         if not self._hooks:
             return self._norm_at_step(slot_of, params, entries, norm_type)
         by_dev = {}
@@ -404,16 +413,19 @@ class NormSlots(_StatsMixin):
                 split.append((dev, None if len(by_dev) == 1 else ks, slots + missing, len(missing)))
             self._at_step = (slot_of, list(params), split)
         norms = []
+        of_grads = entries is None
+        if of_grads:
+            entries = params
         for dev, ks, slots, nmissing in split:
             ts = list(entries) if ks is None else list(map(entries.__getitem__, ks))
             if nmissing:  # params without a grad: zero parts
                 ts += [None] * nmissing
             try:
-                _ops.norm_partials_(ts, self._buffer(dev), slots, norm_type)
+                _ops.norm_partials_(ts, self._buffer(dev), slots, norm_type, of_grads=of_grads)
             except RuntimeError:
                 # a param moved to another device since the layout was made:
                 # lay the slots out again (the op checked before writing)
-                if any(e is not None and e.device != dev for e in ts):
+                if not of_grads and any(e is not None and e.device != dev for e in ts):
                     self.invalidate()
                     return self.norm(params, entries, norm_type)
                 raise

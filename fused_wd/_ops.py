@@ -87,20 +87,24 @@ def split_by_master(masters):
 def adam_(lists, stats=None, stat_slots=(), wd_tensor=None, **hyper):
     """torch.ops.fused_wd.adam_ on an AdamLists whose params all have a
     master or none has (master_params then empty); hyperparameters by name.
-    stats/stat_slots: where the pass writes its statistics (csrc/schema.h)."""
+    stats/stat_slots: where the pass writes its statistics (csrc/schema.h).
+    lists.grads None: each param's own grad (grads_from_params)."""
     _ext.require()
     torch.ops.fused_wd.adam_(
-        params=lists.params, grads=lists.grads, exp_avgs=lists.exp_avgs,
+        params=lists.params, grads=[] if lists.grads is None else lists.grads,
+        grads_from_params=lists.grads is None, exp_avgs=lists.exp_avgs,
         exp_avg_sqs=lists.exp_avg_sqs, max_exp_avg_sqs=lists.max_exp_avg_sqs,
         state_steps=lists.state_steps, master_params=lists.master_params, sr_ids=lists.sr_ids,
         stats=stats, stat_slots=list(stat_slots), wd_tensor=wd_tensor, **hyper)
 
 
 def sgd_(lists, stats=None, stat_slots=(), wd_tensor=None, **hyper):
-    """torch.ops.fused_wd.sgd_ on an SgdLists; hyperparameters by name."""
+    """torch.ops.fused_wd.sgd_ on an SgdLists; hyperparameters by name;
+    lists.grads None as for adam_."""
     _ext.require()
     torch.ops.fused_wd.sgd_(
-        params=lists.params, grads=lists.grads, momentum_buffers=lists.momentum_buffers,
+        params=lists.params, grads=[] if lists.grads is None else lists.grads,
+        grads_from_params=lists.grads is None, momentum_buffers=lists.momentum_buffers,
         buffer_is_new=lists.buffer_is_new, master_params=lists.master_params,
         state_steps=lists.state_steps, sr_ids=lists.sr_ids, stats=stats,
         stat_slots=list(stat_slots), wd_tensor=wd_tensor, **hyper)
@@ -139,12 +143,25 @@ def combine_device_norms(norms, norm_type):
     return torch.linalg.vector_norm(stacked, ord=float(norm_type))
 
 
-def norm_partials_(tensors, out, index, norm_type):
+def norm_partials_(tensors, out, index, norm_type, of_grads=False):
     """torch.ops.fused_wd.norm_partials_: the partial of tensors[j] (None or
-    empty: 0) written at out[index[j]]."""
+    empty: 0; of_grads: of tensors[j].grad) written at out[index[j]]."""
     _ext.require()
     torch.ops.fused_wd.norm_partials_(tensors=tensors, out=out, index=index,
-                                      norm_type=float(norm_type))
+                                      norm_type=float(norm_type), of_grads=of_grads)
+
+
+# The c10::ScalarType codes of the dtypes the kernels take (grads_ready's
+# dtypes; c10/core/ScalarType.h, the codes torch serializes dtypes with).
+SCALAR_TYPE_CODES = {torch.float16: 5, torch.float32: 6, torch.float64: 7, torch.bfloat16: 15}
+
+
+def grads_ready(params, dtypes):
+    """torch.ops.fused_wd.grads_ready: whether every param still has the
+    dtype dtypes (SCALAR_TYPE_CODES) names and a grad the ops can take from
+    it (grads_from_params, of_grads)."""
+    _ext.require()
+    return torch.ops.fused_wd.grads_ready(params, dtypes)
 
 
 def norm_from_partials(partials, norm_type):

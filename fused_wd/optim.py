@@ -231,6 +231,25 @@ class _Plans(dict):
         super().__init__()
         self.gen = gen
         self.state_dicts = None
+        self.all_params = None  # (the plans, their params in one C++ list) for grads_ready
+
+    def own_grads(self, opt, n_groups):
+        """The plans of every group (in order) when each holds and its
+        params are the group's own params, all with a grad when it was made
+        (then the ops may read each param's grad themselves, once
+        grads_ready accepts them), else None."""
+        plans = [self.get(gi) for gi in range(n_groups)]
+        if not all(plan is not None and plan.mask is None and plan.holds(opt, group)
+                   for plan, group in zip(plans, opt.param_groups)):
+            return None
+        kept = self.all_params
+        if kept is None or len(kept[0]) != n_groups or not all(map(_is, plans, kept[0])):
+            params = [p for plan in plans for p in plan.params]
+            codes = [_ops.SCALAR_TYPE_CODES.get(d, -1) for plan in plans for d in plan.dtypes]
+            if _CppList is not None:
+                params, codes = _CppList(params), _CppList(codes)
+            kept = self.all_params = (plans, params, codes)
+        return plans if _ops.grads_ready(kept[1], kept[2]) else None
 
     def states_hold(self, state):
         dicts = list(state.values())
@@ -267,22 +286,32 @@ class _StepPlan:
                 self.st_keys.append(k)
                 self.st_vals.append(v)
 
-    def grads(self, opt, group):
-        """The group's grads (of the params that have one, in order) when
-        the plan still holds, else None. It holds while the group has the
-        same params list with the same params in it, the same params have
-        grads, every grad has the dtype its param had (the grad setter and
-        autograd keep a grad's dtype, shape and device those of its param,
-        so a param re-dtyped shows here), every entry of the params' state
-        dicts is the same object (the dicts themselves: _Plans.states_hold)
-        and the options the lists depend on are unchanged. Identity checks
-        and attribute reads in C loops (map): no per-param Python frame.
-        The ops check every tensor again (shape, dtype, device, layout)
-        before they write anything."""
+    def holds(self, opt, group):
+        """Whether the plan holds apart from the grads: the group has the
+        same params list with the same params in it, every entry of the
+        params' state dicts is the same object (the dicts themselves:
+        _Plans.states_hold) and the options the lists depend on are
+        unchanged. Identity checks in C loops (map): no per-param Python
+        frame."""
         gp = group["params"]
         if gp is not self.group_params or len(gp) != len(self.all_params) \
                 or opt._plan_key(group) != self.key or not all(map(_is, gp, self.all_params)):
+            return False
+        try:
+            return all(map(_is, map(operator.getitem, self.st_dicts, self.st_keys), self.st_vals))
+        except KeyError:
+            return False
+
+    def grads(self, opt, group):
+        """The group's grads (of the params that have one, in order) when
+        the plan still holds (see holds), else None: and the same params
+        have grads, every grad with the dtype its param had (the grad setter
+        and autograd keep a grad's dtype, shape and device those of its
+        param, so a param re-dtyped shows here). The ops check every tensor
+        again (shape, dtype, device, layout) before they write anything."""
+        if not self.holds(opt, group):
             return None
+        gp = group["params"]
         grads = list(map(_grad_of, gp))
         if self.mask is None:
             if any(map(_is, grads, itertools.repeat(None))):
@@ -292,11 +321,6 @@ class _StepPlan:
                 return None
             grads = list(itertools.compress(grads, self.mask))
         if list(map(_dtype_of, grads)) != self.dtypes:
-            return None
-        try:
-            if not all(map(_is, map(operator.getitem, self.st_dicts, self.st_keys), self.st_vals)):
-                return None
-        except KeyError:
             return None
         return grads
 
@@ -585,13 +609,16 @@ class _FusedOptimizer(Optimizer):
         norm_type = norm_types.pop()
         params, grads = [], []
         for plan, xs in per_group:
-            if plan is not None:  # a plan's params are real (_build_plan), and so their grads
+            if plan is not None and xs is None:  # the params' own grads (step's own_grads)
+                params.extend(plan.params)
+                grads = None
+            elif plan is not None:  # a plan's params are real (_build_plan), and so their grads
                 params.extend(plan.params)
                 grads.extend(xs)
             else:
                 params.extend(p for p, _ in xs)
                 grads.extend(g if sharded else _real(g) for _, g in xs)
-        if not grads:
+        if grads is not None and not grads or not params:
             return None
         if sharded:
             norm = _dist.global_norm(grads, norm_type,
@@ -637,11 +664,21 @@ class _FusedOptimizer(Optimizer):
         plans = self.__dict__.get("_plans") if reuse else None
         if plans is not None and (plans.gen != self._plan_gen() or not plans.states_hold(self.state)):
             plans = None
-        per_group = []
-        for gi, group in enumerate(self.param_groups):
-            plan = plans.get(gi) if plans is not None else None
-            grads = plan.grads(self, group) if plan is not None else None
-            per_group.append((plan, grads) if grads is not None else (None, self._grads_of(group, gi)))
+        auto_groups = [gi for gi, g in enumerate(self.param_groups) if g["weight_decay_mode"] in _AUTO_MODES]
+        # Every group's plan holds and the ops may read each param's grad
+        # themselves (grads None): no grad is touched in Python. Not with
+        # norm hooks or the automatic decay modes, which look at the grads.
+        own = None
+        if plans is not None and not auto_groups and not self._norm_slots.hooked:
+            own = plans.own_grads(self, len(self.param_groups))
+        if own is not None:
+            per_group = [(plan, None) for plan in own]
+        else:
+            per_group = []
+            for gi, group in enumerate(self.param_groups):
+                plan = plans.get(gi) if plans is not None else None
+                grads = plan.grads(self, group) if plan is not None else None
+                per_group.append((plan, grads) if grads is not None else (None, self._grads_of(group, gi)))
         # A sparse grad (which no grad setter refuses) is refused by the op
         # that gets it, before it writes; with more than one op call, or a
         # norm over every grad first, it is refused here, before anything
@@ -649,7 +686,7 @@ class _FusedOptimizer(Optimizer):
         if len(per_group) > 1 or any(plan is not None and len(plan.calls) > 1 for plan, _ in per_group) \
                 or any(group["max_grad_norm"] is not None for group in self.param_groups):
             for gi, (group, (plan, xs)) in enumerate(zip(self.param_groups, per_group)):
-                if plan is not None and any(map(_is_not, map(_layout_of, xs),
+                if plan is not None and xs is not None and any(map(_is_not, map(_layout_of, xs),
                                                 itertools.repeat(torch.strided))):
                     self._grads_of(group, gi)
         # DTensor params (FSDP2): the kernels get local shards, and no plan
@@ -661,7 +698,6 @@ class _FusedOptimizer(Optimizer):
         if sharded:
             per_group = [(None, self._grads_of(group, gi)) if plan is not None else (plan, xs)
                          for gi, (group, (plan, xs)) in enumerate(zip(self.param_groups, per_group))]
-        auto_groups = [gi for gi, g in enumerate(self.param_groups) if g["weight_decay_mode"] in _AUTO_MODES]
         if auto_groups and sharded:
             raise RuntimeError("weight_decay_mode 'scheduled' and 'adaptive' are not available with DTensor "
                                "(FSDP2) params: their statistics would need a reduction across ranks")
@@ -687,7 +723,7 @@ class _FusedOptimizer(Optimizer):
                    for device in plan.devices}
             hyper = self._op_hyper(group)
             for device, idx, sub, sr in plan.calls:
-                grads = xs if idx is None else list(map(xs.__getitem__, idx))
+                grads = xs if idx is None or xs is None else list(map(xs.__getitem__, idx))
                 kw = dict(hyper, stochastic_rounding=sr, **kws[device])
                 if track:
                     ps = plan.params if idx is None else list(map(plan.params.__getitem__, idx))

@@ -980,3 +980,63 @@ def test_auto_decay_of_no_params_matches_cpu(emu):
                                        max_norm=0.0, grad_scale=None, found_inf=None,
                                        skip_nonfinite=True))
         assert_bitwise(vals[1], vals[0], f"mode {mode}")
+
+
+# ------------------------------------------------- grads read from the params
+
+
+def own_grads(lists):
+    """lists with each param given its grad, and no list of grads."""
+    for p, g in zip(lists["params"], lists["grads"]):
+        p.grad = g
+    return dict(lists, grads=[])
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "sgd"])
+def test_grads_from_params_match_explicit_grads(emu, optimizer):
+    """grads_from_params=True: the CUDA code takes each param's own .grad,
+    with the same bits as the same grads given as a list (misaligned
+    grads and an empty param included)."""
+    gen = torch.Generator().manual_seed(41)
+    if optimizer == "adam":
+        kw = adam_kwargs(**ADAM_OPTIONS["everything"])
+        spec = adam_spec(torch.float32, gen, amsgrad=True)
+        out = compare(spec, lambda a: adam_call(CPU, a, kw),
+                      lambda b: adam_call(emu, own_grads(b), dict(kw, grads_from_params=True)),
+                      ADAM_LISTS, "adam, grads from params")
+    else:
+        kw = sgd_kwargs(**SGD_OPTIONS["clip"])
+        spec = sgd_spec(torch.float32, gen)
+        is_new = [False] * len(SHAPES)
+        out = compare(spec, lambda a: sgd_call(CPU, a, kw, is_new),
+                      lambda b: sgd_call(emu, own_grads(b), dict(kw, grads_from_params=True), is_new),
+                      SGD_LISTS, "sgd, grads from params")
+    assert changed_fraction([p.values for p in spec["params"]], out["params"]) > 0.9
+
+
+def test_grads_from_params_refuses_a_param_without_grad(emu):
+    gen = torch.Generator().manual_seed(42)
+    b = own_grads(make_lists(adam_spec(torch.float32, gen)))
+    b["params"][4].grad = None
+    before = [whole(t).clone() for t in b["params"]]
+    with pytest.raises(RuntimeError, match=r"params\[4\] \(shape \[3, 4, 5\]\) has no grad"):
+        adam_call(emu, b, dict(adam_kwargs(), grads_from_params=True))
+    for t, w in zip(b["params"], before):
+        assert_bitwise(whole(t), w, "param after a refused call")
+
+
+@pytest.mark.parametrize("norm_type", [2.0, math.inf])
+def test_norm_of_grads_matches_norm_of_the_grads(emu, norm_type):
+    gen = torch.Generator().manual_seed(43)
+    params = [rand(s, torch.float32, gen) for s in SHAPES]
+    grads = [rand(s, torch.float32, gen, scale=3.0) for s in SHAPES]
+    for p, g in zip(params, grads):
+        p.grad = g
+    params[1].grad = None  # writes 0
+    grads[1] = None
+    index = [7 - i for i in range(len(SHAPES))]
+    want = torch.full((len(SHAPES),), float("nan"), dtype=torch.float64)
+    got = want.clone()
+    emu.norm_partials_(grads, want, index, norm_type)
+    emu.norm_partials_(params, got, index, norm_type, of_grads=True)
+    assert_bitwise(got, want, "partials of the params' grads")

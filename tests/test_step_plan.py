@@ -311,3 +311,143 @@ def test_kernel_error_names_list_and_index(bad):
     for p in ps:
         for t in [p] + list(opt.state[p].values()):
             assert torch.equal(t, before[id(t)])
+
+
+# ------------------------------------------------- the params' own grads
+#
+# Once every group's plan holds and grads_ready accepts the grads, the ops
+# read each param's grad themselves (no grad is touched in Python).
+
+
+def spy_own_grads(monkeypatch):
+    """Records, per update op call, whether the op read the params' own
+    grads (lists.grads None)."""
+    seen = []
+    for cls in (fused_wd.optim._AdamBase, fused_wd.SGD):
+        op = cls._op
+
+        def spy(lists, *args, _op=op, **kw):
+            seen.append(lists.grads is None)
+            return _op(lists, *args, **kw)
+
+        monkeypatch.setattr(cls, "_op", staticmethod(spy))
+    return seen
+
+
+@pytest.mark.parametrize("fresh", [True, False], ids=["fresh_grads", "grads_kept"])
+@pytest.mark.parametrize("cls,ref,kw", [
+    (fused_wd.AdamW, torch.optim.AdamW, dict(max_grad_norm=0.5)),
+    (fused_wd.Adam, torch.optim.Adam, dict(amsgrad=True)),
+    (fused_wd.SGD, torch.optim.SGD, dict(momentum=0.9, max_grad_norm=0.5)),
+], ids=["adamw_clip", "adam_amsgrad", "sgd_momentum_clip"])
+def test_kept_plans_read_the_params_own_grads(monkeypatch, cls, ref, kw, fresh):
+    seen = spy_own_grads(monkeypatch)
+    ps = make_params(torch.float32, "cpu", shapes=SHAPES)
+    a, b = clone_leaves(ps), clone_leaves(ps)
+    clip = kw.pop("max_grad_norm", None)
+    opt_a = cls([{"params": a[:2]}, {"params": a[2:], "weight_decay": 0.0}], max_grad_norm=clip, **HYPER, **kw)
+    opt_b = ref([{"params": b[:2]}, {"params": b[2:], "weight_decay": 0.0}], foreach=False, **HYPER, **kw)
+    for step in range(5):
+        give_grads(a, step, fresh)
+        give_grads(b, step, fresh)
+        if clip is not None:
+            torch.nn.utils.clip_grad_norm_(b, clip)
+        opt_a.step()
+        opt_b.step()
+    assert_same(opt_a, opt_b)
+    # two calls per step (one per group); the plans hold from the step after
+    # the one that built them (SGD builds its momentum buffers first)
+    first = 2 if cls is fused_wd.SGD else 1
+    assert seen == [False] * (2 * first) + [True] * (2 * (5 - first))
+
+
+def test_own_grads_follow_grad_changes(monkeypatch):
+    """A param whose grad is gone takes the checked path (the op gets a list
+    of grads); a non-contiguous grad, or one replaced by a new tensor, is
+    read from the param as it is; every step equals torch's."""
+    seen = spy_own_grads(monkeypatch)
+    a, b, opt_a, opt_b = make_pair()
+    for step in range(2):
+        step_both(a, b, opt_a, opt_b, step)
+    assert seen == [False, True]
+    give_grads(a, 2)
+    give_grads(b, 2)
+    a[1].grad = b[1].grad = None
+    opt_a.step()
+    opt_b.step()
+    assert_same(opt_a, opt_b)
+    assert seen[-1] is False
+    for step in (3, 4):
+        give_grads(a, step)
+        give_grads(b, step)
+        for xs in (a, b):  # the (6, 5) grad as a transposed view
+            xs[0].grad = xs[0].grad.t().contiguous().t()
+        assert not a[0].grad.is_contiguous()
+        opt_a.step()
+        opt_b.step()
+        assert_same(opt_a, opt_b)
+    assert seen[-1] is True
+
+
+@pytest.mark.parametrize("dtype", list(fused_wd._ops.SCALAR_TYPE_CODES))
+def test_scalar_type_codes_name_their_dtypes(dtype):
+    p = torch.ones(3, dtype=dtype)
+    p.grad = torch.ones(3, dtype=dtype)
+    for other, code in fused_wd._ops.SCALAR_TYPE_CODES.items():
+        assert fused_wd._ops.grads_ready([p], [code]) is (other == dtype)
+
+
+def test_grads_ready_and_grads_from_params_at_the_op():
+    ps = clone_leaves(make_params(torch.float32, "cpu", shapes=SHAPES))
+    codes = [fused_wd._ops.SCALAR_TYPE_CODES[torch.float32]] * len(ps)
+
+    def ready():
+        return fused_wd._ops.grads_ready(ps, codes)
+
+    assert not ready()  # no grads yet
+    give_grads(ps, 0)
+    assert ready()
+    ps[2].grad = ps[2].grad.to_sparse()
+    assert not ready()
+    give_grads(ps, 0)
+    if hasattr(ps[3], "grad_dtype"):
+        ps[3].grad_dtype = None
+        ps[3].grad = ps[3].grad.double()
+        assert not ready()
+        ps[3].grad = ps[3].grad.float()
+    assert ready()
+    with pytest.raises(RuntimeError, match="3 dtypes for 4 params"):
+        fused_wd._ops.grads_ready(ps, codes[1:])
+    ps[1].grad = None
+    n = len(ps)
+    hyper = dict(lr=0.1, lr_tensor=None, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.0,
+                 decay_mode=1, cautious_wd=False, initial_lr=1.0, amsgrad=False, maximize=False,
+                 grad_norm=None, max_norm=0.0, grad_scale=None, found_inf=None, skip_nonfinite=True,
+                 stochastic_rounding=False, sr_seed=0)
+    states = dict(exp_avgs=[torch.zeros_like(p) for p in ps], exp_avg_sqs=[torch.zeros_like(p) for p in ps],
+                  max_exp_avg_sqs=[], state_steps=[torch.zeros(()) for _ in ps], master_params=[],
+                  sr_ids=[])
+    with torch.no_grad(), pytest.raises(RuntimeError, match=r"params\[1\] \(shape \[7\]\) has no grad"):
+        torch.ops.fused_wd.adam_(params=ps, grads=[], grads_from_params=True, **states, **hyper)
+    with torch.no_grad(), pytest.raises(RuntimeError, match="grads must be empty with grads_from_params=True"):
+        torch.ops.fused_wd.adam_(params=ps, grads=[p.detach() for p in ps], grads_from_params=True,
+                                 **states, **hyper)
+    assert all(float(s) == 0.0 for s in states["state_steps"])
+    give_grads(ps, 1)
+    start = [p.detach().clone() for p in ps]
+    twin = [p.detach().clone() for p in ps]
+    twin_states = {k: [t.clone() for t in v] for k, v in states.items()}
+    with torch.no_grad():
+        torch.ops.fused_wd.adam_(params=ps, grads=[], grads_from_params=True, **states, **hyper)
+        torch.ops.fused_wd.adam_(params=twin, grads=[p.grad for p in ps], **twin_states, **hyper)
+    for x, y, x0 in zip(ps, twin, start):
+        assert torch.equal(x.detach(), y) and (x.numel() == 0 or not torch.equal(y, x0))
+    for k in ("exp_avgs", "exp_avg_sqs", "state_steps"):
+        assert all(map(torch.equal, states[k], twin_states[k]))
+    out_a = torch.zeros(n, dtype=torch.float64)
+    out_b = torch.full((n,), 5.0, dtype=torch.float64)
+    torch.ops.fused_wd.norm_partials_(tensors=[p.grad for p in ps], out=out_a, index=list(range(n)),
+                                      norm_type=2.0)
+    torch.ops.fused_wd.norm_partials_(tensors=ps, out=out_b, index=list(range(n)), norm_type=2.0,
+                                      of_grads=True)
+    assert torch.equal(out_a, out_b) and bool((out_a > 0).all())

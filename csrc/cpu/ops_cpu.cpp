@@ -328,11 +328,11 @@ at::Tensor multi_tensor_norm(at::TensorList tensors, double norm_type) {
 }
 
 void norm_partials_(const c10::List<std::optional<at::Tensor>>& tensors, at::Tensor& out,
-                    at::IntArrayRef index, double norm_type) {
+                    at::IntArrayRef index, double norm_type, bool of_grads) {
   const char* op = "fused_wd.norm_partials_";
   const bool inf = norm_kind(op, norm_type);
   check_partials(op, out, c10::DeviceType::CPU);
-  const NormInputs in = norm_inputs(op, tensors, index, out.numel(), out.device());
+  const NormInputs in = norm_inputs(op, tensors, index, out.numel(), out.device(), of_grads);
   const std::vector<double> part = tensor_partials(op, in.present, inf);
   double* o = out.data_ptr<double>();
   for (int64_t s : in.zero) o[s] = 0.0;

@@ -14,7 +14,7 @@ namespace cuda {
 at::Tensor multi_tensor_norm(at::TensorList tensors, double norm_type);
 
 void norm_partials_(const c10::List<std::optional<at::Tensor>>& tensors, at::Tensor& out,
-                    at::IntArrayRef index, double norm_type);
+                    at::IntArrayRef index, double norm_type, bool of_grads);
 
 at::Tensor norm_from_partials(const at::Tensor& partials, double norm_type);
 
