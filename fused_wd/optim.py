@@ -41,6 +41,7 @@ Optimizer-level (not per group, not in the state_dict):
                         step makes one pass over memory; bitwise the same
                         result (see the README's "The norm in backward")
 """
+import collections
 import itertools
 import math
 import operator
@@ -221,6 +222,131 @@ def _pinned(lists):
     return dataclasses.replace(lists, **out)
 
 
+class _TrackedState(dict):
+    """A param's state dict (self.state[p]) that counts its changes on its
+    optimizer's epoch, so that a step proves in one comparison that no
+    state entry was replaced, added or removed (the step plans). Pickles,
+    copies and checkpoints as a plain dict."""
+
+    __slots__ = ("_epoch",)
+
+    def __init__(self, epoch, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._epoch = epoch
+
+    def _bump(self):
+        self._epoch[0] += 1
+
+    def __setitem__(self, key, value):
+        self._bump()
+        super().__setitem__(key, value)
+
+    def __delitem__(self, key):
+        self._bump()
+        super().__delitem__(key)
+
+    def __ior__(self, other):
+        self._bump()
+        return super().__ior__(other)
+
+    def clear(self):
+        self._bump()
+        super().clear()
+
+    def pop(self, *args):
+        self._bump()
+        return super().pop(*args)
+
+    def popitem(self):
+        self._bump()
+        return super().popitem()
+
+    def setdefault(self, key, default=None):
+        self._bump()
+        return super().setdefault(key, default)
+
+    def update(self, *args, **kwargs):
+        self._bump()
+        super().update(*args, **kwargs)
+
+    def copy(self):
+        return dict(self)
+
+    def __reduce__(self):
+        return dict, (dict(self),)
+
+
+class _StateMap(collections.defaultdict):
+    """self.state of a fused_wd optimizer: torch's defaultdict of per-param
+    dicts, whose changes (and those of its _TrackedState values) advance
+    `epoch`. A plain dict stored as a value is kept as it is (the caller
+    may hold it) and makes the map `untracked`: steps then check every
+    state entry (see _Plans.states_hold). Pickles as torch's defaultdict."""
+
+    __slots__ = ("epoch", "untracked")
+
+    def __init__(self, items=()):
+        super().__init__(None)
+        self.epoch = [0]
+        self.untracked = False
+        for key, value in items:
+            if type(value) in (dict, _TrackedState):
+                value = _TrackedState(self.epoch, value)
+            else:
+                self.untracked = True
+            dict.__setitem__(self, key, value)
+
+    def __missing__(self, key):
+        value = _TrackedState(self.epoch)
+        self[key] = value
+        return value
+
+    def _own(self, value):
+        if not (isinstance(value, _TrackedState) and value._epoch is self.epoch):
+            self.untracked = True
+        self.epoch[0] += 1
+        return value
+
+    def __setitem__(self, key, value):
+        super().__setitem__(key, self._own(value))
+
+    def __delitem__(self, key):
+        self.epoch[0] += 1
+        super().__delitem__(key)
+
+    def __ior__(self, other):
+        self.untracked = True
+        self.epoch[0] += 1
+        return super().__ior__(other)
+
+    def clear(self):
+        self.epoch[0] += 1
+        super().clear()
+
+    def pop(self, *args):
+        self.epoch[0] += 1
+        return super().pop(*args)
+
+    def popitem(self):
+        self.epoch[0] += 1
+        return super().popitem()
+
+    def setdefault(self, key, default=None):
+        if key not in self:
+            self[key] = default
+        return self[key]
+
+    def update(self, *args, **kwargs):
+        for key, value in dict(*args, **kwargs).items():
+            self[key] = value
+
+    def copy(self):
+        return collections.defaultdict(dict, self)
+
+    def __reduce__(self):
+        return collections.defaultdict, (dict,), None, None, iter(self.items())
+
+
 class _Plans(dict):
     """The step plans of an optimizer by param group index, made under one
     _plan_gen(), and the per-param state dicts (self.state's values, in
@@ -231,6 +357,8 @@ class _Plans(dict):
         super().__init__()
         self.gen = gen
         self.state_dicts = None
+        self.epoch = None  # (the _StateMap's epoch, its value) after the last step
+        self.same = False  # states_hold found nothing changed since the last step
         self.all_params = None  # (the plans, their params in one C++ list) for grads_ready
 
     def own_grads(self, opt, n_groups):
@@ -239,7 +367,7 @@ class _Plans(dict):
         (then the ops may read each param's grad themselves, once
         grads_ready accepts them), else None."""
         plans = [self.get(gi) for gi in range(n_groups)]
-        if not all(plan is not None and plan.mask is None and plan.holds(opt, group)
+        if not all(plan is not None and plan.mask is None and plan.holds(opt, group, self.same)
                    for plan, group in zip(plans, opt.param_groups)):
             return None
         kept = self.all_params
@@ -252,9 +380,22 @@ class _Plans(dict):
         return plans if _ops.grads_ready(kept[1], kept[2]) else None
 
     def states_hold(self, state):
+        """Whether the state dicts are those the plans were made with (then
+        plan.holds checks their entries), and True for `same` when nothing
+        in them changed at all since the last step (plan.holds then checks
+        no entry): one comparison of a _StateMap's epoch."""
+        self.same = isinstance(state, _StateMap) and not state.untracked \
+            and self.epoch == (id(state.epoch), state.epoch[0])
+        if self.same:
+            return True
         dicts = list(state.values())
         return self.state_dicts is not None and len(dicts) == len(self.state_dicts) \
             and all(map(_is, dicts, self.state_dicts))
+
+    def stepped(self, state):
+        """Records the state dicts after a step, for states_hold."""
+        self.state_dicts = list(state.values())
+        self.epoch = (id(state.epoch), state.epoch[0]) if isinstance(state, _StateMap) else None
 
 
 class _StepPlan:
@@ -286,30 +427,32 @@ class _StepPlan:
                 self.st_keys.append(k)
                 self.st_vals.append(v)
 
-    def holds(self, opt, group):
+    def holds(self, opt, group, same=False):
         """Whether the plan holds apart from the grads: the group has the
         same params list with the same params in it, every entry of the
         params' state dicts is the same object (the dicts themselves:
-        _Plans.states_hold) and the options the lists depend on are
-        unchanged. Identity checks in C loops (map): no per-param Python
-        frame."""
+        _Plans.states_hold; `same`: it found nothing changed, and no entry
+        is looked at) and the options the lists depend on are unchanged.
+        Identity checks in C loops (map): no per-param Python frame."""
         gp = group["params"]
         if gp is not self.group_params or len(gp) != len(self.all_params) \
                 or opt._plan_key(group) != self.key or not all(map(_is, gp, self.all_params)):
             return False
+        if same:
+            return True
         try:
             return all(map(_is, map(operator.getitem, self.st_dicts, self.st_keys), self.st_vals))
         except KeyError:
             return False
 
-    def grads(self, opt, group):
+    def grads(self, opt, group, same=False):
         """The group's grads (of the params that have one, in order) when
         the plan still holds (see holds), else None: and the same params
         have grads, every grad with the dtype its param had (the grad setter
         and autograd keep a grad's dtype, shape and device those of its
         param, so a param re-dtyped shows here). The ops check every tensor
         again (shape, dtype, device, layout) before they write anything."""
-        if not self.holds(opt, group):
+        if not self.holds(opt, group, same):
             return None
         gp = group["params"]
         grads = list(map(_grad_of, gp))
@@ -344,6 +487,7 @@ class _FusedOptimizer(Optimizer):
         self._norm_in_backward = norm_in_backward
         self._norm_slots = NormSlots(self, _local_real)
         super().__init__(params, defaults)
+        self.state = _StateMap(self.state.items())
         # one-slot lists, written in place by step(): dynamo (torch 2.11)
         # refuses an attribute store on the optimizer inside a compiled step
         self._last_grad_norm = [None]
@@ -398,6 +542,8 @@ class _FusedOptimizer(Optimizer):
 
     def __setstate__(self, state):
         super().__setstate__(state)
+        if not isinstance(self.state, _StateMap):  # load_state_dict, unpickling
+            self.state = _StateMap(self.state.items())
         self._invalidate_plans()
         self.__dict__.setdefault("_last_grad_norm", [self.__dict__.pop("last_grad_norm", None)])
         self.__dict__.setdefault("_stepped", [False])
@@ -568,6 +714,14 @@ class _FusedOptimizer(Optimizer):
             self._param_ids = ids
         return ids[id(p)]
 
+    def state_dict(self):
+        """torch.optim's, with each param's state a plain dict (holding the
+        optimizer's own tensors): a checkpoint names no fused_wd class, and
+        torch.load(weights_only=True) reads it."""
+        sd = super().state_dict()
+        sd["state"] = {k: dict(v) if isinstance(v, _TrackedState) else v for k, v in sd["state"].items()}
+        return sd
+
     def load_state_dict(self, state_dict):
         """torch.optim's, except that floating state keeps the dtype it was
         saved with (torch casts it to the param's dtype, which would round
@@ -677,7 +831,7 @@ class _FusedOptimizer(Optimizer):
             per_group = []
             for gi, group in enumerate(self.param_groups):
                 plan = plans.get(gi) if plans is not None else None
-                grads = plan.grads(self, group) if plan is not None else None
+                grads = plan.grads(self, group, plans.same) if plan is not None else None
                 per_group.append((plan, grads) if grads is not None else (None, self._grads_of(group, gi)))
         # A sparse grad (which no grad setter refuses) is refused by the op
         # that gets it, before it writes; with more than one op call, or a
@@ -745,7 +899,7 @@ class _FusedOptimizer(Optimizer):
             dst.copy_(src)
         self._stepped[0] = True
         if plans is not None:
-            plans.state_dicts = list(self.state.values())
+            plans.stepped(self.state)
         return loss
 
     # step as torch.optim runs it: in torch's wrapper (the profiler's

@@ -161,10 +161,40 @@ def change_same_data_new_storage(a, b, opt_a, opt_b):
         xs[0].data = xs[0].data.clone()
 
 
+def change_state_by_update(a, b, opt_a, opt_b):
+    for xs, opt in ((a, opt_a), (b, opt_b)):
+        opt.state[xs[0]].update(exp_avg=torch.full_like(xs[0], 0.25))
+
+
+def change_state_by_pop_and_setdefault(a, b, opt_a, opt_b):
+    for xs, opt in ((a, opt_a), (b, opt_b)):
+        st = opt.state[xs[2]]
+        st.setdefault("exp_avg_sq", st.pop("exp_avg_sq").clone().fill_(0.5))
+
+
+def change_state_by_or(a, b, opt_a, opt_b):
+    for xs, opt in ((a, opt_a), (b, opt_b)):
+        st = opt.state[xs[1]]
+        st |= {"exp_avg": torch.full_like(xs[1], -0.5)}
+
+
+def change_reset_state_then_edit_it(a, b, opt_a, opt_b):
+    """A plain dict stored as a param's state and edited afterwards (after a
+    step has used it): the edit is seen."""
+    for xs, opt in ((a, opt_a), (b, opt_b)):
+        opt.state[xs[3]] = {}
+    for opt in (opt_a, opt_b):
+        opt.step()
+    for xs, opt in ((a, opt_a), (b, opt_b)):
+        opt.state[xs[3]]["exp_avg"] = torch.full_like(xs[3], 0.75)
+
+
 CHANGES = {f.__name__[len("change_"):]: f for f in (
     change_replace_param, change_replace_state, change_reset_state, change_load_state_dict,
     change_add_param_group, change_tensor_lr, change_capturable, change_param_loses_grad,
-    change_params_list_grows, change_same_data_new_storage)}
+    change_params_list_grows, change_same_data_new_storage, change_state_by_update,
+    change_state_by_pop_and_setdefault, change_state_by_or,
+    change_reset_state_then_edit_it)}
 
 
 @pytest.mark.parametrize("fresh", [True, False], ids=["fresh_grads", "grads_kept"])
@@ -451,3 +481,37 @@ def test_grads_ready_and_grads_from_params_at_the_op():
     torch.ops.fused_wd.norm_partials_(tensors=ps, out=out_b, index=list(range(n)), norm_type=2.0,
                                       of_grads=True)
     assert torch.equal(out_a, out_b) and bool((out_a > 0).all())
+
+
+def test_state_pickles_and_checkpoints_as_plain_dicts(tmp_path):
+    """The change-counting state dicts (fused_wd/optim.py, _StateMap) never
+    reach a checkpoint: torch.load(weights_only=True) reads it, and a
+    deep copy or unpickled optimizer steps like the original."""
+    import pickle
+    a, b, opt_a, opt_b = make_pair()
+    for step in range(2):
+        step_both(a, b, opt_a, opt_b, step)
+    path = tmp_path / "opt.pt"
+    torch.save(opt_a.state_dict(), path)
+    sd = torch.load(path, weights_only=True)
+    assert type(sd["state"][0]) is dict
+    own = opt_a.state_dict()["state"]
+    assert all(type(v) is dict for v in own.values())
+    assert own[0]["exp_avg"] is opt_a.state[a[0]]["exp_avg"]  # the optimizer's own tensors
+    twin = copy.deepcopy(opt_a)
+    assert type(twin.state).__name__ == "_StateMap"
+    again = pickle.loads(pickle.dumps(opt_a))
+    for opt in (twin, again):
+        ps = [p for g in opt.param_groups for p in g["params"]]
+        for p, q in zip(ps, a):
+            p.grad = q.grad.clone()
+    give_grads(a, 2)
+    for opt in (twin, again):
+        ps = [p for g in opt.param_groups for p in g["params"]]
+        for p, q in zip(ps, a):
+            p.grad = q.grad.clone()
+        opt.step()
+    opt_a.step()
+    for opt in (twin, again):
+        for p, q in zip([p for g in opt.param_groups for p in g["params"]], a):
+            assert torch.equal(p, q)
