@@ -22,6 +22,8 @@ import torch
 from fused_wd import _ops
 from fused_wd import distributed as _dist
 
+_CppList = _ops.CppList
+
 # Grads smaller than this are batched (one op call, one CUDA launch or one
 # CPU parallel region, for many params); a batch goes once it holds this many
 # elements (4 MB of fp32: still in the last-level cache) or grads, and at the
@@ -410,22 +412,33 @@ class NormSlots(_StatsMixin):
                 n = len(self._params_at[dev])
                 missing = sorted(set(range(n)).difference(slots)) if len(slots) < n else []
                 # positions None: every param of the call, in order
-                split.append((dev, None if len(by_dev) == 1 else ks, slots + missing, len(missing)))
+                split.append((dev, None if len(by_dev) == 1 else ks, slots + missing, len(missing), {}))
             self._at_step = (slot_of, list(params), split)
         norms = []
         of_grads = entries is None
         if of_grads:
             entries = params
-        for dev, ks, slots, nmissing in split:
-            ts = list(entries) if ks is None else list(map(entries.__getitem__, ks))
-            if nmissing:  # params without a grad: zero parts
-                ts += [None] * nmissing
+        for dev, ks, slots, nmissing, kept in split:
+            if of_grads and kept:  # the same params as the last call: their lists, made once
+                ts, slots = kept["tensors"], kept["slots"]
+            else:
+                ts = list(entries) if ks is None else list(map(entries.__getitem__, ks))
+                if nmissing:  # params without a grad: zero parts
+                    ts += [None] * nmissing
+                if of_grads and _CppList is not None:
+                    # a C++ list of optional tensors (inferred from a None,
+                    # dropped again): the op takes it without a conversion
+                    # per element, as the plans' lists (fused_wd/optim.py)
+                    ts = _CppList(ts + [None])
+                    ts.pop()
+                    slots = _CppList(slots)
+                    kept["tensors"], kept["slots"] = ts, slots
             try:
                 _ops.norm_partials_(ts, self._buffer(dev), slots, norm_type, of_grads=of_grads)
             except RuntimeError:
                 # a param moved to another device since the layout was made:
                 # lay the slots out again (the op checked before writing)
-                if not of_grads and any(e is not None and e.device != dev for e in ts):
+                if any(e is not None and e.device != dev for e in ts):
                     self.invalidate()
                     return self.norm(params, entries, norm_type)
                 raise

@@ -40,6 +40,19 @@ if _ext.C is not None:
         return stats.new_empty((), dtype=torch.float64)
 
 
+# A C++ list of tensors (torch's own IValue list). A kept plan holds its
+# param and state lists as these and hands them to the op as they are. Why:
+# (1) an op called with a Python list converts it element by element into a
+# C++ list, a C++ list goes in as it is (about 0.3 us per tensor and list
+# saved with thousands of tensors); (2) an op drops its argument lists with
+# the GIL released, and a tensor whose only C++ reference was that list then
+# releases its Python object, taking the GIL once per tensor; the plan's own
+# list keeps that reference (grads need nothing: the param holds its grad).
+# The op sees the same tensors either way. Absent from a torch build, plans
+# keep Python lists.
+CppList = getattr(torch._C, "ScriptList", None)
+
+
 class _Lists:
     def select(self, idx):
         """The same lists restricted to the params at idx."""

@@ -196,17 +196,8 @@ _dtype_of = operator.attrgetter("dtype")
 _grad_of = operator.attrgetter("grad")
 _layout_of = operator.attrgetter("layout")
 
-# A C++ list of tensors (torch's own IValue list). A kept plan holds its
-# param and state lists as these and hands them to the op as they are. Why:
-# (1) an op called with a Python list converts it element by element into a
-# C++ list, a C++ list goes in as it is (about 0.3 us per tensor and list
-# saved with thousands of tensors); (2) an op drops its argument lists with
-# the GIL released, and a tensor whose only C++ reference was that list then
-# releases its Python object, taking the GIL once per tensor; the plan's own
-# list keeps that reference (grads need nothing: the param holds its grad).
-# The op sees the same tensors either way. Absent from a torch build, plans
-# keep Python lists.
-_CppList = getattr(torch._C, "ScriptList", None)
+# A C++ list (see _ops.CppList).
+_CppList = _ops.CppList
 
 
 def _pinned(lists):
