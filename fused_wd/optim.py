@@ -384,9 +384,12 @@ class _Plans(dict):
             and all(map(_is, dicts, self.state_dicts))
 
     def stepped(self, state):
-        """Records the state dicts after a step, for states_hold."""
-        self.state_dicts = list(state.values())
-        self.epoch = (id(state.epoch), state.epoch[0]) if isinstance(state, _StateMap) else None
+        """Records the state dicts after a step, for states_hold (nothing
+        to record when nothing changed since the last step)."""
+        epoch = (id(state.epoch), state.epoch[0]) if isinstance(state, _StateMap) else None
+        if epoch is None or epoch != self.epoch or self.state_dicts is None:
+            self.state_dicts = list(state.values())
+        self.epoch = epoch
 
 
 class _StepPlan:
@@ -399,6 +402,7 @@ class _StepPlan:
         self.key = key
         self.devices = []
         self.calls = []  # (device, indices into the grads or None for all, lists without grads, sr)
+        self.own_lists = None  # per call, its lists with grads None (the ops read the params' grads)
         self.reusable = False
         self.grads_built = []
 
@@ -867,13 +871,16 @@ class _FusedOptimizer(Optimizer):
             kws = {device: self._common_kwargs(group, device, norm, grad_scale, found_inf)
                    for device in plan.devices}
             hyper = self._op_hyper(group)
-            for device, idx, sub, sr in plan.calls:
-                grads = xs if idx is None or xs is None else list(map(xs.__getitem__, idx))
+            for k, (device, idx, sub, sr) in enumerate(plan.calls):
                 kw = dict(hyper, stochastic_rounding=sr, **kws[device])
                 if track:
                     ps = plan.params if idx is None else list(map(plan.params.__getitem__, idx))
                     kw["stats"], kw["stat_slots"] = slots.stat_args(ps, device)
-                calls.append((gi, dataclasses.replace(sub, grads=grads), kw))
+                if xs is None:  # the ops read the params' own grads
+                    calls.append((gi, plan.own_lists[k], kw))
+                else:
+                    grads = xs if idx is None else list(map(xs.__getitem__, idx))
+                    calls.append((gi, dataclasses.replace(sub, grads=grads), kw))
         # the automatic decays' strengths, from the statistics as the last
         # pass left them (AWD's smoothed coefficient is committed only once
         # every op call succeeded)
@@ -1030,11 +1037,12 @@ class _FusedOptimizer(Optimizer):
         if plan.reusable:
             plan.freeze(self, group, params)
             plan.calls = [(device, idx, _pinned(sub), sr) for device, idx, sub, sr in plan.calls]
+            plan.own_lists = [dataclasses.replace(sub, grads=None) for _, _, sub, _ in plan.calls]
         return plan
 
     def _common_kwargs(self, group, device, norm, grad_scale, found_inf):
         def on_device(t):
-            return None if t is None else t.to(device, non_blocking=True)
+            return t if t is None or t.device == device else t.to(device, non_blocking=True)
 
         lr = group["lr"]
         lr_tensor = None
