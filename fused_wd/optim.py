@@ -401,8 +401,9 @@ class _StepPlan:
     def __init__(self, key):
         self.key = key
         self.devices = []
-        self.calls = []  # (device, indices into the grads or None for all, lists without grads, sr)
-        self.own_lists = None  # per call, its lists with grads None (the ops read the params' grads)
+        # (device, indices into the grads or None for all, lists with grads None, sr): as they
+        # are, the op reads each param's grad itself (grads_from_params)
+        self.calls = []
         self.reusable = False
         self.grads_built = []
 
@@ -871,13 +872,13 @@ class _FusedOptimizer(Optimizer):
             kws = {device: self._common_kwargs(group, device, norm, grad_scale, found_inf)
                    for device in plan.devices}
             hyper = self._op_hyper(group)
-            for k, (device, idx, sub, sr) in enumerate(plan.calls):
+            for device, idx, sub, sr in plan.calls:
                 kw = dict(hyper, stochastic_rounding=sr, **kws[device])
                 if track:
                     ps = plan.params if idx is None else list(map(plan.params.__getitem__, idx))
                     kw["stats"], kw["stat_slots"] = slots.stat_args(ps, device)
                 if xs is None:  # the ops read the params' own grads
-                    calls.append((gi, plan.own_lists[k], kw))
+                    calls.append((gi, sub, kw))
                 else:
                     grads = xs if idx is None else list(map(xs.__getitem__, idx))
                     calls.append((gi, dataclasses.replace(sub, grads=grads), kw))
@@ -1031,13 +1032,12 @@ class _FusedOptimizer(Optimizer):
             for sub_idx, sub, sr in self._split_calls(group, lists):
                 full = [idx[j] for j in sub_idx]
                 plan.calls.append((device, None if len(full) == len(pairs) else full,
-                                   dataclasses.replace(sub, grads=[]), sr))
+                                   dataclasses.replace(sub, grads=None), sr))
         params = [p for p, _ in pairs]
         plan.reusable = reusable and not any(p.is_complex() for p in params)
         if plan.reusable:
             plan.freeze(self, group, params)
             plan.calls = [(device, idx, _pinned(sub), sr) for device, idx, sub, sr in plan.calls]
-            plan.own_lists = [dataclasses.replace(sub, grads=None) for _, _, sub, _ in plan.calls]
         return plan
 
     def _common_kwargs(self, group, device, norm, grad_scale, found_inf):
