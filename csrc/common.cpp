@@ -224,7 +224,7 @@ bool grads_ready(at::TensorList params, at::IntArrayRef dtypes) {
 }
 
 at::TensorList grads_arg(const char* op, at::TensorList params, at::TensorList grads,
-                         bool from_params, std::vector<at::Tensor>& held) {
+                         bool from_params, Borrowed& held) {
   if (!from_params) return grads;
   TORCH_CHECK(grads.empty(), op, ": grads must be empty with grads_from_params=True, got ",
               grads.size(), " tensors");
@@ -236,7 +236,33 @@ at::TensorList grads_arg(const char* op, at::TensorList params, at::TensorList g
                 ") has no grad, and grads_from_params=True takes each param's grad");
     held.push_back(g);
   }
-  return held;
+  return held.tensors();
+}
+
+void write_only_autograd(const c10::OperatorHandle& op, c10::DispatchKeySet keys,
+                         torch::jit::Stack* stack) {
+  if (c10::GradMode::is_enabled()) {
+    const auto& args = op.schema().arguments();
+    const c10::IValue* base = stack->data() + (stack->size() - args.size());
+    for (size_t k = 0; k < args.size(); ++k) {
+      const c10::AliasInfo* alias = args[k].alias_info();
+      if (alias == nullptr || !alias->isWrite()) continue;
+      const auto refuse = [&](const at::Tensor& t, const std::string& where) {
+        TORCH_CHECK(!t.defined() || !t.requires_grad(), op.schema().name(), ": ", where,
+                    " requires grad and grad mode is on; the op writes it in place and is not "
+                    "differentiable: call it under torch.no_grad(), as the fused_wd optimizers do");
+      };
+      const c10::IValue& v = base[k];
+      if (v.isTensor()) {
+        refuse(v.toTensor(), args[k].name());
+      } else if (v.isTensorList()) {
+        const c10::ArrayRef<c10::IValue> list = v.toListRef();
+        for (size_t i = 0; i < list.size(); ++i)
+          refuse(list[i].toTensor(), args[k].name() + "[" + std::to_string(i) + "]");
+      }
+    }
+  }
+  op.redispatchBoxed(keys & c10::after_autograd_keyset, stack);
 }
 
 void check_scalar_tensor(const char* op, const char* name, const std::optional<at::Tensor>& t,

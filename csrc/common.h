@@ -6,8 +6,14 @@
 
 #include <ATen/ATen.h>
 #include <ATen/core/List.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/core/stack.h>
+#include <torch/library.h>
 
 #include <optional>
+#include <tuple>
+#include <type_traits>
+#include <utility>
 
 #include <string>
 #include <vector>
@@ -86,11 +92,30 @@ NormInputs norm_inputs(const char* op, const c10::List<std::optional<at::Tensor>
 // The grads_ready op (schema: csrc/schema.h).
 bool grads_ready(at::TensorList params, at::IntArrayRef dtypes);
 
+// Tensors held without their reference counts touched: each one must stay
+// alive (held by someone else) while this lives.
+class Borrowed {
+ public:
+  Borrowed() = default;
+  Borrowed(Borrowed&&) noexcept = default;
+  Borrowed(const Borrowed&) = delete;
+  Borrowed& operator=(const Borrowed&) = delete;
+  ~Borrowed() {
+    for (at::Tensor& t : v_) c10::MaybeOwnedTraits<at::Tensor>::destroyBorrow(t);
+  }
+  void reserve(size_t n) { v_.reserve(n); }
+  void push_back(const at::Tensor& t) { v_.push_back(c10::MaybeOwnedTraits<at::Tensor>::createBorrow(t)); }
+  at::TensorList tensors() const { return v_; }
+
+ private:
+  std::vector<at::Tensor> v_;
+};
+
 // The grads an update op uses: `grads` itself, or with grads_from_params
 // each param's .grad, gathered into `held` (an error names a param without
 // one, or a non-empty grads).
 at::TensorList grads_arg(const char* op, at::TensorList params, at::TensorList grads,
-                         bool from_params, std::vector<at::Tensor>& held);
+                         bool from_params, Borrowed& held);
 
 // Checks `partials` for norm_from_partials: 1-D, contiguous, float64, on a
 // device of `device_type`.
@@ -194,7 +219,7 @@ void adam_op(at::TensorList params, at::TensorList grads, at::TensorList exp_avg
              const std::optional<at::Tensor>& grad_scale,
              const std::optional<at::Tensor>& found_inf, bool skip_nonfinite,
              bool stochastic_rounding, int64_t sr_seed, bool grads_from_params) {
-  std::vector<at::Tensor> held;
+  Borrowed held;
   grads = grads_arg("fused_wd.adam_", params, grads, grads_from_params, held);
   Impl(AdamCall{params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, master_params,
                 beta1, beta2, eps, amsgrad,
@@ -215,7 +240,7 @@ void sgd_op(at::TensorList params, at::TensorList grads, at::TensorList momentum
             const std::optional<at::Tensor>& grad_scale,
             const std::optional<at::Tensor>& found_inf, bool skip_nonfinite,
             bool stochastic_rounding, int64_t sr_seed, bool grads_from_params) {
-  std::vector<at::Tensor> held;
+  Borrowed held;
   grads = grads_arg("fused_wd.sgd_", params, grads, grads_from_params, held);
   Impl(SgdCall{params, grads, momentum_buffers, buffer_is_new, master_params, state_steps, momentum,
                dampening, nesterov,
@@ -223,6 +248,88 @@ void sgd_op(at::TensorList params, at::TensorList grads, at::TensorList momentum
                         maximize, grad_norm, max_norm, grad_scale, found_inf, skip_nonfinite,
                         stochastic_rounding, sr_seed, sr_ids, stats, stat_slots}});
 }
+
+// ----------------------------------------- boxed kernels of the update ops
+//
+// The dispatcher hands a kernel its arguments as a stack of IValues. An
+// unboxed kernel's TensorList arguments are copied out of it into new
+// vectors: one reference-count increment and one decrement per tensor,
+// atomic, on TensorImpls that are cold when a step has thousands of them.
+// boxed<Fn>() registers Fn with its tensor lists borrowed from the stack
+// instead: the vector holds the same pointers with no count touched, and
+// is released (not destroyed) afterwards. The stack keeps every tensor
+// alive until the kernel returns.
+
+namespace boxing {
+
+// One argument of C++ type T, read from its IValue.
+template <typename T>
+struct Arg {
+  T value;
+  explicit Arg(const c10::IValue& v) : value(v.to<T>()) {}
+  const T& get() const { return value; }
+};
+
+template <>
+struct Arg<at::TensorList> {
+  Borrowed list;
+  explicit Arg(const c10::IValue& v) {
+    const c10::ArrayRef<c10::IValue> ivalues = v.toListRef();
+    list.reserve(ivalues.size());
+    for (const c10::IValue& e : ivalues) list.push_back(e.toTensor());
+  }
+  at::TensorList get() const { return list.tensors(); }
+};
+
+template <>
+struct Arg<at::IntArrayRef> {
+  std::vector<int64_t> values;
+  explicit Arg(const c10::IValue& v) : values(v.toIntVector()) {}
+  at::IntArrayRef get() const { return values; }
+};
+
+template <auto Fn>
+struct Boxed;
+
+template <typename R, typename... A, R (*Fn)(A...)>
+struct Boxed<Fn> {
+  static void call(const c10::OperatorHandle&, torch::jit::Stack* stack) {
+    run(stack, std::index_sequence_for<A...>{});
+  }
+  template <size_t... I>
+  static void run(torch::jit::Stack* stack, std::index_sequence<I...>) {
+    constexpr size_t n = sizeof...(A);
+    TORCH_INTERNAL_ASSERT(stack->size() >= n);
+    const c10::IValue* base = stack->data() + (stack->size() - n);
+    std::tuple<Arg<std::decay_t<A>>...> args{Arg<std::decay_t<A>>(base[I])...};
+    if constexpr (std::is_void_v<R>) {
+      Fn(std::get<I>(args).get()...);
+      torch::jit::drop(*stack, n);
+    } else {
+      R result = Fn(std::get<I>(args).get()...);
+      torch::jit::drop(*stack, n);
+      torch::jit::push(*stack, std::move(result));
+    }
+  }
+};
+
+}  // namespace boxing
+
+// Fn as a boxed kernel whose tensor lists are borrowed from the
+// dispatcher's stack.
+template <auto Fn>
+torch::CppFunction boxed() {
+  return torch::CppFunction::makeFromBoxedFunction<&boxing::Boxed<Fn>::call>();
+}
+
+// The Autograd kernel of the ops that only write their arguments (adam_,
+// sgd_, norm_partials_, grads_ready): none of them is differentiable. In grad
+// mode it refuses an argument it would write that requires grad (as torch
+// refuses an in-place op on a leaf that requires grad); otherwise it goes on
+// to the backend. Unlike torch's fallback for ops without an autograd
+// kernel, it reads no tensor while grad mode is off, as in every step.
+void write_only_autograd(const c10::OperatorHandle& op, c10::DispatchKeySet keys,
+                         torch::jit::Stack* stack);
 
 // The inputs of auto_decay (schema: csrc/schema.h), checked: every tensor
 // float64, contiguous, on one device of `device_type` (the statistics'),

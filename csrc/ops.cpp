@@ -16,9 +16,16 @@ TORCH_LIBRARY(fused_wd, m) {
   for (const char* schema : fused_wd::kSchemas) m.def(schema);
 }
 
+// The ops that only write their arguments have one Autograd kernel
+// (write_only_autograd, csrc/common.h) for every backend.
+TORCH_LIBRARY_IMPL(fused_wd, Autograd, m) {
+  for (const char* op : {"adam_", "sgd_", "norm_partials_", "grads_ready"})
+    m.impl(op, torch::CppFunction::makeFromBoxedFunction<&fused_wd::write_only_autograd>());
+}
+
 // grads_ready reads metadata only: one kernel for every device (and meta).
 TORCH_LIBRARY_IMPL(fused_wd, CompositeExplicitAutograd, m) {
-  m.impl("grads_ready", &fused_wd::grads_ready);
+  m.impl("grads_ready", fused_wd::boxed<&fused_wd::grads_ready>());
 }
 
 #include <string>

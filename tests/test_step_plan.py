@@ -483,6 +483,54 @@ def test_grads_ready_and_grads_from_params_at_the_op():
     assert torch.equal(out_a, out_b) and bool((out_a > 0).all())
 
 
+def test_update_ops_borrow_their_lists_and_refuse_grad_mode():
+    """adam_, sgd_ and grads_ready borrow the tensors of their lists
+    (csrc/common.h, boxed): no tensor's use count moves, whether the call
+    succeeds or raises. Their Autograd kernel refuses, in grad mode, a
+    tensor the op would write that requires grad, naming it; under no_grad
+    (every step) it checks nothing."""
+    ps = clone_leaves(make_params(torch.float32, "cpu", shapes=SHAPES))
+    give_grads(ps, 0)
+    n = len(ps)
+    lists = dict(exp_avgs=[torch.zeros_like(p) for p in ps], exp_avg_sqs=[torch.zeros_like(p) for p in ps],
+                 max_exp_avg_sqs=[], state_steps=[torch.zeros(()) for _ in ps], master_params=[], sr_ids=[])
+    hyper = dict(lr=0.1, lr_tensor=None, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.0,
+                 decay_mode=1, cautious_wd=False, initial_lr=1.0, amsgrad=False, maximize=False,
+                 grad_norm=None, max_norm=0.0, grad_scale=None, found_inf=None, skip_nonfinite=True,
+                 stochastic_rounding=False, sr_seed=0)
+    bufs = [torch.zeros_like(p) for p in ps]
+    sgd = dict(momentum_buffers=bufs, buffer_is_new=[True] * n, master_params=[], state_steps=[], sr_ids=[],
+               lr=0.1, lr_tensor=None, momentum=0.9, dampening=0.0, nesterov=False, weight_decay=0.0,
+               decay_mode=0, cautious_wd=False, initial_lr=1.0, maximize=False, grad_norm=None,
+               max_norm=0.0, grad_scale=None, found_inf=None, skip_nonfinite=True,
+               stochastic_rounding=False, sr_seed=0)
+    every = ps + [p.grad for p in ps] + bufs + [t for v in lists.values() if isinstance(v, list) for t in v
+                                                 if isinstance(t, torch.Tensor)]
+    counts = [t._use_count() for t in every]
+    codes = [fused_wd._ops.SCALAR_TYPE_CODES[torch.float32]] * n
+    ops = torch.ops.fused_wd
+    with torch.no_grad():
+        ops.adam_(params=ps, grads=[], grads_from_params=True, **lists, **hyper)
+        ops.adam_(params=ps, grads=[p.grad for p in ps], **lists, **hyper)
+        ops.sgd_(params=ps, grads=[], grads_from_params=True, **sgd)
+        assert ops.grads_ready(ps, codes)
+        with pytest.raises(RuntimeError, match="exp_avg_sqs has 3 tensors"):
+            ops.adam_(params=ps, grads=[], grads_from_params=True, **dict(lists, exp_avg_sqs=lists["exp_avg_sqs"][1:]),
+                      **hyper)
+    assert [t._use_count() for t in every] == counts
+    assert all(float(s) == 2.0 for s in lists["state_steps"])
+    before = [p.detach().clone() for p in ps]
+    with pytest.raises(RuntimeError, match=r"fused_wd::adam_: params\[0\] requires grad and grad mode is on"):
+        ops.adam_(params=ps, grads=[], grads_from_params=True, **lists, **hyper)
+    with pytest.raises(RuntimeError, match=r"fused_wd::sgd_: params\[0\] requires grad"):
+        ops.sgd_(params=ps, grads=[], grads_from_params=True, **sgd)
+    assert all(map(torch.equal, ps, before)) and all(float(s) == 2.0 for s in lists["state_steps"])
+    assert ops.grads_ready(ps, codes)  # writes nothing: no refusal
+    detached = [p.detach() for p in ps]
+    ops.adam_(params=detached, grads=[p.grad for p in ps], **lists, **hyper)  # nothing requires grad
+    assert all(float(s) == 3.0 for s in lists["state_steps"])
+
+
 def test_state_pickles_and_checkpoints_as_plain_dicts(tmp_path):
     """The change-counting state dicts (fused_wd/optim.py, _StateMap) never
     reach a checkpoint: torch.load(weights_only=True) reads it, and a

@@ -569,6 +569,6 @@ TORCH_LIBRARY_IMPL(fused_wd, CPU, m) {
   m.impl("norm_partials_", &fused_wd::cpu::norm_partials_);
   m.impl("norm_from_partials", &fused_wd::cpu::norm_from_partials);
   m.impl("clip_", &fused_wd::cpu::clip_);
-  m.impl("adam_", &fused_wd::adam_op<fused_wd::cpu::adam>);
-  m.impl("sgd_", &fused_wd::sgd_op<fused_wd::cpu::sgd>);
+  m.impl("adam_", fused_wd::boxed<&fused_wd::adam_op<fused_wd::cpu::adam>>());
+  m.impl("sgd_", fused_wd::boxed<&fused_wd::sgd_op<fused_wd::cpu::sgd>>());
 }

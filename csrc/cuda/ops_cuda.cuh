@@ -37,8 +37,8 @@ inline void impl_ops(torch::Library& m) {
   m.impl("norm_partials_", &norm_partials_);
   m.impl("norm_from_partials", &norm_from_partials);
   m.impl("clip_", &clip_);
-  m.impl("adam_", &adam_op<adam>);
-  m.impl("sgd_", &sgd_op<sgd>);
+  m.impl("adam_", boxed<&adam_op<adam>>());
+  m.impl("sgd_", boxed<&sgd_op<sgd>>());
   m.impl("auto_decay", &auto_decay);
 }
 
