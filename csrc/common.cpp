@@ -173,31 +173,38 @@ void check_partials(const char* op, const at::Tensor& partials, c10::DeviceType 
               partials.scalar_type(), " of shape ", partials.sizes());
 }
 
-NormInputs norm_inputs(const char* op, const c10::List<std::optional<at::Tensor>>& tensors,
-                       at::IntArrayRef index, int64_t nslots, const at::Device& device,
-                       bool of_grads) {
+NormInputs norm_inputs(const char* op, at::TensorList tensors, at::IntArrayRef index,
+                       int64_t nslots, const at::Device& device, bool of_grads) {
   TORCH_CHECK(index.size() == tensors.size(), op, ": index has ", index.size(),
               " entries for ", tensors.size(), " tensors");
   std::vector<bool> taken(static_cast<size_t>(nslots), false);
   NormInputs in;
+  in.present.reserve(tensors.size());
+  in.slot.reserve(tensors.size());
   for (size_t j = 0; j < tensors.size(); ++j) {
+    if (j + kMetaAhead < tensors.size() && tensors[j + kMetaAhead].defined())
+      prefetch_meta(tensors[j + kMetaAhead]);
     const int64_t s = index[j];
     TORCH_CHECK(s >= 0 && s < nslots, op, ": index[", j, "] = ", s, " is outside out (",
                 nslots, " slots)");
     TORCH_CHECK(!taken[s], op, ": index[", j, "] = ", s, " names a slot twice");
     taken[s] = true;
-    std::optional<at::Tensor> t = tensors.get(j);
-    if (of_grads && t.has_value() && t->defined()) t = t->grad();
-    if (!t.has_value() || !t->defined() || t->numel() == 0) {
+    const at::Tensor& entry = tensors[j];
+    const at::Tensor& t = of_grads && entry.defined() ? entry.grad() : entry;
+    if (!t.defined() || t.numel() == 0) {
       in.zero.push_back(s);
       continue;
     }
-    TORCH_CHECK(t->layout() == at::kStrided, op, ": tensors[", j,
-                "] is sparse; dense tensors only");
-    TORCH_CHECK(t->device() == device, op, ": tensors[", j, "] is on ", t->device(), ", not on ",
+    TORCH_CHECK(t.layout() == at::kStrided, op, ": tensors[", j, "] is sparse; dense tensors only");
+    TORCH_CHECK(t.device() == device, op, ": tensors[", j, "] is on ", t.device(), ", not on ",
                 device);
-    storage_of(op, "a tensor", t->scalar_type());
-    in.present.push_back(t->is_non_overlapping_and_dense() ? *t : t->contiguous());
+    storage_of(op, "a tensor", t.scalar_type());
+    if (t.is_non_overlapping_and_dense()) {
+      in.present.push_back(t);
+    } else {
+      in.temps.push_back(t.contiguous());
+      in.present.push_back(in.temps.back());
+    }
     in.slot.push_back(s);
   }
   return in;

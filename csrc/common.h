@@ -74,24 +74,6 @@ void check_step(const char* op, size_t i, const at::Tensor& s, const at::Tensor&
 // inf, false for 2, an error otherwise.
 bool norm_kind(const char* op, double norm_type);
 
-// The tensors whose norm is taken: `present[k]` is the dense form of the
-// k-th defined, non-empty entry and `slot[k]` where its partial goes;
-// `zero` the slots of None or empty entries. Checks every entry (strided, on
-// `device`, a kernel dtype) and `index` (one slot in [0, nslots) per tensor,
-// no slot twice).
-struct NormInputs {
-  std::vector<at::Tensor> present;
-  std::vector<int64_t> slot, zero;
-};
-// of_grads: the entries' grads are taken in their place (norm_partials_'s
-// of_grads).
-NormInputs norm_inputs(const char* op, const c10::List<std::optional<at::Tensor>>& tensors,
-                       at::IntArrayRef index, int64_t nslots, const at::Device& device,
-                       bool of_grads = false);
-
-// The grads_ready op (schema: csrc/schema.h).
-bool grads_ready(at::TensorList params, at::IntArrayRef dtypes);
-
 // Tensors held without their reference counts touched: each one must stay
 // alive (held by someone else) while this lives.
 class Borrowed {
@@ -106,10 +88,39 @@ class Borrowed {
   void reserve(size_t n) { v_.reserve(n); }
   void push_back(const at::Tensor& t) { v_.push_back(c10::MaybeOwnedTraits<at::Tensor>::createBorrow(t)); }
   at::TensorList tensors() const { return v_; }
+  size_t size() const { return v_.size(); }
+  bool empty() const { return v_.empty(); }
 
  private:
   std::vector<at::Tensor> v_;
 };
+
+// A Tensor?[] argument as the boxed kernels (boxed<Fn>) pass it: one
+// tensor per entry, undefined for None, borrowed from the dispatcher's stack.
+struct OptionalTensors {
+  at::TensorList tensors;
+};
+
+// The tensors whose norm is taken: `present[k]` is the dense form of the
+// k-th defined, non-empty entry and `slot[k]` where its partial goes;
+// `zero` the slots of None or empty entries. Checks every entry (strided, on
+// `device`, a kernel dtype) and `index` (one slot in [0, nslots) per tensor,
+// no slot twice).
+// `tensors` holds an undefined tensor for a None entry. A dense entry is
+// borrowed as it is (its owner keeps it alive); any other is copied to a
+// contiguous temporary held in `temps`.
+struct NormInputs {
+  Borrowed present;
+  std::vector<at::Tensor> temps;
+  std::vector<int64_t> slot, zero;
+};
+// of_grads: the entries' grads are taken in their place (norm_partials_'s
+// of_grads).
+NormInputs norm_inputs(const char* op, at::TensorList tensors, at::IntArrayRef index,
+                       int64_t nslots, const at::Device& device, bool of_grads = false);
+
+// The grads_ready op (schema: csrc/schema.h).
+bool grads_ready(at::TensorList params, at::IntArrayRef dtypes);
 
 // The grads an update op uses: `grads` itself, or with grads_from_params
 // each param's .grad, gathered into `held` (an error names a param without
@@ -267,7 +278,7 @@ template <typename T>
 struct Arg {
   T value;
   explicit Arg(const c10::IValue& v) : value(v.to<T>()) {}
-  const T& get() const { return value; }
+  T& get() { return value; }
 };
 
 template <>
@@ -279,6 +290,18 @@ struct Arg<at::TensorList> {
     for (const c10::IValue& e : ivalues) list.push_back(e.toTensor());
   }
   at::TensorList get() const { return list.tensors(); }
+};
+
+template <>
+struct Arg<OptionalTensors> {
+  Borrowed list;
+  explicit Arg(const c10::IValue& v) {
+    static const at::Tensor none;
+    const c10::ArrayRef<c10::IValue> ivalues = v.toListRef();
+    list.reserve(ivalues.size());
+    for (const c10::IValue& e : ivalues) list.push_back(e.isNone() ? none : e.toTensor());
+  }
+  OptionalTensors get() const { return OptionalTensors{list.tensors()}; }
 };
 
 template <>

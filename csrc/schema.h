@@ -70,16 +70,21 @@ constexpr const char* kSchemas[] = {
   // grads_ready accepted passes no list of grads from Python.
   //
   // Hyperparameters are keyword-only (after `*`): two floats can never be
-  // swapped by position. The C++ side receives them as one AdamCall
-  // (csrc/common.h).
+  // swapped by position. Those that define the update (lr, betas, eps,
+  // weight_decay, decay_mode) are always given; the switches and extras
+  // default to the plain step (no clipping, no scaler, no rounding, ...),
+  // and a call passes only what differs: each keyword costs the Python
+  // binding about half a microsecond. The C++ side receives them as one
+  // AdamCall (csrc/common.h).
   "adam_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, "
       "Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] max_exp_avg_sqs, Tensor(e!)[] state_steps, "
-      "Tensor(f!)[] master_params, int[] sr_ids, Tensor(g!)? stats=None, int[] stat_slots=[], *, "
-      "float lr, Tensor? lr_tensor, float beta1, float beta2, float eps, "
-      "float weight_decay, Tensor? wd_tensor=None, int decay_mode, bool cautious_wd, float initial_lr, bool amsgrad, "
-      "bool maximize, "
-      "Tensor? grad_norm, float max_norm, Tensor? grad_scale, Tensor? found_inf, "
-      "bool skip_nonfinite, bool stochastic_rounding, int sr_seed, bool grads_from_params=False) -> ()",
+      "Tensor(f!)[] master_params, int[] sr_ids=[], Tensor(g!)? stats=None, int[] stat_slots=[], *, "
+      "float lr, Tensor? lr_tensor=None, float beta1, float beta2, float eps, "
+      "float weight_decay, Tensor? wd_tensor=None, int decay_mode, bool cautious_wd=False, "
+      "float initial_lr=1.0, bool amsgrad=False, bool maximize=False, "
+      "Tensor? grad_norm=None, float max_norm=0.0, Tensor? grad_scale=None, Tensor? found_inf=None, "
+      "bool skip_nonfinite=True, bool stochastic_rounding=False, int sr_seed=0, "
+      "bool grads_from_params=False) -> ()",
 
   // One SGD step over many tensors. momentum_buffers is empty when
   // momentum == 0; buffer_is_new[i] marks a buffer created for this step
@@ -89,12 +94,13 @@ constexpr const char* kSchemas[] = {
   // skipped).
   "sgd_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, "
       "bool[] buffer_is_new, Tensor(c!)[] master_params, Tensor(d!)[] state_steps, "
-      "int[] sr_ids, Tensor(e!)? stats=None, int[] stat_slots=[], *, float lr, Tensor? lr_tensor, "
-      "float momentum, float dampening, bool nesterov, float weight_decay, Tensor? wd_tensor=None, "
-      "int decay_mode, bool cautious_wd, float initial_lr, "
-      "bool maximize, "
-      "Tensor? grad_norm, float max_norm, Tensor? grad_scale, Tensor? found_inf, "
-      "bool skip_nonfinite, bool stochastic_rounding, int sr_seed, bool grads_from_params=False) -> ()",
+      "int[] sr_ids=[], Tensor(e!)? stats=None, int[] stat_slots=[], *, float lr, "
+      "Tensor? lr_tensor=None, float momentum, float dampening, bool nesterov, float weight_decay, "
+      "Tensor? wd_tensor=None, int decay_mode, bool cautious_wd=False, float initial_lr=1.0, "
+      "bool maximize=False, "
+      "Tensor? grad_norm=None, float max_norm=0.0, Tensor? grad_scale=None, Tensor? found_inf=None, "
+      "bool skip_nonfinite=True, bool stochastic_rounding=False, int sr_seed=0, "
+      "bool grads_from_params=False) -> ()",
 
   // Whether every param has the dtype dtypes[i] names (a c10::ScalarType
   // code: the dtype the caller validated the param's state against) and a

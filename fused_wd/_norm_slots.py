@@ -397,8 +397,8 @@ class NormSlots(_StatsMixin):
         split of the same params as the last call, under the same layout,
         is reused after one identity check per param)."""
         memo = self._at_step
-        if memo is not None and memo[0] is slot_of and len(memo[1]) == len(params) \
-                and all(map(operator.is_, params, memo[1])):
+        if memo is not None and memo[0] is slot_of and (memo[1] is params or len(memo[1]) == len(params)
+                                                        and all(map(operator.is_, params, memo[1]))):
             split = memo[2]
         else:
             by_dev = {}
@@ -413,7 +413,8 @@ class NormSlots(_StatsMixin):
                 missing = sorted(set(range(n)).difference(slots)) if len(slots) < n else []
                 # positions None: every param of the call, in order
                 split.append((dev, None if len(by_dev) == 1 else ks, slots + missing, len(missing), {}))
-            self._at_step = (slot_of, list(params), split)
+            # params itself: the step's lists are never changed after the call
+            self._at_step = (slot_of, params, split)
         norms = []
         of_grads = entries is None
         if of_grads:
@@ -443,7 +444,8 @@ class NormSlots(_StatsMixin):
                     return self.norm(params, entries, norm_type)
                 raise
             norms.append(_ops.norm_from_partials(self._buffer(dev), norm_type))
-        self.counts["at_step"] += sum(map(operator.is_not, entries, itertools.repeat(None)))
+        self.counts["at_step"] += len(entries) if of_grads else \
+            sum(map(operator.is_not, entries, itertools.repeat(None)))
         return _ops.combine_device_norms(norms, norm_type)
 
     def _device_norm(self, dev, items, norm_type, plain_reduced):

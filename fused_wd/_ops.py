@@ -99,16 +99,16 @@ def split_by_master(masters):
 
 def adam_(lists, stats=None, stat_slots=(), wd_tensor=None, **hyper):
     """torch.ops.fused_wd.adam_ on an AdamLists whose params all have a
-    master or none has (master_params then empty); hyperparameters by name.
-    stats/stat_slots: where the pass writes its statistics (csrc/schema.h).
-    lists.grads None: each param's own grad (grads_from_params)."""
+    master or none has (master_params then empty); hyperparameters by name
+    (those left out take the schema's defaults). stats/stat_slots: where
+    the pass writes its statistics (csrc/schema.h). lists.grads None: each
+    param's own grad (grads_from_params)."""
     _ext.require()
     torch.ops.fused_wd.adam_(
         params=lists.params, grads=[] if lists.grads is None else lists.grads,
-        grads_from_params=lists.grads is None, exp_avgs=lists.exp_avgs,
-        exp_avg_sqs=lists.exp_avg_sqs, max_exp_avg_sqs=lists.max_exp_avg_sqs,
-        state_steps=lists.state_steps, master_params=lists.master_params, sr_ids=lists.sr_ids,
-        stats=stats, stat_slots=list(stat_slots), wd_tensor=wd_tensor, **hyper)
+        exp_avgs=lists.exp_avgs, exp_avg_sqs=lists.exp_avg_sqs,
+        max_exp_avg_sqs=lists.max_exp_avg_sqs, state_steps=lists.state_steps,
+        master_params=lists.master_params, **_extras(lists, stats, stat_slots, wd_tensor), **hyper)
 
 
 def sgd_(lists, stats=None, stat_slots=(), wd_tensor=None, **hyper):
@@ -117,10 +117,23 @@ def sgd_(lists, stats=None, stat_slots=(), wd_tensor=None, **hyper):
     _ext.require()
     torch.ops.fused_wd.sgd_(
         params=lists.params, grads=[] if lists.grads is None else lists.grads,
-        grads_from_params=lists.grads is None, momentum_buffers=lists.momentum_buffers,
-        buffer_is_new=lists.buffer_is_new, master_params=lists.master_params,
-        state_steps=lists.state_steps, sr_ids=lists.sr_ids, stats=stats,
-        stat_slots=list(stat_slots), wd_tensor=wd_tensor, **hyper)
+        momentum_buffers=lists.momentum_buffers, buffer_is_new=lists.buffer_is_new,
+        master_params=lists.master_params, state_steps=lists.state_steps,
+        **_extras(lists, stats, stat_slots, wd_tensor), **hyper)
+
+
+def _extras(lists, stats, stat_slots, wd_tensor):
+    """The update ops' optional arguments that differ from their defaults."""
+    kw = {}
+    if lists.grads is None:
+        kw["grads_from_params"] = True
+    if lists.sr_ids:
+        kw["sr_ids"] = lists.sr_ids
+    if stats is not None:
+        kw["stats"], kw["stat_slots"] = stats, list(stat_slots)
+    if wd_tensor is not None:
+        kw["wd_tensor"] = wd_tensor
+    return kw
 
 
 def auto_decay(stats, grad_sumsq, steps, numels, state, **hyper):

@@ -350,14 +350,16 @@ class _Plans(dict):
         self.state_dicts = None
         self.epoch = None  # (the _StateMap's epoch, its value) after the last step
         self.same = False  # states_hold found nothing changed since the last step
-        self.all_params = None  # (the plans, their params in one C++ list) for grads_ready
+        # (the plans, their params as one C++ list and their dtype codes, for
+        # grads_ready, and the params as one Python list, for the norm)
+        self.all_params = None
 
     def own_grads(self, opt, n_groups):
         """The plans of every group (in order) when each holds and its
         params are the group's own params, all with a grad when it was made
         (then the ops may read each param's grad themselves, once
         grads_ready accepts them), else None."""
-        plans = [self.get(gi) for gi in range(n_groups)]
+        plans = list(map(self.get, range(n_groups)))
         if not all(plan is not None and plan.mask is None and plan.holds(opt, group, self.same)
                    for plan, group in zip(plans, opt.param_groups)):
             return None
@@ -365,9 +367,8 @@ class _Plans(dict):
         if kept is None or len(kept[0]) != n_groups or not all(map(_is, plans, kept[0])):
             params = [p for plan in plans for p in plan.params]
             codes = [_ops.SCALAR_TYPE_CODES.get(d, -1) for plan in plans for d in plan.dtypes]
-            if _CppList is not None:
-                params, codes = _CppList(params), _CppList(codes)
-            kept = self.all_params = (plans, params, codes)
+            cpp = (_CppList(params), _CppList(codes)) if _CppList is not None else (params, codes)
+            kept = self.all_params = (plans, cpp[0], cpp[1], params)
         return plans if _ops.grads_ready(kept[1], kept[2]) else None
 
     def states_hold(self, state):
@@ -744,12 +745,14 @@ class _FusedOptimizer(Optimizer):
             if group["max_grad_norm"] is not None:
                 _clip_guard.mark(self, group["params"])
 
-    def _global_norm(self, per_group, grad_scale, sharded=False):
+    def _global_norm(self, per_group, grad_scale, sharded=False, own_params=None):
         """The pre-clip global norm over the grads of every group, unscaled;
         across ranks when `sharded` (DTensors: one local pass, one all-reduce).
         `per_group` as step() holds it: per group (plan, grads) or (None,
         (param, grad) pairs). Each param's part of the norm comes from its
-        slot (fused_wd/_norm_slots.py)."""
+        slot (fused_wd/_norm_slots.py). own_params: every group reads its
+        params' own grads (step's own_grads), and these are the params of
+        all groups in one list, made once (_Plans.all_params)."""
         clipping = [g for g in self.param_groups if g["max_grad_norm"] is not None]
         if not clipping:
             return None
@@ -757,7 +760,10 @@ class _FusedOptimizer(Optimizer):
         if len(norm_types) > 1:
             raise ValueError(f"param groups that clip must share one norm_type, got {sorted(norm_types)}")
         norm_type = norm_types.pop()
-        params, grads = [], []
+        if own_params is not None:
+            params, grads, per_group = own_params, None, ()
+        else:
+            params, grads = [], []
         for plan, xs in per_group:
             if plan is not None and xs is None:  # the params' own grads (step's own_grads)
                 params.extend(plan.params)
@@ -791,7 +797,7 @@ class _FusedOptimizer(Optimizer):
         enabled = torch.is_grad_enabled()
         torch._C._set_grad_enabled(False)
         try:
-            return self._step(closure)
+            return self._step(closure, compiling=False)
         finally:
             torch._C._set_grad_enabled(enabled)
 
@@ -799,7 +805,7 @@ class _FusedOptimizer(Optimizer):
     # unless it is marked hooked: step above is its own wrapper
     step.hooked = True
 
-    def _step(self, closure=None):
+    def _step(self, closure=None, compiling=None):
         _ext.require()
         loss = None
         if closure is not None:
@@ -810,7 +816,7 @@ class _FusedOptimizer(Optimizer):
         # Per group: (plan, its grads) when the group's step plan still holds
         # (see _StepPlan), else (None, (param, grad) pairs, checked).
         # dynamo traces the plain path: a compiled step builds no plan.
-        reuse = not torch.compiler.is_compiling()
+        reuse = not (torch.compiler.is_compiling() if compiling is None else compiling)
         plans = self.__dict__.get("_plans") if reuse else None
         if plans is not None and (plans.gen != self._plan_gen() or not plans.states_hold(self.state)):
             plans = None
@@ -832,9 +838,11 @@ class _FusedOptimizer(Optimizer):
         # A sparse grad (which no grad setter refuses) is refused by the op
         # that gets it, before it writes; with more than one op call, or a
         # norm over every grad first, it is refused here, before anything
-        # runs, with _grads_of's message.
-        if len(per_group) > 1 or any(plan is not None and len(plan.calls) > 1 for plan, _ in per_group) \
-                or any(group["max_grad_norm"] is not None for group in self.param_groups):
+        # runs, with _grads_of's message (with `own`, grads_ready refused
+        # every sparse grad already).
+        if own is None and (len(per_group) > 1 or any(plan is not None and len(plan.calls) > 1
+                                                      for plan, _ in per_group)
+                            or any(group["max_grad_norm"] is not None for group in self.param_groups)):
             for gi, (group, (plan, xs)) in enumerate(zip(self.param_groups, per_group)):
                 if plan is not None and xs is not None and any(map(_is_not, map(_layout_of, xs),
                                                 itertools.repeat(torch.strided))):
@@ -842,8 +850,9 @@ class _FusedOptimizer(Optimizer):
         # DTensor params (FSDP2): the kernels get local shards, and no plan
         # is used. A plan holds only when its params are those it was built
         # with, which were no DTensors (a sharded step keeps no plan): only
-        # the groups without one are looked at, one isinstance per param.
-        sharded = _dist.refresh() and _dist.any_dtensor(
+        # the groups without one are looked at, one isinstance per param,
+        # and none when every group's plan holds (own).
+        sharded = own is None and _dist.refresh() and _dist.any_dtensor(
             p for plan, xs in per_group if plan is None for p, _ in xs)
         if sharded:
             per_group = [(None, self._grads_of(group, gi)) if plan is not None else (plan, xs)
@@ -851,7 +860,8 @@ class _FusedOptimizer(Optimizer):
         if auto_groups and sharded:
             raise RuntimeError("weight_decay_mode 'scheduled' and 'adaptive' are not available with DTensor "
                                "(FSDP2) params: their statistics would need a reduction across ranks")
-        norm = self._global_norm(per_group, grad_scale, sharded)
+        norm = self._global_norm(per_group, grad_scale, sharded,
+                                 own_params=plans.all_params[3] if own is not None else None)
         if norm is not None:
             self._last_grad_norm[0] = norm
         slots = self._norm_slots
@@ -873,7 +883,9 @@ class _FusedOptimizer(Optimizer):
                    for device in plan.devices}
             hyper = self._op_hyper(group)
             for device, idx, sub, sr in plan.calls:
-                kw = dict(hyper, stochastic_rounding=sr, **kws[device])
+                kw = dict(hyper, **kws[device])
+                if sr:
+                    kw["stochastic_rounding"] = True
                 if track:
                     ps = plan.params if idx is None else list(map(plan.params.__getitem__, idx))
                     kw["stats"], kw["stat_slots"] = slots.stat_args(ps, device)
@@ -1041,34 +1053,42 @@ class _FusedOptimizer(Optimizer):
         return plan
 
     def _common_kwargs(self, group, device, norm, grad_scale, found_inf):
+        """The update ops' arguments from the group's options and this step's
+        norm and scaler tensors, except the op's own (_op_hyper): only those
+        that differ from the schema's defaults (csrc/schema.h), since every
+        keyword costs the call."""
         def on_device(t):
-            return t if t is None or t.device == device else t.to(device, non_blocking=True)
+            return t if t.device == device else t.to(device, non_blocking=True)
 
         lr = group["lr"]
-        lr_tensor = None
-        if isinstance(lr, torch.Tensor):
-            lr_tensor = lr if lr.device == device or lr.device.type == "cpu" else lr.to(device)
-            lr = 0.0
         mode = group["weight_decay_mode"]
-        cautious = _check_cautious(group["cautious_weight_decay"], mode)
-        initial_lr = 1.0  # read by the kernels in "independent" and "corrected" modes only
+        kw = dict(weight_decay=_scalar(group["weight_decay"], "weight_decay"), decay_mode=DECAY_MODES[mode])
+        if isinstance(lr, torch.Tensor):
+            kw["lr_tensor"] = lr if lr.device == device or lr.device.type == "cpu" else lr.to(device)
+            lr = 0.0
+        kw["lr"] = float(lr)
+        if _check_cautious(group["cautious_weight_decay"], mode):
+            kw["cautious_wd"] = True
         if mode in _INITIAL_LR_MODES:
+            # read by the kernels in "independent" and "corrected" modes only;
             # a tensor initial_lr (set by a scheduler for a tensor lr) is read
             # on the host once (see _scalar)
             initial_lr = _scalar(group.get("initial_lr", self.defaults["lr"]), "initial_lr")
             if initial_lr == 0.0:
                 raise ValueError(f"weight_decay_mode={mode!r} needs a nonzero initial_lr")
-        clip = group["max_grad_norm"] is not None and norm is not None
-        return dict(
-            lr=float(lr), lr_tensor=lr_tensor,
-            weight_decay=_scalar(group["weight_decay"], "weight_decay"),
-            decay_mode=DECAY_MODES[mode], cautious_wd=cautious, initial_lr=initial_lr,
-            maximize=bool(group["maximize"]),
-            grad_norm=on_device(norm) if clip else None,
-            max_norm=float(group["max_grad_norm"]) if clip else 0.0,
-            grad_scale=on_device(grad_scale), found_inf=on_device(found_inf),
-            skip_nonfinite=bool(group["skip_nonfinite"]),
-        )
+            kw["initial_lr"] = initial_lr
+        if group["maximize"]:
+            kw["maximize"] = True
+        if group["max_grad_norm"] is not None and norm is not None:
+            kw["grad_norm"] = on_device(norm)
+            kw["max_norm"] = float(group["max_grad_norm"])
+        if grad_scale is not None:
+            kw["grad_scale"] = on_device(grad_scale)
+        if found_inf is not None:
+            kw["found_inf"] = on_device(found_inf)
+        if not group["skip_nonfinite"]:
+            kw["skip_nonfinite"] = False
+        return kw
 
     # the lists an op call gets only when it rounds stochastically
     _sr_lists = ()
@@ -1163,9 +1183,12 @@ class _AdamBase(_FusedOptimizer):
 
     def _op_hyper(self, group):
         beta1, beta2 = group["betas"]
-        return dict(beta1=_scalar(beta1, "beta1"), beta2=_scalar(beta2, "beta2"),
-                    eps=_scalar(group["eps"], "eps"), amsgrad=bool(group["amsgrad"]),
-                    sr_seed=int(group["sr_seed"]))
+        kw = dict(beta1=_scalar(beta1, "beta1"), beta2=_scalar(beta2, "beta2"), eps=_scalar(group["eps"], "eps"))
+        if group["amsgrad"]:
+            kw["amsgrad"] = True
+        if group["stochastic_rounding"]:
+            kw["sr_seed"] = int(group["sr_seed"])
+        return kw
 
 
 class Adam(_AdamBase):
@@ -1263,6 +1286,8 @@ class SGD(_FusedOptimizer):
     _sr_lists = ("state_steps", "sr_ids")  # the step counters serve only the rounding's key
 
     def _op_hyper(self, group):
-        return dict(momentum=_scalar(group["momentum"], "momentum"),
-                    dampening=_scalar(group["dampening"], "dampening"),
-                    nesterov=bool(group["nesterov"]), sr_seed=int(group["sr_seed"]))
+        kw = dict(momentum=_scalar(group["momentum"], "momentum"),
+                  dampening=_scalar(group["dampening"], "dampening"), nesterov=bool(group["nesterov"]))
+        if group["stochastic_rounding"]:
+            kw["sr_seed"] = int(group["sr_seed"])
+        return kw

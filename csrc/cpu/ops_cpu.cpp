@@ -314,26 +314,23 @@ at::Tensor multi_tensor_norm(at::TensorList tensors, double norm_type) {
   TORCH_CHECK(!tensors.empty(), op, ": needs at least one tensor");
   const bool inf = norm_kind(op, norm_type);
   std::vector<int64_t> index(tensors.size());
-  c10::List<std::optional<at::Tensor>> opt;
-  for (size_t i = 0; i < tensors.size(); ++i) {
-    index[i] = static_cast<int64_t>(i);
-    opt.push_back(tensors[i]);
-  }
-  const NormInputs in = norm_inputs(op, opt, index, static_cast<int64_t>(tensors.size()),
+  for (size_t i = 0; i < tensors.size(); ++i) index[i] = static_cast<int64_t>(i);
+  const NormInputs in = norm_inputs(op, tensors, index, static_cast<int64_t>(tensors.size()),
                                     at::Device(at::kCPU));
   std::vector<double> all(tensors.size(), 0.0);
-  const std::vector<double> part = tensor_partials(op, in.present, inf);
+  const std::vector<double> part = tensor_partials(op, in.present.tensors(), inf);
   for (size_t k = 0; k < part.size(); ++k) all[in.slot[k]] = part[k];
   return reduce_partials(all.data(), static_cast<int64_t>(all.size()), inf);
 }
 
-void norm_partials_(const c10::List<std::optional<at::Tensor>>& tensors, at::Tensor& out,
-                    at::IntArrayRef index, double norm_type, bool of_grads) {
+void norm_partials_(OptionalTensors tensors, at::Tensor& out, at::IntArrayRef index,
+                    double norm_type, bool of_grads) {
   const char* op = "fused_wd.norm_partials_";
   const bool inf = norm_kind(op, norm_type);
   check_partials(op, out, c10::DeviceType::CPU);
-  const NormInputs in = norm_inputs(op, tensors, index, out.numel(), out.device(), of_grads);
-  const std::vector<double> part = tensor_partials(op, in.present, inf);
+  const NormInputs in =
+      norm_inputs(op, tensors.tensors, index, out.numel(), out.device(), of_grads);
+  const std::vector<double> part = tensor_partials(op, in.present.tensors(), inf);
   double* o = out.data_ptr<double>();
   for (int64_t s : in.zero) o[s] = 0.0;
   for (size_t k = 0; k < part.size(); ++k) o[in.slot[k]] = part[k];
@@ -566,7 +563,7 @@ at::Tensor auto_decay(const at::Tensor& stats, const at::Tensor& grad_sumsq, con
 TORCH_LIBRARY_IMPL(fused_wd, CPU, m) {
   m.impl("auto_decay", &fused_wd::cpu::auto_decay);
   m.impl("multi_tensor_norm", &fused_wd::cpu::multi_tensor_norm);
-  m.impl("norm_partials_", &fused_wd::cpu::norm_partials_);
+  m.impl("norm_partials_", fused_wd::boxed<&fused_wd::cpu::norm_partials_>());
   m.impl("norm_from_partials", &fused_wd::cpu::norm_from_partials);
   m.impl("clip_", &fused_wd::cpu::clip_);
   m.impl("adam_", fused_wd::boxed<&fused_wd::adam_op<fused_wd::cpu::adam>>());

@@ -109,20 +109,21 @@ void for_each_bucket_table(at::TensorList dense, const std::vector<int64_t>* ids
 // the slots of None or empty entries), on `stream`.
 void write_partials(const NormInputs& in, bool inf, at::Tensor& out, Stream stream) {
   TORCH_CHECK(out.numel() <= static_cast<int64_t>(UINT32_MAX), "fused_wd: more than 2^32 norm slots");
+  const at::TensorList present = in.present.tensors();
   if (!in.zero.empty()) {
-    if (in.zero.size() + in.present.size() == static_cast<size_t>(out.numel()))
+    if (in.zero.size() + present.size() == static_cast<size_t>(out.numel()))
       out.zero_();
     else
       for (int64_t s : in.zero) out.narrow(0, s, 1).zero_();
   }
-  if (in.present.empty()) return;
+  if (present.empty()) return;
   int64_t total_chunks = 0;
-  for (const auto& t : in.present) total_chunks += (t.numel() + kChunk - 1) / kChunk;
+  for (const auto& t : present) total_chunks += (t.numel() + kChunk - 1) / kChunk;
   at::Tensor chunk = scratch(total_chunks, out.options());
   double* base = chunk.data_ptr<double>();
   double* dst = out.data_ptr<double>();
   int64_t offset = 0;
-  for_each_bucket_table(in.present, &in.slot, [&](at::ScalarType st, const ChunkTable<1>& tab, int nchunks) {
+  for_each_bucket_table(present, &in.slot, [&](at::ScalarType st, const ChunkTable<1>& tab, int nchunks) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, st, "fused_wd_norm", [&] {
       launch(inf ? norm_partials_kernel<scalar_t, true> : norm_partials_kernel<scalar_t, false>,
              nchunks, kThreads, stream, tab, base + offset);
@@ -154,12 +155,8 @@ at::Tensor multi_tensor_norm(at::TensorList tensors, double norm_type) {
   const at::Device device = tensors[0].device();
   const int64_t n = static_cast<int64_t>(tensors.size());
   std::vector<int64_t> index(tensors.size());
-  c10::List<std::optional<at::Tensor>> opt;
-  for (int64_t i = 0; i < n; ++i) {
-    index[i] = i;
-    opt.push_back(tensors[i]);
-  }
-  const NormInputs in = norm_inputs(op, opt, index, n, device);
+  for (int64_t i = 0; i < n; ++i) index[i] = i;
+  const NormInputs in = norm_inputs(op, tensors, index, n, device);
   DeviceGuard guard(device);
   Stream stream = current_stream(device);
   at::Tensor partials = scratch(n, tensors[0].options().dtype(at::kDouble));
@@ -167,12 +164,13 @@ at::Tensor multi_tensor_norm(at::TensorList tensors, double norm_type) {
   return reduce_partials(partials, inf, stream);
 }
 
-void norm_partials_(const c10::List<std::optional<at::Tensor>>& tensors, at::Tensor& out,
-                    at::IntArrayRef index, double norm_type, bool of_grads) {
+void norm_partials_(OptionalTensors tensors, at::Tensor& out, at::IntArrayRef index,
+                    double norm_type, bool of_grads) {
   const char* op = "fused_wd::norm_partials_";
   const bool inf = norm_kind(op, norm_type);
   check_partials(op, out, kDeviceType);
-  const NormInputs in = norm_inputs(op, tensors, index, out.numel(), out.device(), of_grads);
+  const NormInputs in =
+      norm_inputs(op, tensors.tensors, index, out.numel(), out.device(), of_grads);
   DeviceGuard guard(out.device());
   write_partials(in, inf, out, current_stream(out.device()));
 }

@@ -13,7 +13,7 @@ namespace cuda {
 
 at::Tensor multi_tensor_norm(at::TensorList tensors, double norm_type);
 
-void norm_partials_(const c10::List<std::optional<at::Tensor>>& tensors, at::Tensor& out,
+void norm_partials_(OptionalTensors tensors, at::Tensor& out,
                     at::IntArrayRef index, double norm_type, bool of_grads);
 
 at::Tensor norm_from_partials(const at::Tensor& partials, double norm_type);
@@ -34,7 +34,7 @@ at::Tensor auto_decay(const at::Tensor& stats, const at::Tensor& grad_sumsq, con
 // the CUDA key (register.cu), fused_wd_emu's for the host build (csrc/emu).
 inline void impl_ops(torch::Library& m) {
   m.impl("multi_tensor_norm", &multi_tensor_norm);
-  m.impl("norm_partials_", &norm_partials_);
+  m.impl("norm_partials_", boxed<&norm_partials_>());
   m.impl("norm_from_partials", &norm_from_partials);
   m.impl("clip_", &clip_);
   m.impl("adam_", boxed<&adam_op<adam>>());
