@@ -500,6 +500,40 @@ def test_opcheck(device, dtype):
         sgd_hyper(momentum=0.9, nesterov=True, weight_decay=0.1, grad_norm=norm, max_norm=1.0))
 
 
+def test_update_op_defaults_are_the_plain_step():
+    """The update ops' schemas default every switch and extra to the plain
+    step (csrc/schema.h), and the optimizers leave out what equals the
+    default: a call with only the required arguments equals one that spells
+    out conftest's plain values, bit for bit, and the defaults are exactly
+    those values."""
+    required = {"lr", "beta1", "beta2", "eps", "weight_decay", "decay_mode", "momentum", "dampening",
+                "nesterov"}
+    for op, plain in ((torch.ops.fused_wd.adam_.default, adam_hyper()),
+                      (torch.ops.fused_wd.sgd_.default, sgd_hyper())):
+        kwonly = {a.name: a for a in op._schema.arguments if a.kwarg_only}
+        for name, value in plain.items():
+            a = kwonly[name]
+            if name in required:
+                assert not a.has_default_value(), name
+            else:
+                assert a.has_default_value() and a.default_value == value, (name, a.default_value, value)
+    ps = make_params(torch.float32, "cpu", shapes=[(5, 3), (4,)])
+    gs = make_grads(ps, 0)
+    outs = []
+    for spelled in (True, False):
+        p = [x.clone() for x in ps]
+        m, v = [torch.zeros_like(x) for x in ps], [torch.zeros_like(x) for x in ps]
+        steps = [torch.zeros(()) for _ in ps]
+        kw = adam_hyper(weight_decay=0.1, decay_mode=1) if spelled else dict(
+            lr=0.01, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1, decay_mode=1)
+        extra = dict(sr_ids=[], stat_slots=[], stats=None, wd_tensor=None, grads_from_params=False) \
+            if spelled else {}
+        torch.ops.fused_wd.adam_(params=p, grads=gs, exp_avgs=m, exp_avg_sqs=v, max_exp_avg_sqs=[],
+                                 state_steps=steps, master_params=[], **extra, **kw)
+        outs.append(p + m + v + steps)
+    assert all(map(torch.equal, *outs))
+
+
 # ------------------------------------------------------------ clip_grad_norm_
 
 @pytest.mark.parametrize("device", DEVICES)
