@@ -199,7 +199,11 @@ inline double combine_sum(double* acc) {
 // an element falls in depends only on its offset in [begin, end), so the
 // sums are fixed by the range. Always accumulated (a few vector adds per
 // element, in registers and L1, next to a loop bound by memory); written
-// only when asked for.
+// only when asked for. Measured on the Zen 3 VM (50M params, AdamW, the op
+// alone, paired in one process): a build that compiles them out when not
+// asked for (each range instantiated with and without) was 7.5% faster in
+// bf16, which moves half the bytes of fp32, and 1-5% in fp32, but took the
+// CPU kernels' build from 3.5 to 6.8 minutes; not adopted.
 static_assert(kBlock == kLanes, "one lane per element of a block");
 constexpr int kStatFold = 16;
 
