@@ -101,14 +101,13 @@ struct OptionalTensors {
   at::TensorList tensors;
 };
 
-// The tensors whose norm is taken: `present[k]` is the dense form of the
-// k-th defined, non-empty entry and `slot[k]` where its partial goes;
+// The tensors whose norm is taken (`tensors` holds an undefined tensor for
+// a None entry): `present[k]` is the dense form of the k-th defined,
+// non-empty entry (the entry itself, borrowed: its owner keeps it alive; or
+// a contiguous copy held in `temps`) and `slot[k]` where its partial goes;
 // `zero` the slots of None or empty entries. Checks every entry (strided, on
 // `device`, a kernel dtype) and `index` (one slot in [0, nslots) per tensor,
 // no slot twice).
-// `tensors` holds an undefined tensor for a None entry. A dense entry is
-// borrowed as it is (its owner keeps it alive); any other is copied to a
-// contiguous temporary held in `temps`.
 struct NormInputs {
   Borrowed present;
   std::vector<at::Tensor> temps;
