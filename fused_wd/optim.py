@@ -45,6 +45,7 @@ import collections
 import itertools
 import math
 import operator
+import typing
 import weakref
 
 import torch
@@ -338,6 +339,16 @@ class _StateMap(collections.defaultdict):
         return collections.defaultdict, (dict,), None, None, iter(self.items())
 
 
+class _AllParams(typing.NamedTuple):
+    """The params of every group's plan, in order, made once: as a Python
+    list (the norm's) and as the ops take them, with their dtype codes
+    (grads_ready's)."""
+    plans: list
+    params: list
+    for_op: object
+    codes: object
+
+
 class _Plans(dict):
     """The step plans of an optimizer by param group index, made under one
     _plan_gen(), and the per-param state dicts (self.state's values, in
@@ -350,9 +361,7 @@ class _Plans(dict):
         self.state_dicts = None
         self.epoch = None  # (the _StateMap's epoch, its value) after the last step
         self.same = False  # states_hold found nothing changed since the last step
-        # (the plans, their params as one C++ list and their dtype codes, for
-        # grads_ready, and the params as one Python list, for the norm)
-        self.all_params = None
+        self.all_params = None  # _AllParams of the plans last accepted whole
 
     def own_grads(self, opt, n_groups):
         """The plans of every group (in order) when each holds and its
@@ -364,12 +373,15 @@ class _Plans(dict):
                    for plan, group in zip(plans, opt.param_groups)):
             return None
         kept = self.all_params
-        if kept is None or len(kept[0]) != n_groups or not all(map(_is, plans, kept[0])):
+        if kept is None or len(kept.plans) != n_groups or not all(map(_is, plans, kept.plans)):
             params = [p for plan in plans for p in plan.params]
             codes = [_ops.SCALAR_TYPE_CODES.get(d, -1) for plan in plans for d in plan.dtypes]
-            cpp = (_CppList(params), _CppList(codes)) if _CppList is not None else (params, codes)
-            kept = self.all_params = (plans, cpp[0], cpp[1], params)
-        return plans if _ops.grads_ready(kept[1], kept[2]) else None
+            if _CppList is not None:
+                kept = _AllParams(plans, params, _CppList(params), _CppList(codes))
+            else:
+                kept = _AllParams(plans, params, params, codes)
+            self.all_params = kept
+        return plans if _ops.grads_ready(kept.for_op, kept.codes) else None
 
     def states_hold(self, state):
         """Whether the state dicts are those the plans were made with (then
@@ -765,10 +777,7 @@ class _FusedOptimizer(Optimizer):
         else:
             params, grads = [], []
         for plan, xs in per_group:
-            if plan is not None and xs is None:  # the params' own grads (step's own_grads)
-                params.extend(plan.params)
-                grads = None
-            elif plan is not None:  # a plan's params are real (_build_plan), and so their grads
+            if plan is not None:  # a plan's params are real (_build_plan), and so their grads
                 params.extend(plan.params)
                 grads.extend(xs)
             else:
@@ -861,7 +870,7 @@ class _FusedOptimizer(Optimizer):
             raise RuntimeError("weight_decay_mode 'scheduled' and 'adaptive' are not available with DTensor "
                                "(FSDP2) params: their statistics would need a reduction across ranks")
         norm = self._global_norm(per_group, grad_scale, sharded,
-                                 own_params=plans.all_params[3] if own is not None else None)
+                                 own_params=plans.all_params.params if own is not None else None)
         if norm is not None:
             self._last_grad_norm[0] = norm
         slots = self._norm_slots
