@@ -1,32 +1,47 @@
 #!/usr/bin/env bash
 # The GPU check in one call, for a lent H100 (torch with CUDA, nvcc and
 # compute-sanitizer there; nothing installable, no network):
-#   1. builds the CPU and CUDA kernels in place (TORCH_CUDA_ARCH_LIST=9.0, MAX_JOBS=16);
-#   2. runs the whole test suite except the host-emulated CUDA tests: pytest.log, junit.xml;
+#   1. builds the CPU and CUDA kernels in place (TORCH_CUDA_ARCH_LIST=9.0, MAX_JOBS=16),
+#      or takes a module built elsewhere for the same torch (--prebuilt);
+#   2. runs the CUDA tests (every test with "cuda" or "nccl" in its id, the host-emulated
+#      ones excepted): pytest.log, junit.xml;
 #   3. runs compute-sanitizer memcheck and racecheck over a few CUDA parity tests: sanitizer.log;
 #   4. runs the GPU benchmark (llama-1b shapes scaled to 400M params and many-small, fp32 and
 #      bf16, AdamW + clipping; torch for-loop, foreach and fused with clip_grad_norm_,
 #      fused_wd.reference, fused_wd): bench/report.md, bench/results.json, bench/bandwidth.png;
-#   5. prints a summary table last. gpu_verify.log holds everything printed.
-# Every phase has a hard time limit inside an 8-minute budget for the whole run.
+#   5. runs the rest of the suite (the CPU tests, on this machine's CPU) in the time left,
+#      appending to pytest.log: junit-cpu.xml;
+#   6. prints a summary table last. gpu_verify.log holds everything printed.
+# Every phase has a hard time limit inside the budget for the whole run (GPU_VERIFY_BUDGET
+# seconds, default 470); the last phase runs only with a minute or more left.
 #
-# Usage: scripts/gpu_verify.sh [--dry-run] OUTDIR     (OUTDIR: new or empty)
-#   --dry-run  everything that needs no GPU, so that a typo cannot waste the GPU's
-#              minutes (CI runs it): a CPU-only build in place, the suite and the
-#              sanitizer tests collected, the benchmark's arguments on a tiny CPU run,
-#              and the output layout (at most 8 files, at most 2 folders down).
+# Usage: scripts/gpu_verify.sh [--dry-run] [--prebuilt SO] OUTDIR     (OUTDIR: new or empty)
+#   --dry-run      everything that needs no GPU, so that a typo cannot waste the GPU's
+#                  minutes (CI runs it): a CPU-only build in place, the suite and the
+#                  sanitizer tests collected, the benchmark's arguments on a tiny CPU run,
+#                  and the output layout (at most 8 files, at most 2 folders down).
+#   --prebuilt SO  use SO as fused_wd/_C.abi3.so when it is a build for this very
+#                  torch, with CUDA (without, for --dry-run); the module is abi3, so one
+#                  build serves every Python. Otherwise it says why and builds. This saves
+#                  the GPU machine the build's minutes.
 set -uo pipefail
 
 usage() { sed -n '/^# Usage/,/^[^#]/p' "$0" | sed '$d; s/^# \{0,1\}//' >&2; }
 dry=0
 out=
-for arg in "$@"; do
-  case $arg in
+prebuilt=
+while (($#)); do
+  case $1 in
     --dry-run) dry=1 ;;
+    --prebuilt)
+      [ -f "${2:-}" ] || { echo "gpu_verify: --prebuilt needs a file, got '${2:-}'" >&2; exit 2; }
+      prebuilt=$(cd "$(dirname "$2")" && pwd)/$(basename "$2")
+      shift ;;
     -h | --help) usage 2>&1; exit 0 ;;
-    -*) echo "gpu_verify: unknown option $arg" >&2; usage; exit 2 ;;
-    *) [ -z "$out" ] || { echo "gpu_verify: one OUTDIR only" >&2; exit 2; }; out=$arg ;;
+    -*) echo "gpu_verify: unknown option $1" >&2; usage; exit 2 ;;
+    *) [ -z "$out" ] || { echo "gpu_verify: one OUTDIR only" >&2; exit 2; }; out=$1 ;;
   esac
+  shift
 done
 [ -n "$out" ] || { usage; exit 2; }
 mkdir -p "$out" && out=$(cd "$out" && pwd) || exit 2
@@ -39,7 +54,9 @@ tee_pid=$!
 PY=${PYTHON:-python3}
 export PYTHONPATH="$root" PYTHONUNBUFFERED=1
 start=$(date +%s)
-deadline=$((start + 470))
+budget=${GPU_VERIFY_BUDGET:-470}
+[[ $budget =~ ^[0-9]+$ ]] || { echo "gpu_verify: GPU_VERIFY_BUDGET must be seconds, got '$budget'" >&2; exit 2; }
+deadline=$((start + budget))
 rows=()
 failed=0
 
@@ -107,6 +124,8 @@ if [ -z "${CUDA_HOME:-}" ] && command -v nvcc >/dev/null; then  # nvcc may be a 
 fi
 sanitizer=$(command -v compute-sanitizer || echo "${CUDA_HOME:-/usr/local/cuda}/bin/compute-sanitizer")
 echo "CUDA_HOME=${CUDA_HOME:-none}; compute-sanitizer: $([ -x "$sanitizer" ] && echo "$sanitizer" || echo missing)"
+command -v nvidia-smi >/dev/null &&
+  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,clocks.max.mem,power.limit --format=csv
 if ((!dry)) && ! "$PY" -c "import torch; assert torch.cuda.is_available()" 2>/dev/null; then
   finish 1 "torch sees no GPU (use --dry-run without one)"
   end 1
@@ -121,24 +140,42 @@ else
   export FUSED_WD_CUDA=1 TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16
   want=1
 fi
-limited "$(limit 300 170)" "$PY" setup.py -q build_ext --inplace
-rc=$?
-((rc)) || "$PY" -c "import fused_wd, fused_wd._C as C
+# module_ok: the in-place module loads from this tree, for this torch, with(out) CUDA as wanted
+module_ok() {
+  "$PY" -c "import fused_wd, fused_wd._C as C, torch
 assert fused_wd.__file__.startswith('$root/'), fused_wd.__file__
-assert C.with_cuda == $want, 'with_cuda is %d' % C.with_cuda" || rc=1
-finish $rc "FUSED_WD_CUDA=$FUSED_WD_CUDA$( ((dry)) || echo " TORCH_CUDA_ARCH_LIST=9.0") MAX_JOBS=$MAX_JOBS"
+assert C.torch_version == torch.__version__, 'built for torch %s, not %s' % (C.torch_version, torch.__version__)
+assert C.with_cuda == $want, 'with_cuda is %d' % C.with_cuda"
+}
+rc=1
+how=
+if [ -n "$prebuilt" ]; then
+  cp "$prebuilt" fused_wd/_C.abi3.so && module_ok && rc=0 && how="prebuilt $prebuilt"
+  ((rc)) && echo "gpu_verify: the prebuilt module is not usable here (above); building instead"
+fi
+if ((rc)); then
+  limited "$(limit 300 170)" "$PY" setup.py -q build_ext --inplace
+  rc=$?
+  ((rc)) || module_ok || rc=1
+  how="FUSED_WD_CUDA=$FUSED_WD_CUDA$( ((dry)) || echo " TORCH_CUDA_ARCH_LIST=9.0") MAX_JOBS=$MAX_JOBS"
+fi
+finish $rc "$how"
 ((rc)) && end 1
 
-begin tests
 pytest=("$PY" -m pytest -p no:cacheprovider)
 ((dry)) && pytest+=(--collect-only)
 workers=()  # pytest-xdist, where installed: 4 processes share the GPU
 "$PY" -c "import xdist" 2>/dev/null && workers=(-n 4)
-limited "$(limit 200 120)" "${pytest[@]}" "${workers[@]}" -q -rfE tests -m "not cuda_emulated" \
-  --junitxml="$out/junit.xml" >"$out/pytest.log" 2>&1
-rc=$?
-((dry)) || tail -n 12 "$out/pytest.log"
-detail=$("$PY" - "$out/junit.xml" <<'EOF'
+cuda_ids="cuda or nccl"
+# run_tests SECONDS KEYWORDS JUNIT: the tests matching KEYWORDS, their log appended to pytest.log;
+# sets rc and detail
+run_tests() {
+  echo "=== pytest -k '$2' (at most $1 s)" >>"$out/pytest.log"
+  limited "$1" "${pytest[@]}" "${workers[@]}" -q -rfE tests -m "not cuda_emulated" -k "$2" \
+    --junitxml="$out/$3" >>"$out/pytest.log" 2>&1
+  rc=$?
+  ((dry)) || tail -n 12 "$out/pytest.log"
+  detail=$("$PY" - "$out/$3" <<'EOF'
 import sys, xml.etree.ElementTree as ET
 try:
     s = ET.parse(sys.argv[1]).getroot()
@@ -149,7 +186,11 @@ except Exception as ex:
     print(f"no junit result ({type(ex).__name__})")
 EOF
 )
-((dry)) && detail="collect-only: $(grep -c "::" "$out/pytest.log") test ids${workers:+, with pytest-xdist}"
+  ((dry)) && detail="collect-only: $(grep -c "::" "$out/pytest.log") test ids so far${workers:+, with pytest-xdist}"
+}
+
+begin "CUDA tests"
+run_tests "$(limit 200 170)" "$cuda_ids" junit.xml
 finish $rc "$detail"
 
 begin sanitizers
@@ -197,6 +238,15 @@ else
   limited "$(limit 200 10)" "$PY" -m fused_wd.bench --device cuda --preset llama-1b:400M,many-small "${bench[@]}"
 fi
 finish $? "$(ls "$out/bench" 2>/dev/null | tr '\n' ' ')"
+
+begin "CPU tests"
+if (($(limit 9999 0) >= 60)); then
+  run_tests "$(limit 9999 0)" "not ($cuda_ids)" junit-cpu.xml
+  finish $rc "$detail"
+else
+  rows+=("| $phase | skipped | 0 | less than a minute of the budget left |")
+  echo "=== $phase: skipped, less than a minute of the budget left"
+fi
 
 begin "output layout"
 nfiles=$(find "$out" -type f | wc -l)

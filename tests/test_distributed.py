@@ -122,7 +122,7 @@ def _shard_rows(x, rank, world):
 
 def _fsdp_model(mesh, seed=0):
     from torch.distributed.fsdp import fully_shard
-    model = make_model(seed)
+    model = make_model(seed).to(mesh.device_type)
     for layer in model:
         if isinstance(layer, torch.nn.Linear):
             fully_shard(layer, mesh=mesh)
@@ -130,10 +130,10 @@ def _fsdp_model(mesh, seed=0):
     return model
 
 
-def _train(model, opt, steps, rank, world):
+def _train(model, opt, steps, rank, world, device="cpu"):
     norms, counts = [], []
     for s in steps:
-        x, y = batch(s)
+        x, y = (t.to(device) for t in batch(s))
         loss_of(model, _shard_rows(x, rank, world), _shard_rows(y, rank, world)).backward()
         with counting_collectives() as calls:
             opt.step()
@@ -145,22 +145,23 @@ def _train(model, opt, steps, rank, world):
 
 def _full(params):
     from torch.distributed.tensor import DTensor
-    return [p.full_tensor() if isinstance(p, DTensor) else p.detach().clone()
+    return [(p.full_tensor() if isinstance(p, DTensor) else p.detach().clone()).cpu()
             for p in params]
 
 
-def _fsdp_run(rank, world, cfg_name, mesh_shape=None, dim_names=None):
+def _fsdp_run(rank, world, cfg_name, mesh_shape=None, dim_names=None, device="cpu"):
     from torch.distributed.device_mesh import init_device_mesh
-    mesh = init_device_mesh("cpu", mesh_shape or (world,), mesh_dim_names=dim_names)
+    mesh = init_device_mesh(device, mesh_shape or (world,), mesh_dim_names=dim_names)
     model = _fsdp_model(mesh)
     cfg = CONFIGS[cfg_name]
     opt = make_opt(fused_wd, cfg, model.parameters())
-    norms, counts = _train(model, opt, range(STEPS), rank, world)
+    norms, counts = _train(model, opt, range(STEPS), rank, world, device)
     placements = [tuple(str(pl) for pl in p.placements) for p in model.parameters()]
     state = opt.state[next(iter(model.parameters()))]
     state_types = sorted({type(v).__name__ for k, v in state.items() if k != "step"})
-    return dict(params=_full(model.parameters()), norms=norms, counts=counts,
-                placements=placements, state_types=state_types)
+    return dict(params=_full(model.parameters()), norms=norms.cpu(), counts=counts,
+                placements=placements, state_types=state_types,
+                devices=sorted({p.device.type for p in model.parameters()}))
 
 
 def scenario_fsdp_adamw_l2(rank, world, out):
@@ -173,6 +174,14 @@ def scenario_fsdp_adamw_inf(rank, world, out):
 
 def scenario_fsdp_sgd(rank, world, out):
     return _fsdp_run(rank, world, "sgd")
+
+
+def scenario_fsdp_cuda_adamw_l2(rank, world, out):
+    return _fsdp_run(rank, world, "adamw_l2", device="cuda")
+
+
+def scenario_fsdp_cuda_sgd(rank, world, out):
+    return _fsdp_run(rank, world, "sgd", device="cuda")
 
 
 def scenario_hsdp_2x1(rank, world, out):
@@ -388,7 +397,10 @@ SCENARIOS = {k[len("scenario_"):]: v for k, v in globals().items() if k.startswi
 def _worker(out, names):
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", timeout=timedelta(seconds=60))
+    backend = os.environ.get("FUSED_WD_TEST_BACKEND", "gloo")
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    dist.init_process_group(backend, timeout=timedelta(seconds=60))
     try:
         for name in names:
             try:
@@ -416,11 +428,12 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def launch(world, names, out, timeout=LAUNCH_TIMEOUT):
-    """Runs the scenarios on `world` gloo ranks (subprocesses, each its own
-    session so that a timeout kills it and its children); returns
+def launch(world, names, out, timeout=LAUNCH_TIMEOUT, backend="gloo"):
+    """Runs the scenarios on `world` ranks of `backend` (subprocesses, each
+    its own session so that a timeout kills it and its children); returns
     (seconds, {rank: log})."""
     env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()),
+               FUSED_WD_TEST_BACKEND=backend,
                WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world), OMP_NUM_THREADS="1",
                PYTHONPATH=os.pathsep.join([ROOT] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
     if "GLOO_SOCKET_IFNAME" not in env and os.path.exists("/sys/class/net/lo"):
@@ -453,10 +466,10 @@ def launch(world, names, out, timeout=LAUNCH_TIMEOUT):
 
 
 class World:
-    def __init__(self, world, names, tmp_path_factory):
+    def __init__(self, world, names, tmp_path_factory, backend="gloo"):
         self.world = world
-        self.out = str(tmp_path_factory.mktemp(f"world{world}"))
-        self.seconds, self.logs = launch(world, names, self.out)
+        self.out = str(tmp_path_factory.mktemp(f"world{world}{backend}"))
+        self.seconds, self.logs = launch(world, names, self.out, backend=backend)
 
     def result(self, name):
         """Every rank's result of a scenario; fails with the ranks' logs."""
@@ -509,6 +522,23 @@ def test_fsdp2_matches_torch_optim_and_clip_grad_norm(world2, cfg_name):
     _check_against_reference(res, cfg_name, ["all_reduce"])
     assert res[0]["placements"] == [("S(0)",)] * 6
     assert res[0]["state_types"] == ["DTensor"]
+
+
+@pytest.mark.skipif(not (torch.cuda.is_available() and dist.is_nccl_available()),
+                    reason="needs a CUDA device and torch.distributed with nccl")
+@pytest.mark.parametrize("cfg_name", ["adamw_l2", "sgd"])
+def test_fsdp2_on_one_cuda_rank_with_nccl(cfg_name, tmp_path_factory):
+    """FSDP2 over one nccl rank: the kernels step the CUDA DTensor shards and
+    the clip's global norm goes through nccl; the params match torch.optim +
+    clip_grad_norm_ on the CPU."""
+    world = World(1, [f"fsdp_cuda_{cfg_name}"], tmp_path_factory, backend="nccl")
+    (res,) = world.result(f"fsdp_cuda_{cfg_name}")
+    assert res["devices"] == ["cuda"] and res["state_types"] == ["DTensor"]
+    ref_params, ref_norms = reference_run(CONFIGS[cfg_name])
+    torch.testing.assert_close(res["norms"], ref_norms, rtol=1e-5, atol=0)
+    _close(res["params"], ref_params)
+    # at most the clip's one all-reduce per step
+    assert all(c in ([], ["all_reduce"]) for c in res["counts"]), res["counts"]
 
 
 def test_clip_grad_norm_on_fsdp2_grads(world2):
