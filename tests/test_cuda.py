@@ -1047,7 +1047,7 @@ def test_stats_and_wd_tensor_match_cpu_kernels(case):
     master, amsgrad = "master" in rest, "amsgrad" in rest
     base = _stats_inputs(dtype, master)
     n = len(STATS_SHAPES)
-    slots = [(3 * i + 2) % (n + 2) for i in range(n)]
+    slots = [(2 * i + 3) % (n + 2) for i in range(n)]  # distinct; slots 1 and n + 1 unused
     out = {}
     for run, dev in [("cpu", "cpu"), ("cuda", DEV), ("cuda again", DEV)]:
         lists = {k: [t.to(dev, copy=True) for t in v] for k, v in base.items()}

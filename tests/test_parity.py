@@ -2,6 +2,7 @@
 torch.nn.utils.clip_grad_norm_ when clipping) over several steps, comparing
 params and every state tensor, across the option matrix and dtypes."""
 import ast
+import functools
 import inspect
 import math
 
@@ -16,39 +17,38 @@ CLIPS = [None, (0.5, 2.0), (0.05, math.inf)]
 NONE_GRAD = {1: (1, 3)}  # param 1 has no grad on steps 1 and 3
 
 
-def _torch_fused_sgd_ok():
+@functools.cache
+def torch_fused_sgd_ok(device):
     """torch 2.13's fused CPU SGD gives wrong fp16/bf16 results (2.14 is
-    right): probe it once, with and without momentum, against the math."""
+    right): probe it once per device (CUDA has its own kernels), with and without
+    momentum, against the math."""
     g = torch.Generator().manual_seed(0)
     p0 = torch.randn(64, generator=g).bfloat16()
     grads = [torch.randn(64, generator=g).bfloat16() for _ in range(2)]
     for momentum in (0.0, 0.9):
-        p = p0.clone().requires_grad_(True)
+        p = p0.clone().to(device).requires_grad_(True)
         opt = torch.optim.SGD([p], lr=0.5, momentum=momentum, fused=True)
         want, buf = p0.float(), None
         for gr in grads:
-            p.grad = gr.clone()
+            p.grad = gr.to(device, copy=True)
             opt.step()
             buf = gr.float() if buf is None else (buf * momentum + gr.float()).bfloat16().float()
             want = (want - 0.5 * (buf if momentum else gr.float())).bfloat16().float()
-        if not torch.allclose(p.detach().float(), want, rtol=1e-2, atol=1e-2):
+        if not torch.allclose(p.detach().float().cpu(), want, rtol=1e-2, atol=1e-2):
             return False
     return True
 
 
-TORCH_FUSED_SGD_OK = _torch_fused_sgd_ok()
-
-
-def torch_kwargs(dtype, sgd=False, single_op=False):
+def torch_kwargs(dtype, device, sgd=False, single_op=False):
     # torch's for-loop path computes fp16/bf16 in the storage dtype, its fused
     # path in fp32 like fused_wd: compare low precision with the fused one,
     # or with the for-loop where its update is one op (computed in fp32,
     # rounded once) when torch's fused SGD is broken.
     if dtype in (torch.float32, torch.float64):
         return dict(foreach=False)
-    if sgd and not TORCH_FUSED_SGD_OK:
+    if sgd and not torch_fused_sgd_ok(device):
         if not single_op:
-            pytest.skip("this torch's fused CPU SGD is wrong for fp16/bf16; "
+            pytest.skip(f"this torch's fused {device} SGD is wrong for fp16/bf16; "
                         "test_matches_reference covers the case")
         return dict(foreach=False)
     return dict(fused=True)
@@ -107,13 +107,13 @@ def test_adam_parity(kind, weight_decay, maximize, amsgrad, clip, dtype, device)
     hp = dict(lr=0.01, betas=(0.8, 0.95), eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
               maximize=maximize)
     if kind == "Adam":
-        mk_t = lambda p: torch.optim.Adam(p, **hp, **torch_kwargs(dtype))  # noqa: E731
+        mk_t = lambda p: torch.optim.Adam(p, **hp, **torch_kwargs(dtype, device))  # noqa: E731
         mk_f = lambda p: fused_wd.Adam(p, **hp, **clip_kwargs(clip))  # noqa: E731
     elif kind == "AdamW":
-        mk_t = lambda p: torch.optim.AdamW(p, **hp, **torch_kwargs(dtype))  # noqa: E731
+        mk_t = lambda p: torch.optim.AdamW(p, **hp, **torch_kwargs(dtype, device))  # noqa: E731
         mk_f = lambda p: fused_wd.AdamW(p, **hp, **clip_kwargs(clip))  # noqa: E731
     else:
-        mk_t = lambda p: torch.optim.AdamW(p, **hp, **torch_kwargs(dtype))  # noqa: E731
+        mk_t = lambda p: torch.optim.AdamW(p, **hp, **torch_kwargs(dtype, device))  # noqa: E731
         mk_f = lambda p: fused_wd.Adam(p, **hp, weight_decay_mode="decoupled", **clip_kwargs(clip))  # noqa: E731
     a, b, oa, ob = run_pair(mk_t, mk_f, dtype, device, clip)
     assert_same_state(a, b, oa, ob, dtype, clip is not None)
@@ -129,7 +129,7 @@ def test_adam_parity(kind, weight_decay, maximize, amsgrad, clip, dtype, device)
 def test_sgd_parity(weight_decay, maximize, momentum, dampening, nesterov, clip, dtype, device):
     hp = dict(lr=0.05, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
               nesterov=nesterov, maximize=maximize)
-    kw = torch_kwargs(dtype, sgd=True, single_op=momentum == 0.0 and weight_decay == 0.0)
+    kw = torch_kwargs(dtype, device, sgd=True, single_op=momentum == 0.0 and weight_decay == 0.0)
     a, b, oa, ob = run_pair(lambda p: torch.optim.SGD(p, **hp, **kw),
                             lambda p: fused_wd.SGD(p, **hp, **clip_kwargs(clip)), dtype, device, clip)
     assert_same_state(a, b, oa, ob, dtype, clip is not None)
