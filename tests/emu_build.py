@@ -15,7 +15,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SOURCES = [os.path.join(ROOT, "csrc", "emu", "emu_ops.cpp"), os.path.join(ROOT, "csrc", "common.cpp")]
 
 FLAGS = ["-O2", "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math", "-fvisibility=hidden",
-         "-DFUSED_WD_ISA=emulated"]
+         "-DFUSED_WD_ISA=emulated", "-DFUSED_WD_MAX_ARG_BYTES=4096"]
 SANITIZE = ["-fsanitize=address,undefined", "-fno-sanitize-recover=undefined", "-fno-omit-frame-pointer"]
 
 

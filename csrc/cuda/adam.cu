@@ -176,8 +176,6 @@ void launch_adam(const std::vector<at::TensorList>& dense, const std::vector<int
       });
 }
 
-static_assert(sizeof(ChunkTable<5>) + sizeof(AdamArgs) + sizeof(StatsOut) <= 4000,
-              "adam kernel arguments too large");
 
 // ---------------------------------------------------- Adam, mixed precision
 
@@ -227,8 +225,6 @@ __global__ void __launch_bounds__(kThreads)
   write_chunk_stats(so, tab, pos, psq, vsum, sh_p, sh_v);
 }
 
-static_assert(sizeof(ChunkTable<6>) + sizeof(AdamArgs) + sizeof(MixedArgs) + sizeof(StatsOut) <= 4000,
-              "adam mixed kernel arguments too large");
 
 // list indices into the dense lists: p, g, m, v, vmax (or -1), master (or -1)
 template <typename PT, typename ST, bool AMSGRAD>

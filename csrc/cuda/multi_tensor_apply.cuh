@@ -5,11 +5,12 @@
 // (param, grad, state...), its element count, the index of its first chunk in
 // the launch and per-tensor extras (a step counter pointer, a flag) into a
 // struct passed by value as the kernel argument (it lives in the constant
-// bank, no host->device copy). Every tensor is cut into chunks of kChunk
-// elements; block b of the grid handles global chunk b of the launch and
-// finds its tensor by a binary search over the chunk starts, so a launch is
-// bounded only by the number of tensors that fit in the table (not by a
-// block count), and a tensor is never split across launches.
+// bank, no host->device copy; up to 32 KB of arguments since CUDA 12.1, so
+// about 500 tensors of an Adam step per launch). Every tensor is cut into
+// chunks of kChunk elements; block b of the grid handles global chunk b of
+// the launch and finds its tensor by a binary search over the chunk starts,
+// so a launch is bounded only by the number of tensors that fit in the table
+// (not by a block count), and a tensor is never split across launches.
 //
 // Inside a chunk, when every pointer of the entry is 16-byte aligned, the
 // body is walked with 16-byte vector loads/stores and only the tail (a
@@ -38,8 +39,8 @@ namespace cuda {
 
 constexpr int kChunk = 16384;   // elements per chunk (one block)
 constexpr int kThreads = 256;   // threads per block of the apply kernels
-constexpr int kTableBytes = 3584;  // room for the table; the op's own
-                                   // arguments get the rest of the 4 KB
+// room for the table; the op's own arguments get the last 512 bytes
+constexpr int kTableBytes = kMaxArgBytes - 512;
 
 template <int DEPTH>
 struct ChunkTable {

@@ -23,8 +23,18 @@
 namespace fused_wd {
 namespace cuda {
 
-// CUDA's limit on the bytes of a kernel's arguments (the tables are sized to it).
+// CUDA's limit on the bytes of a kernel's arguments (the tables are sized to
+// it): 32764 since CUDA 12.1 on every architecture CUDA 12 builds for (Volta
+// on), 4096 before. FUSED_WD_MAX_ARG_BYTES sets it: the host build of the
+// emulated tests takes 4096, so that a few dozen tensors fill a table and
+// their calls span several launches.
+#if defined(FUSED_WD_MAX_ARG_BYTES)
+constexpr int kMaxArgBytes = FUSED_WD_MAX_ARG_BYTES;
+#elif defined(__CUDACC__) && (__CUDACC_VER_MAJOR__ * 100 + __CUDACC_VER_MINOR__) < 1201
 constexpr int kMaxArgBytes = 4096;
+#else
+constexpr int kMaxArgBytes = 32764;
+#endif
 
 #if defined(__CUDACC__)
 

@@ -58,8 +58,6 @@ __global__ void __launch_bounds__(kThreads)
   write_chunk_stats(so, tab, pos, psq, T(0), sh_p, sh_v);
 }
 
-static_assert(sizeof(ChunkTable<3>) + sizeof(SgdArgs) + sizeof(StatsOut) <= 4000,
-              "sgd kernel arguments too large");
 
 template <typename scalar_t, int DECAY, bool MOMENTUM, bool NESTEROV>
 void launch_sgd(const std::vector<at::TensorList>& dense, const std::vector<int64_t>& idx,
@@ -127,8 +125,6 @@ __global__ void __launch_bounds__(kThreads)
   write_chunk_stats(so, tab, pos, psq, 0.0f, sh_p, sh_v);
 }
 
-static_assert(sizeof(ChunkTable<4>) + sizeof(SgdArgs) + sizeof(SgdMixedArgs) + sizeof(StatsOut) <= 4000,
-              "sgd mixed kernel arguments too large");
 
 // li: dense list of p, g, buf (or -1), master (or -1)
 template <typename PT, typename ST>
