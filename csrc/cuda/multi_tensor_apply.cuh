@@ -654,15 +654,14 @@ static_assert(sizeof(StatsReduce) + sizeof(PrepArgs) <= 4000, "stats reduce argu
 
 // ------------------------------------------------------------ step counters
 
-constexpr int kStepsPerLaunch = 384;
+// as many counters as a table's room holds (9 bytes each)
+constexpr int kStepsPerLaunch = (kTableBytes - 16) / 9;
 
 struct StepTable {
   void* step[kStepsPerLaunch];
   int n;
   uint8_t is_double[kStepsPerLaunch];
 };
-
-static_assert(sizeof(StepTable) + sizeof(PrepArgs) <= 4000, "step table too large");
 
 // Host: increments the counters `steps` (float32 or float64, 1 element,
 // on the current device) on `stream`, conditioned on the skip decision of
