@@ -14,12 +14,9 @@ set -euo pipefail
 so=$1
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
-version=${2:-$(python3 -c "import re, tomllib; d = tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']; print(next(re.fullmatch(r'torch>=([0-9.]+)', x).group(1) for x in d if x.startswith('torch')))")}
-if [ -z "${CUDA_HOME:-}" ] && command -v nvcc >/dev/null; then  # nvcc may be a wrapper script
-  real=$(sed -n 's/^exec \([^ ]*nvcc\).*/\1/p' "$(command -v nvcc)" | head -n1)
-  real=${real:-$(readlink -f "$(command -v nvcc)")}
-  export CUDA_HOME=$(dirname "$(dirname "$real")")
-fi
+. scripts/toolchain.sh
+version=${2:-$(torch_floor)}
+find_cuda_home
 [ -n "${CUDA_HOME:-}" ] || { echo "gpu_prebuild: no nvcc found; set CUDA_HOME" >&2; exit 1; }
 venv="${XDG_CACHE_HOME:-$HOME/.cache}/fused_wd-ci/venv-torch$version"
 if ! "$venv/bin/python" -c "import torch, sys; sys.exit(not (torch.__version__.startswith('$version.') and torch.version.cuda))" 2>/dev/null; then

@@ -116,12 +116,8 @@ end() {  # end STATUS: the summary last, then exit
 begin preflight
 "$PY" -c "import torch, sys; print('python', sys.version.split()[0], '| torch', torch.__version__,
       '| GPU', torch.cuda.get_device_name() if torch.cuda.is_available() else None)"
-if [ -z "${CUDA_HOME:-}" ] && command -v nvcc >/dev/null; then  # nvcc may be a wrapper script
-  real=$(sed -n 's/^exec \([^ ]*nvcc\).*/\1/p' "$(command -v nvcc)" | head -n1)
-  real=${real:-$(readlink -f "$(command -v nvcc)")}
-  CUDA_HOME=$(dirname "$(dirname "$real")")
-  export CUDA_HOME
-fi
+. scripts/toolchain.sh
+find_cuda_home
 sanitizer=$(command -v compute-sanitizer || echo "${CUDA_HOME:-/usr/local/cuda}/bin/compute-sanitizer")
 echo "CUDA_HOME=${CUDA_HOME:-none}; compute-sanitizer: $([ -x "$sanitizer" ] && echo "$sanitizer" || echo missing)"
 command -v nvidia-smi >/dev/null &&

@@ -176,7 +176,6 @@ void launch_adam(const std::vector<at::TensorList>& dense, const std::vector<int
       });
 }
 
-
 // ---------------------------------------------------- Adam, mixed precision
 
 struct MixedArgs {
@@ -225,7 +224,6 @@ __global__ void __launch_bounds__(kThreads)
   write_chunk_stats(so, tab, pos, psq, vsum, sh_p, sh_v);
 }
 
-
 // list indices into the dense lists: p, g, m, v, vmax (or -1), master (or -1)
 template <typename PT, typename ST, bool AMSGRAD>
 void launch_adam_mixed(const std::vector<at::TensorList>& dense, const int (&li)[6],
@@ -247,7 +245,6 @@ void launch_adam_mixed(const std::vector<at::TensorList>& dense, const int (&li)
                stats.next(tab, nchunks));
       });
 }
-
 
 }  // namespace
 

@@ -650,8 +650,6 @@ struct StatsReduce {
   int32_t empty[kEmptyPerLaunch];
 };
 
-static_assert(sizeof(StatsReduce) + sizeof(PrepArgs) <= 4000, "stats reduce arguments too large");
-
 // ------------------------------------------------------------ step counters
 
 // as many counters as a table's room holds (9 bytes each)

@@ -58,7 +58,6 @@ __global__ void __launch_bounds__(kThreads)
   write_chunk_stats(so, tab, pos, psq, T(0), sh_p, sh_v);
 }
 
-
 template <typename scalar_t, int DECAY, bool MOMENTUM, bool NESTEROV>
 void launch_sgd(const std::vector<at::TensorList>& dense, const std::vector<int64_t>& idx,
                 const c10::List<bool>& is_new, const SgdArgs& args, StatsPlan& stats,
@@ -77,7 +76,6 @@ void launch_sgd(const std::vector<at::TensorList>& dense, const std::vector<int6
                stats.next(tab, nchunks));
       });
 }
-
 
 // ----------------------------------------------------- SGD, mixed precision
 
@@ -124,7 +122,6 @@ __global__ void __launch_bounds__(kThreads)
   });
   write_chunk_stats(so, tab, pos, psq, 0.0f, sh_p, sh_v);
 }
-
 
 // li: dense list of p, g, buf (or -1), master (or -1)
 template <typename PT, typename ST>
