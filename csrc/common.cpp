@@ -23,31 +23,73 @@ bool dtype_ok(int rule, at::ScalarType pt, at::ScalarType tt) {
   return tt == pt;
 }
 
-// Every check of check_lists as one predicate over TensorImpl fields (no
-// dispatcher call, no message built): the per-step cost. check_lists
-// builds the message only when this says no.
+// Every check of check_lists on entry i as one predicate over TensorImpl
+// fields (no dispatcher call, no message built): the per-step cost.
+// check_lists builds the message only when some entry fails it.
+bool entry_checks_ok(const std::vector<ListSpec>& lists, size_t i, const at::Device& device) {
+  const at::TensorImpl* p = lists[0].tensors[i].unsafeGetTensorImpl();
+  const at::ScalarType pt = p->dtype().toScalarType();
+  for (const auto& l : lists) {
+    if (l.optional && l.tensors.empty()) continue;
+    const at::Tensor& ti = l.tensors[i];
+    const at::TensorImpl* t = ti.unsafeGetTensorImpl();
+    if (!ti.defined() || t->layout() != at::kStrided || t->device() != device) return false;
+    const at::ScalarType tt = t->dtype().toScalarType();
+    if (!is_kernel_dtype(tt) || !dtype_ok(l.dtype_rule, pt, tt)) return false;
+    if (t != p && t->sizes() != p->sizes()) return false;
+  }
+  return true;
+}
+
+// Prefetches the metadata of entry i + kMetaAhead of the lists (and steps):
+// with thousands of params it is not in cache, and the misses then overlap.
+void prefetch_entry(const std::vector<ListSpec>& lists, at::TensorList steps, size_t i, size_t n,
+                    bool storage) {
+  if (i + kMetaAhead >= n) return;
+  for (const auto& l : lists)
+    if (!l.tensors.empty()) prefetch_meta(l.tensors[i + kMetaAhead], storage);
+  if (!steps.empty()) prefetch_meta(steps[i + kMetaAhead], storage);
+}
+
 bool lists_ok(const std::vector<ListSpec>& lists, size_t n, const at::Device& device,
               c10::DeviceType device_type) {
   if (device.type() != device_type) return false;
-  const at::TensorList params = lists[0].tensors;
   // entry by entry: the tensors of one param are read together, each once
-  // (with thousands of params their metadata does not stay in cache)
   for (size_t i = 0; i < n; ++i) {
-    if (i + kMetaAhead < n)
-      for (const auto& l : lists)
-        if (!l.tensors.empty()) prefetch_meta(l.tensors[i + kMetaAhead]);
-    const at::TensorImpl* p = params[i].unsafeGetTensorImpl();
-    const at::ScalarType pt = p->dtype().toScalarType();
-    for (const auto& l : lists) {
-      if (l.optional && l.tensors.empty()) continue;
-      const at::Tensor& ti = l.tensors[i];
-      const at::TensorImpl* t = ti.unsafeGetTensorImpl();
-      if (!ti.defined() || t->layout() != at::kStrided || t->device() != device) return false;
-      const at::ScalarType tt = t->dtype().toScalarType();
-      if (!is_kernel_dtype(tt) || !dtype_ok(l.dtype_rule, pt, tt)) return false;
-      if (t != p && t->sizes() != p->sizes()) return false;
-    }
+    prefetch_entry(lists, {}, i, n, false);
+    if (!entry_checks_ok(lists, i, device)) return false;
   }
+  return true;
+}
+
+// check_same_state_dtype's predicate on entry i.
+bool same_state_dtype_at(const std::vector<ListSpec>& lists, size_t i) {
+  const at::TensorImpl* first = nullptr;
+  for (const auto& l : lists) {
+    if (l.dtype_rule != kDtypeState || l.tensors.empty()) continue;
+    const at::TensorImpl* t = l.tensors[i].unsafeGetTensorImpl();
+    if (first == nullptr) first = t;
+    else if (t->dtype() != first->dtype()) return false;
+  }
+  return true;
+}
+
+// check_step's predicate.
+bool step_ok(const at::Tensor& s, const at::Device& device) {
+  const at::TensorImpl* t = s.unsafeGetTensorImpl();
+  if (!s.defined() || t->layout() != at::kStrided || t->numel() != 1 || t->device() != device)
+    return false;
+  const at::ScalarType st = t->dtype().toScalarType();
+  return st == at::kFloat || st == at::kDouble;
+}
+
+// Whether entry i of the lists goes to the kernels as it is (see DenseLists).
+bool direct_entry(const std::vector<ListSpec>& lists, size_t i) {
+  const at::Tensor& p = lists[0].tensors[i];
+  if (p.numel() == 0) return true;
+  if (!p.is_non_overlapping_and_dense()) return false;
+  for (const auto& l : lists)
+    if (!l.tensors.empty() && l.tensors[i].strides() != p.strides()) return false;
   return true;
 }
 
@@ -106,22 +148,17 @@ void check_lists(const char* op, const std::vector<ListSpec>& lists, c10::Device
   TORCH_INTERNAL_ASSERT(false, op, ": lists_ok and the checks above disagree");
 }
 
-void check_step(const char* op, size_t i, const at::Tensor& s, const at::Tensor& param) {
-  TORCH_CHECK(s.defined() && s.numel() == 1, op, ": state_steps[", i, "] must be a 1-element tensor");
-  TORCH_CHECK(s.device() == param.device(), op, ": state_steps[", i, "] is on ", s.device(),
-              " but params[", i, "] is on ", param.device());
-  TORCH_CHECK(s.scalar_type() == at::kFloat || s.scalar_type() == at::kDouble, op,
-              ": state_steps[", i, "] must be float32 (or float64), got ", s.scalar_type());
-}
-
 void check_steps(const char* op, at::TensorList steps, at::TensorList params) {
-  check_step_count(op, steps, params);
-  for (size_t i = 0; i < steps.size(); ++i) check_step(op, i, steps[i], params[i]);
-}
-
-void check_step_count(const char* op, at::TensorList steps, at::TensorList params) {
   TORCH_CHECK(steps.size() == params.size(), op, ": state_steps has ", steps.size(),
               " tensors but params has ", params.size());
+  for (size_t i = 0; i < steps.size(); ++i) {
+    const at::Tensor& s = steps[i];
+    TORCH_CHECK(s.defined() && s.numel() == 1, op, ": state_steps[", i, "] must be a 1-element tensor");
+    TORCH_CHECK(s.device() == params[i].device(), op, ": state_steps[", i, "] is on ", s.device(),
+                " but params[", i, "] is on ", params[i].device());
+    TORCH_CHECK(s.scalar_type() == at::kFloat || s.scalar_type() == at::kDouble, op,
+                ": state_steps[", i, "] must be float32 (or float64), got ", s.scalar_type());
+  }
 }
 
 void check_step_args(const char* op, const StepArgs& a, size_t nparams) {
@@ -342,20 +379,6 @@ void DenseLists::write_back() {
   pending.clear();
 }
 
-namespace {
-
-// Whether entry i of the lists goes to the kernels as it is (see DenseLists).
-bool direct_entry(const std::vector<ListSpec>& lists, size_t i) {
-  const at::Tensor& p = lists[0].tensors[i];
-  if (p.numel() == 0) return true;
-  if (!p.is_non_overlapping_and_dense()) return false;
-  for (const auto& l : lists)
-    if (!l.tensors.empty() && l.tensors[i].strides() != p.strides()) return false;
-  return true;
-}
-
-}  // namespace
-
 DenseLists make_dense(const std::vector<ListSpec>& lists) {
   DenseLists out;
   out.dense.reserve(lists.size());
@@ -380,6 +403,38 @@ DenseLists make_dense(const std::vector<ListSpec>& lists) {
     }
   }
   return out;
+}
+
+bool lists_ready(const std::vector<ListSpec>& lists, at::TensorList steps, c10::DeviceType device_type) {
+  const size_t n = lists[0].tensors.size();
+  for (const auto& l : lists)
+    if (l.tensors.size() != n && !(l.optional && l.tensors.empty())) return false;
+  if (!steps.empty() && steps.size() != n) return false;
+  if (n == 0 || !lists[0].tensors[0].defined()) return false;
+  const at::Device device = lists[0].tensors[0].device();
+  if (device.type() != device_type) return false;
+  for (size_t i = 0; i < n; ++i) {
+    prefetch_entry(lists, steps, i, n, false);
+    if (!entry_checks_ok(lists, i, device) || !same_state_dtype_at(lists, i) ||
+        (!steps.empty() && !step_ok(steps[i], device)) || !direct_entry(lists, i))
+      return false;
+  }
+  return true;
+}
+
+DenseLists checked_dense(const char* op, const std::vector<ListSpec>& lists, at::TensorList steps,
+                         bool with_steps, c10::DeviceType device_type) {
+  if (lists_ready(lists, with_steps ? steps : at::TensorList(), device_type) &&
+      (!with_steps || !steps.empty())) {
+    DenseLists out;
+    out.dense.reserve(lists.size());
+    for (const auto& l : lists) out.dense.push_back(l.tensors);
+    return out;
+  }
+  check_lists(op, lists, device_type);
+  check_same_state_dtype(op, lists);
+  if (with_steps) check_steps(op, steps, lists[0].tensors);
+  return make_dense(lists);
 }
 
 Storage storage_of(const char* op, const char* what, at::ScalarType st) {

@@ -65,10 +65,6 @@ void check_lists(const char* op, const std::vector<ListSpec>& lists, c10::Device
 // Checks that steps has one 1-element float32 or float64 counter per param,
 // on the param's device.
 void check_steps(const char* op, at::TensorList steps, at::TensorList params);
-// check_steps in parts: the counts, then entry i (for a caller that reads
-// each param's tensors once, in one pass)
-void check_step_count(const char* op, at::TensorList steps, at::TensorList params);
-void check_step(const char* op, size_t i, const at::Tensor& s, const at::Tensor& param);
 
 // The norm ops' arguments (schemas: csrc/schema.h). norm_kind: true for
 // inf, false for 2, an error otherwise.
@@ -150,6 +146,19 @@ struct DenseLists {
 };
 
 DenseLists make_dense(const std::vector<ListSpec>& lists);
+
+// Whether every check of check_lists, check_same_state_dtype and (steps not
+// empty) check_steps passes and every entry goes to the kernels as it is
+// (make_dense would copy nothing): one pass over the entries that builds
+// no message. False for an empty params list.
+bool lists_ready(const std::vector<ListSpec>& lists, at::TensorList steps, c10::DeviceType device_type);
+
+// The lists checked (check_lists, check_same_state_dtype and, with_steps,
+// check_steps) and made dense (make_dense): with lists_ready's one pass
+// when it says yes, which is every step but a bad or an unusual one; else
+// the checks, whose errors say which list, index and what, then make_dense.
+DenseLists checked_dense(const char* op, const std::vector<ListSpec>& lists, at::TensorList steps,
+                         bool with_steps, c10::DeviceType device_type);
 
 // The storage of a dtype the kernels take (float32/64, float16, bfloat16);
 // an error naming `what` for any other.

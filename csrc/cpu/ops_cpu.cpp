@@ -375,23 +375,20 @@ void adam(const AdamCall& c) {
                                        {"exp_avg_sqs", c.exp_avg_sqs, true, false, kDtypeState},
                                        {"max_exp_avg_sqs", c.max_exp_avg_sqs, true, true, kDtypeState},
                                        {"master_params", c.master_params, true, true, kDtypeMaster}};
-  check_lists(op, lists, c10::DeviceType::CPU);
-  check_same_state_dtype(op, lists);
-  check_step_count(op, c.state_steps, c.params);
+  DenseLists d = checked_dense(op, lists, c.state_steps, true, c10::DeviceType::CPU);
   check_stats(op, a, n, n ? c.params[0].device() : at::Device(at::kCPU), true);
   const StepPrep sp = prepare(op, a);
   const bool master = !c.master_params.empty();
-  DenseLists d = make_dense(lists);
   const auto& P = d.dense[0];
   const auto& G = d.dense[1];
   const auto& M = d.dense[2];
   const auto& V = d.dense[3];
   const auto& VM = d.dense[4];
   const auto& MP = d.dense[5];
-  // One pass over the entries (with thousands of params their metadata is
-  // not in cache, and each pass costs as much as the first): counters
-  // checked and read, every layout checked before anything is written,
-  // data pointers and work items gathered.
+  // One pass over the entries after checked_dense's (with thousands of
+  // params their metadata is not in cache, and each pass costs as much as
+  // the first): counters read, every layout checked before anything is
+  // written, data pointers and work items gathered.
   std::vector<double> ts(n);
   std::vector<Layout> layouts(n);
   std::vector<Ptrs> ptrs(n);
@@ -403,7 +400,6 @@ void adam(const AdamCall& c) {
         if (!l.empty()) prefetch_meta(l[i + kMetaAhead], true);
       prefetch_meta(c.state_steps[i + kMetaAhead], true);
     }
-    check_step(op, i, c.state_steps[i], c.params[i]);
     counters[i] = Counter(c.state_steps[i]);
     ts[i] = counters[i].next();
     layouts[i] = layout_of(op, c.params[i], c.exp_avgs[i], master, a, i, ts[i]);
@@ -470,12 +466,10 @@ void sgd(const SgdCall& c) {
                                        {"grads", c.grads, false, false},
                                        {"momentum_buffers", c.momentum_buffers, true, true, kDtypeState},
                                        {"master_params", c.master_params, true, true, kDtypeMaster}};
-  check_lists(op, lists, c10::DeviceType::CPU);
-  if (a.stochastic_rounding) check_step_count(op, c.state_steps, c.params);
+  DenseLists d = checked_dense(op, lists, c.state_steps, a.stochastic_rounding, c10::DeviceType::CPU);
   check_stats(op, a, n, n ? c.params[0].device() : at::Device(at::kCPU), true);
   const StepPrep sp = prepare(op, a);
   const bool master = !c.master_params.empty();
-  DenseLists d = make_dense(lists);
   const auto& P = d.dense[0];
   const auto& G = d.dense[1];
   const auto& B = d.dense[2];
@@ -491,7 +485,6 @@ void sgd(const SgdCall& c) {
         if (!l.empty()) prefetch_meta(l[i + kMetaAhead], true);
     double t = 0.0;
     if (a.stochastic_rounding) {
-      check_step(op, i, c.state_steps[i], c.params[i]);
       counters[i] = Counter(c.state_steps[i]);
       t = counters[i].next();
     }

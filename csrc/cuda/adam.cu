@@ -265,16 +265,13 @@ void adam(const AdamCall& c) {
     specs.push_back({"max_exp_avg_sqs", c.max_exp_avg_sqs, true, false, kDtypeState});
   }
   const bool master = add_master(specs, c.master_params, &li[5]);
-  check_lists(op, specs, kDeviceType);
-  check_same_state_dtype(op, specs);
-  check_steps(op, c.state_steps, c.params);
+  DenseLists dl = checked_dense(op, specs, c.state_steps, true, kDeviceType);
   if (c.params.empty()) return;
   check_stats(op, a, c.params.size(), c.params[0].device(), true);
   const Launch on(op, c.params, a);
   const Stream stream = on.stream;
   const AdamArgs args{on.step, c.beta1, c.beta2, c.eps};
 
-  DenseLists dl = make_dense(specs);
   StatsPlan stats(a, dl.dense[0]);
   for (const Group& group : plan_groups(op, dl, 2, master, a.stochastic_rounding)) {
     const auto& idx = group.idx;

@@ -166,15 +166,13 @@ void sgd(const SgdCall& c) {
   }
   int li[4] = {0, 1, use_momentum ? 2 : -1, -1};
   const bool master = add_master(specs, c.master_params, &li[3]);
-  check_lists(op, specs, kDeviceType);
-  if (a.stochastic_rounding) check_steps(op, c.state_steps, c.params);
+  DenseLists dl = checked_dense(op, specs, c.state_steps, a.stochastic_rounding, kDeviceType);
   if (c.params.empty()) return;
   check_stats(op, a, c.params.size(), c.params[0].device(), true);
   const Launch on(op, c.params, a);
   const Stream stream = on.stream;
   const SgdArgs args{on.step, c.momentum, c.dampening};
 
-  DenseLists dl = make_dense(specs);
   StatsPlan stats(a, dl.dense[0]);
   for (const Group& group : plan_groups(op, dl, use_momentum ? 2 : -1, master, a.stochastic_rounding)) {
     const auto& idx = group.idx;
