@@ -477,6 +477,107 @@ class _StepPlan:
         return grads
 
 
+# Group option values a steady step may keep as they were: immutable, so
+# one identity check proves the value unchanged.
+_IMMUTABLE = (type(None), bool, int, float, str, torch.dtype)
+
+
+def _immutable(v):
+    return type(v) in _IMMUTABLE or (type(v) is tuple and all(type(x) in _IMMUTABLE for x in v))
+
+
+class _Steady:
+    """A step that repeats the last one but for the grads' values, lr and
+    the norm: every plan held and the ops read each param's own grad (the
+    _step path `own`), with no scaler, hooks, statistics or automatic decay.
+    It keeps that step's op calls with their arguments, and repeats them
+    while `holds`: the same plans, state dicts (one epoch comparison), param
+    groups, params and option values (identity checks: only immutable
+    values are kept; a float lr may change, and is passed as it is now),
+    and grads_ready accepts the grads. Anything else goes the full way,
+    which makes a new one."""
+
+    def __init__(self, opt, plans, calls, clips):
+        self.plans = plans
+        self.groups = opt.param_groups
+        self.plan_list = [plans[gi] for gi in range(len(opt.param_groups))]
+        self.keys = [tuple(g) for g in opt.param_groups]
+        self.values = [tuple(g.values()) for g in opt.param_groups]
+        self.lr_at = [k.index("lr") for k in self.keys]
+        self.default_lr = opt.defaults.get("lr")
+        # (group index, lists, op arguments but the norm, the device of the norm or None)
+        self.calls = calls
+        self.clips = clips
+
+    @staticmethod
+    def make(opt, plans, calls, norm):
+        """The steady step of the step that just made these calls, or None
+        where one may not repeat it."""
+        if not all(_immutable(v) for g in opt.param_groups for k, v in g.items() if k != "params"):
+            return None
+        clips = any(g["max_grad_norm"] is not None for g in opt.param_groups)
+        if clips and norm is None:
+            return None
+        kept = []
+        for gi, lists, kw, device in calls:
+            kw = dict(kw)
+            kw.pop("grad_norm", None)
+            kept.append((gi, lists, kw, device if "max_norm" in kw else None))
+        return _Steady(opt, plans, kept, clips)
+
+    def holds(self, opt):
+        plans = self.plans
+        state = opt.state
+        if opt.__dict__.get("_plans") is not plans or plans.gen != opt._plan_gen() \
+                or not isinstance(state, _StateMap) or state.untracked \
+                or plans.epoch != (id(state.epoch), state.epoch[0]) \
+                or getattr(opt, "grad_scale", None) is not None or getattr(opt, "found_inf", None) is not None \
+                or opt._norm_slots.hooked or opt._norm_slots.tracking \
+                or opt.param_groups is not self.groups or len(self.groups) != len(self.keys) \
+                or opt.defaults.get("lr") is not self.default_lr:
+            return False
+        for gi, (group, plan, keys, values) in enumerate(zip(self.groups, self.plan_list, self.keys,
+                                                              self.values)):
+            gp = group["params"]
+            if gp is not plan.group_params or len(gp) != len(plan.all_params) \
+                    or not all(map(_is, gp, plan.all_params)):
+                return False
+            if len(group) != len(keys) or not all(map(_is, group, keys)):
+                return False
+            now = tuple(group.values())
+            if not all(map(_is, now, values)) and not self._new_lr(gi, now):
+                return False
+        kept = plans.all_params
+        return _ops.grads_ready(kept.for_op, kept.codes)
+
+    def _new_lr(self, gi, now):
+        """Whether only the float lr of group gi changed: then its calls
+        get it (and it is kept)."""
+        at = self.lr_at[gi]
+        lr = now[at]
+        if type(lr) is not float and type(lr) is not int or any(
+                a is not b for i, (a, b) in enumerate(zip(now, self.values[gi])) if i != at):
+            return False
+        for gj, _, kw, _ in self.calls:
+            if gj == gi:
+                kw["lr"] = float(lr)
+        self.values[gi] = now
+        return True
+
+    def run(self, opt):
+        norm = None
+        if self.clips:
+            norm = opt._global_norm((), None, own_params=self.plans.all_params.params)
+            opt._last_grad_norm[0] = norm
+        for gi, lists, kw, device in self.calls:
+            if device is not None:
+                kw = dict(kw, grad_norm=norm if norm.device == device else norm.to(device, non_blocking=True))
+            opt._call(opt._op, gi, lists, **kw)
+        opt._stepped[0] = True
+        self.plans.stepped(opt.state)
+        opt.__dict__["_steady_steps"] = opt.__dict__.get("_steady_steps", 0) + 1
+
+
 class _FusedOptimizer(Optimizer):
     """What Adam, AdamW and SGD share: argument handling, state checks, the
     global norm and the per-(group, device) dispatch. Subclasses provide
@@ -820,12 +921,17 @@ class _FusedOptimizer(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        # dynamo traces the plain path: a compiled step builds no plan.
+        reuse = not (torch.compiler.is_compiling() if compiling is None else compiling)
+        steady = self.__dict__.pop("_steady", None) if reuse else None
+        if steady is not None and steady.holds(self):
+            steady.run(self)
+            self.__dict__["_steady"] = steady
+            return loss
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
         # Per group: (plan, its grads) when the group's step plan still holds
         # (see _StepPlan), else (None, (param, grad) pairs, checked).
-        # dynamo traces the plain path: a compiled step builds no plan.
-        reuse = not (torch.compiler.is_compiling() if compiling is None else compiling)
         plans = self.__dict__.get("_plans") if reuse else None
         if plans is not None and (plans.gen != self._plan_gen() or not plans.states_hold(self.state)):
             plans = None
@@ -899,27 +1005,31 @@ class _FusedOptimizer(Optimizer):
                     ps = plan.params if idx is None else list(map(plan.params.__getitem__, idx))
                     kw["stats"], kw["stat_slots"] = slots.stat_args(ps, device)
                 if xs is None:  # the ops read the params' own grads
-                    calls.append((gi, sub, kw))
+                    calls.append((gi, sub, kw, device))
                 else:
                     grads = xs if idx is None else list(map(xs.__getitem__, idx))
-                    calls.append((gi, dataclasses.replace(sub, grads=grads), kw))
+                    calls.append((gi, dataclasses.replace(sub, grads=grads), kw, device))
         # the automatic decays' strengths, from the statistics as the last
         # pass left them (AWD's smoothed coefficient is committed only once
         # every op call succeeded)
         commit = []
         if auto_groups:
             strengths = self._auto_decays(auto_groups, per_group, norm, grad_scale, found_inf, commit)
-            for gi, _, kw in calls:
+            for gi, _, kw, _ in calls:
                 if gi in strengths:
                     device = kw["stats"].device
                     kw["wd_tensor"] = strengths[gi].to(device, non_blocking=True)
-        for gi, lists, kw in calls:
+        for gi, lists, kw, _ in calls:
             self._call(self._op, gi, lists, **kw)
         for dst, src in commit:
             dst.copy_(src)
         self._stepped[0] = True
         if plans is not None:
             plans.stepped(self.state)
+            if own is not None and not track and not auto_groups and grad_scale is None and found_inf is None:
+                steady = _Steady.make(self, plans, calls, norm)
+                if steady is not None:
+                    self.__dict__["_steady"] = steady
         return loss
 
     # step as torch.optim runs it: in torch's wrapper (the profiler's
@@ -1018,6 +1128,7 @@ class _FusedOptimizer(Optimizer):
     def _invalidate_plans(self):
         self.__dict__["_plan_generation"] = self.__dict__.get("_plan_generation", 0) + 1
         self.__dict__.pop("_plans", None)
+        self.__dict__.pop("_steady", None)
 
     def _plan_key(self, group):
         """The group options the plan's lists depend on."""

@@ -224,6 +224,90 @@ def test_change_then_step_matches_torch(change, fresh):
         assert rebuilt >= 1
 
 
+# ------------------------------------------------------------ the steady step
+#
+# A step that repeats the last one (every plan holds, the ops read the
+# params' own grads, no scaler, hooks or statistics) keeps that step's op
+# calls and arguments (fused_wd/optim.py, _Steady): a changed option must
+# end it, except a float lr, which it passes on.
+
+
+def steady_steps(opt):
+    return opt.__dict__.get("_steady_steps", 0)
+
+
+def set_option(key, value):
+    def change(opt_a, opt_b):
+        for opt in (opt_a, opt_b):
+            opt.param_groups[0][key] = value
+    return change
+
+
+OPTION_CHANGES = {
+    "lr": set_option("lr", 0.03),
+    "weight_decay": set_option("weight_decay", 0.3),
+    "betas": set_option("betas", (0.8, 0.99)),
+    "eps": set_option("eps", 1e-3),
+    "maximize": set_option("maximize", True),
+    "new_key": set_option("note", "a key the step does not read"),
+}
+
+
+@pytest.mark.parametrize("fresh", [True, False], ids=["fresh_grads", "grads_kept"])
+@pytest.mark.parametrize("change", list(OPTION_CHANGES))
+def test_option_change_then_steady_step_matches_torch(change, fresh):
+    a, b, opt_a, opt_b = make_pair()
+    for step in range(3):
+        step_both(a, b, opt_a, opt_b, step, fresh)
+    # the first step builds the plans, the second repeats them and keeps its calls
+    assert steady_steps(opt_a) == 1
+    OPTION_CHANGES[change](opt_a, opt_b)
+    for step in range(3, 6):
+        step_both(a, b, opt_a, opt_b, step, fresh)
+        assert_same(opt_a, opt_b)
+    # a new lr goes on steadily; any other change takes the full step once
+    assert steady_steps(opt_a) == (4 if change == "lr" else 3)
+
+
+# SGD's first step makes its momentum buffers (its plan is kept from the
+# second step on), so its steady steps begin one step later.
+@pytest.mark.parametrize("cls,ref,kw,steady", [
+    (fused_wd.AdamW, torch.optim.AdamW, {}, 4),
+    (fused_wd.SGD, torch.optim.SGD, dict(momentum=0.9, nesterov=True), 3),
+], ids=["adamw", "sgd_nesterov"])
+def test_steady_clipped_steps_follow_a_scheduler(cls, ref, kw, steady):
+    a, b, opt_a, opt_b = make_pair(cls=cls, ref=ref, **kw)
+    opt_a.param_groups[0]["max_grad_norm"] = 0.5
+    scheds = [torch.optim.lr_scheduler.LambdaLR(opt, lambda k: 1.0 / (1 + k)) for opt in (opt_a, opt_b)]
+    for step in range(6):
+        give_grads(a, step)
+        give_grads(b, step)
+        norm = torch.nn.utils.clip_grad_norm_(b, 0.5)
+        opt_a.step()
+        opt_b.step()
+        for sched in scheds:
+            sched.step()
+        assert_same(opt_a, opt_b)
+        torch.testing.assert_close(opt_a.last_grad_norm, norm, **TOL[torch.float32])
+    assert steady_steps(opt_a) == steady
+
+
+def test_steady_step_keeps_no_mutable_option():
+    """betas set as a list, then edited in place (no identity changes):
+    every step from then on takes the full way and sees the edit."""
+    a, b, opt_a, opt_b = make_pair()
+    for step in range(5):
+        if step == 2:
+            for opt in (opt_a, opt_b):
+                opt.param_groups[0]["betas"] = [0.9, 0.999]
+        if step == 3:
+            for opt in (opt_a, opt_b):
+                opt.param_groups[0]["betas"][1] = 0.9
+        step_both(a, b, opt_a, opt_b, step)
+        assert_same(opt_a, opt_b)
+    assert steady_steps(opt_a) == 0
+
+
 def test_momentum_switched_on_rebuilds_the_sgd_plan():
     a, b, opt_a, opt_b = make_pair(cls=fused_wd.SGD, ref=torch.optim.SGD)
     for step in range(3):
