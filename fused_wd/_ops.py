@@ -97,29 +97,37 @@ def split_by_master(masters):
     return [(idx, has) for idx, has in ((without, False), (with_master, True)) if idx]
 
 
-def adam_(lists, stats=None, stat_slots=(), wd_tensor=None, **hyper):
-    """torch.ops.fused_wd.adam_ on an AdamLists whose params all have a
-    master or none has (master_params then empty); hyperparameters by name
-    (those left out take the schema's defaults). stats/stat_slots: where
-    the pass writes its statistics (csrc/schema.h). lists.grads None: each
-    param's own grad (grads_from_params)."""
-    _ext.require()
-    torch.ops.fused_wd.adam_(
-        params=lists.params, grads=[] if lists.grads is None else lists.grads,
-        exp_avgs=lists.exp_avgs, exp_avg_sqs=lists.exp_avg_sqs,
-        max_exp_avg_sqs=lists.max_exp_avg_sqs, state_steps=lists.state_steps,
-        master_params=lists.master_params, **_extras(lists, stats, stat_slots, wd_tensor), **hyper)
+def adam_args(lists, stats=None, stat_slots=(), wd_tensor=None, **hyper):
+    """The keyword arguments of torch.ops.fused_wd.adam_ on an AdamLists
+    whose params all have a master or none has (master_params then empty);
+    hyperparameters by name (those left out take the schema's defaults).
+    stats/stat_slots: where the pass writes its statistics (csrc/schema.h).
+    lists.grads None: each param's own grad (grads_from_params)."""
+    return dict(params=lists.params, grads=[] if lists.grads is None else lists.grads,
+                exp_avgs=lists.exp_avgs, exp_avg_sqs=lists.exp_avg_sqs,
+                max_exp_avg_sqs=lists.max_exp_avg_sqs, state_steps=lists.state_steps,
+                master_params=lists.master_params, **_extras(lists, stats, stat_slots, wd_tensor), **hyper)
 
 
-def sgd_(lists, stats=None, stat_slots=(), wd_tensor=None, **hyper):
-    """torch.ops.fused_wd.sgd_ on an SgdLists; hyperparameters by name;
-    lists.grads None as for adam_."""
+def adam_(lists, **kw):
+    """torch.ops.fused_wd.adam_ with adam_args's arguments."""
     _ext.require()
-    torch.ops.fused_wd.sgd_(
-        params=lists.params, grads=[] if lists.grads is None else lists.grads,
-        momentum_buffers=lists.momentum_buffers, buffer_is_new=lists.buffer_is_new,
-        master_params=lists.master_params, state_steps=lists.state_steps,
-        **_extras(lists, stats, stat_slots, wd_tensor), **hyper)
+    torch.ops.fused_wd.adam_(**adam_args(lists, **kw))
+
+
+def sgd_args(lists, stats=None, stat_slots=(), wd_tensor=None, **hyper):
+    """The keyword arguments of torch.ops.fused_wd.sgd_ on an SgdLists;
+    hyperparameters by name; lists.grads None as for adam_args."""
+    return dict(params=lists.params, grads=[] if lists.grads is None else lists.grads,
+                momentum_buffers=lists.momentum_buffers, buffer_is_new=lists.buffer_is_new,
+                master_params=lists.master_params, state_steps=lists.state_steps,
+                **_extras(lists, stats, stat_slots, wd_tensor), **hyper)
+
+
+def sgd_(lists, **kw):
+    """torch.ops.fused_wd.sgd_ with sgd_args's arguments."""
+    _ext.require()
+    torch.ops.fused_wd.sgd_(**sgd_args(lists, **kw))
 
 
 def _extras(lists, stats, stat_slots, wd_tensor):

@@ -308,6 +308,23 @@ def test_steady_step_keeps_no_mutable_option():
     assert steady_steps(opt_a) == 0
 
 
+def test_steady_step_error_names_the_group_and_changes_nothing():
+    """A state tensor resized in place changes no identity: the steady step
+    runs, its op refuses the shape, and nothing was written."""
+    a, b, opt_a, opt_b = make_pair()
+    for step in range(3):
+        step_both(a, b, opt_a, opt_b, step)
+    assert steady_steps(opt_a) == 1
+    opt_a.state[a[1]]["exp_avg"].resize_(3)
+    give_grads(a, 3)
+    before = [p.detach().clone() for p in a]
+    with pytest.raises(RuntimeError, match=r"fused_wd.AdamW, param group 0: .*exp_avgs\[1\] has shape"):
+        opt_a.step()
+    for p, q in zip(a, before):
+        assert torch.equal(p, q)
+    assert steady_steps(opt_a) == 1
+
+
 def test_momentum_switched_on_rebuilds_the_sgd_plan():
     a, b, opt_a, opt_b = make_pair(cls=fused_wd.SGD, ref=torch.optim.SGD)
     for step in range(3):
@@ -470,9 +487,12 @@ def test_kept_plans_read_the_params_own_grads(monkeypatch, cls, ref, kw, fresh):
         opt_b.step()
     assert_same(opt_a, opt_b)
     # two calls per step (one per group); the plans hold from the step after
-    # the one that built them (SGD builds its momentum buffers first)
+    # the one that built them (SGD builds its momentum buffers first), and
+    # the steps after that repeat it (the steady step calls the ops itself,
+    # with the params' own grads)
     first = 2 if cls is fused_wd.SGD else 1
-    assert seen == [False] * (2 * first) + [True] * (2 * (5 - first))
+    assert steady_steps(opt_a) == 5 - first - 1
+    assert seen == [False] * (2 * first) + [True] * 2
 
 
 def test_own_grads_follow_grad_changes(monkeypatch):
