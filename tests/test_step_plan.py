@@ -40,6 +40,14 @@ def step_both(a, b, opt_a, opt_b, step, fresh=True):
     opt_b.step()
 
 
+def stepped_pair(steps, fresh=True):
+    """make_pair's twins after `steps` steps of both."""
+    a, b, opt_a, opt_b = make_pair()
+    for step in range(steps):
+        step_both(a, b, opt_a, opt_b, step, fresh)
+    return a, b, opt_a, opt_b
+
+
 def assert_same(opt_a, opt_b):
     ps_a = [p for g in opt_a.param_groups for p in g["params"]]
     ps_b = [p for g in opt_b.param_groups for p in g["params"]]
@@ -50,6 +58,16 @@ def assert_same(opt_a, opt_b):
         assert set(sb) <= set(sa)
         for k, v in sb.items():  # a step counter may live on another device
             torch.testing.assert_close(sa[k].float().cpu(), v.float().cpu(), **TOL[torch.float32])
+
+
+def assert_step_refused(opt, xs, match):
+    """opt.step() raises a RuntimeError matching `match` and leaves the
+    params xs as they were."""
+    before = [p.detach().clone() for p in xs]
+    with pytest.raises(RuntimeError, match=match):
+        opt.step()
+    for p, q in zip(xs, before):
+        assert torch.equal(p, q)
 
 
 def builds(opt):
@@ -200,9 +218,7 @@ CHANGES = {f.__name__[len("change_"):]: f for f in (
 @pytest.mark.parametrize("fresh", [True, False], ids=["fresh_grads", "grads_kept"])
 @pytest.mark.parametrize("change", list(CHANGES))
 def test_change_then_step_matches_torch(change, fresh):
-    a, b, opt_a, opt_b = make_pair()
-    for step in range(3):
-        step_both(a, b, opt_a, opt_b, step, fresh)
+    a, b, opt_a, opt_b = stepped_pair(3, fresh)
     before = builds(opt_a)
     CHANGES[change](a, b, opt_a, opt_b)
     for step in range(3, 6):
@@ -256,9 +272,7 @@ OPTION_CHANGES = {
 @pytest.mark.parametrize("fresh", [True, False], ids=["fresh_grads", "grads_kept"])
 @pytest.mark.parametrize("change", list(OPTION_CHANGES))
 def test_option_change_then_steady_step_matches_torch(change, fresh):
-    a, b, opt_a, opt_b = make_pair()
-    for step in range(3):
-        step_both(a, b, opt_a, opt_b, step, fresh)
+    a, b, opt_a, opt_b = stepped_pair(3, fresh)
     # the first step builds the plans, the second repeats them and keeps its calls
     assert steady_steps(opt_a) == 1
     OPTION_CHANGES[change](opt_a, opt_b)
@@ -311,17 +325,11 @@ def test_steady_step_keeps_no_mutable_option():
 def test_steady_step_error_names_the_group_and_changes_nothing():
     """A state tensor resized in place changes no identity: the steady step
     runs, its op refuses the shape, and nothing was written."""
-    a, b, opt_a, opt_b = make_pair()
-    for step in range(3):
-        step_both(a, b, opt_a, opt_b, step)
+    a, b, opt_a, opt_b = stepped_pair(3)
     assert steady_steps(opt_a) == 1
     opt_a.state[a[1]]["exp_avg"].resize_(3)
     give_grads(a, 3)
-    before = [p.detach().clone() for p in a]
-    with pytest.raises(RuntimeError, match=r"fused_wd.AdamW, param group 0: .*exp_avgs\[1\] has shape"):
-        opt_a.step()
-    for p, q in zip(a, before):
-        assert torch.equal(p, q)
+    assert_step_refused(opt_a, a, r"fused_wd.AdamW, param group 0: .*exp_avgs\[1\] has shape")
     assert steady_steps(opt_a) == 1
 
 
@@ -345,11 +353,7 @@ def test_param_redtyped_is_seen():
         step_both(a, b, opt_a, opt_b, step)
     a[0].data = a[0].data.to(torch.bfloat16)
     give_grads(a, 2)
-    before = [p.detach().clone() for p in a]
-    with pytest.raises(RuntimeError, match=r"'exp_avg' .*dtype torch.float32.*bfloat16"):
-        opt_a.step()
-    for p, q in zip(a, before):
-        assert torch.equal(p, q)
+    assert_step_refused(opt_a, a, r"'exp_avg' .*dtype torch.float32.*bfloat16")
 
 
 @pytest.mark.parametrize("device", [d for d in DEVICES if d != "cpu"])
