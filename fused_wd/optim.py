@@ -390,13 +390,18 @@ class _Plans(dict):
         plan.holds checks their entries), and True for `same` when nothing
         in them changed at all since the last step (plan.holds then checks
         no entry): one comparison of a _StateMap's epoch."""
-        self.same = isinstance(state, _StateMap) and not state.untracked \
-            and self.epoch == (id(state.epoch), state.epoch[0])
+        self.same = self.unchanged(state)
         if self.same:
             return True
         dicts = list(state.values())
         return self.state_dicts is not None and len(dicts) == len(self.state_dicts) \
             and all(map(_is, dicts, self.state_dicts))
+
+    def unchanged(self, state):
+        """Whether nothing in the state dicts changed since the last step
+        (one comparison of a _StateMap's epoch)."""
+        return isinstance(state, _StateMap) and not state.untracked \
+            and self.epoch == (id(state.epoch), state.epoch[0])
 
     def stepped(self, state):
         """Records the state dicts after a step, for states_hold (nothing
@@ -445,9 +450,7 @@ class _StepPlan:
         _Plans.states_hold; `same`: it found nothing changed, and no entry
         is looked at) and the options the lists depend on are unchanged.
         Identity checks in C loops (map): no per-param Python frame."""
-        gp = group["params"]
-        if gp is not self.group_params or len(gp) != len(self.all_params) \
-                or opt._plan_key(group) != self.key or not all(map(_is, gp, self.all_params)):
+        if not self.same_params(group) or opt._plan_key(group) != self.key:
             return False
         if same:
             return True
@@ -455,6 +458,13 @@ class _StepPlan:
             return all(map(_is, map(operator.getitem, self.st_dicts, self.st_keys), self.st_vals))
         except KeyError:
             return False
+
+    def same_params(self, group):
+        """Whether the group has the params list the plan was made with,
+        holding the same params."""
+        gp = group["params"]
+        return gp is self.group_params and len(gp) == len(self.all_params) \
+            and all(map(_is, gp, self.all_params))
 
     def grads(self, opt, group, same=False):
         """The group's grads (of the params that have one, in order) when
@@ -532,10 +542,8 @@ class _Steady:
 
     def holds(self, opt):
         plans = self.plans
-        state = opt.state
         if opt.__dict__.get("_plans") is not plans or plans.gen != opt._plan_gen() \
-                or not isinstance(state, _StateMap) or state.untracked \
-                or plans.epoch != (id(state.epoch), state.epoch[0]) \
+                or not plans.unchanged(opt.state) \
                 or getattr(opt, "grad_scale", None) is not None or getattr(opt, "found_inf", None) is not None \
                 or opt._norm_slots.hooked or opt._norm_slots.tracking \
                 or opt.param_groups is not self.groups or len(self.groups) != len(self.keys) \
@@ -543,9 +551,7 @@ class _Steady:
             return False
         for gi, (group, plan, keys, values) in enumerate(zip(self.groups, self.plan_list, self.keys,
                                                               self.values)):
-            gp = group["params"]
-            if gp is not plan.group_params or len(gp) != len(plan.all_params) \
-                    or not all(map(_is, gp, plan.all_params)):
+            if not plan.same_params(group):
                 return False
             if len(group) != len(keys) or not all(map(_is, group, keys)):
                 return False
