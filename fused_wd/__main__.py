@@ -1,4 +1,5 @@
-"""python -m fused_wd info: the version, torch, and the compiled backends."""
+"""python -m fused_wd info: the version, torch, the compiled backends, the CPU
+and the CPU kernels' choices for it."""
 import sys
 
 
@@ -6,7 +7,7 @@ def info():
     import torch
 
     import fused_wd
-    from fused_wd import _ext
+    from fused_wd import _cpu, _ext
 
     print(f"fused_wd {fused_wd.__version__}")
     print(f"torch {torch.__version__} (CUDA {torch.version.cuda or 'none'}), "
@@ -16,6 +17,8 @@ def info():
         return 1
     print(f"extension built against torch {_ext.C.torch_version}")
     print(f"backends compiled: {', '.join(_ext.backends())}")
+    cpu = _cpu.identity()
+    print(f"CPU: {_cpu.describe(cpu)}, {cpu['vendor']}, extensions: {' '.join(cpu['isa_flags']) or 'none'}")
     print(f"CPU kernels: {_ext.C.cpu_isa()} ({torch.get_num_threads()} threads)")
     t = _ext.cpu_tuning()
     print(f"CPU tuning: prefetch {t['prefetch_blocks']} blocks ahead, locality {t['locality']} ({t['reason']})")

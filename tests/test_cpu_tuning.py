@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import fused_wd
+from fused_wd import _cpu
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -33,6 +34,45 @@ def test_default_is_a_rule_for_this_cpu_and_info_shows_it():
                        env=dict(os.environ, PYTHONPATH=ROOT), timeout=120)
     assert r.returncode == 0, r.stderr
     assert "CPU tuning: prefetch" in r.stdout
+    assert "CPU: " in r.stdout
+
+
+ZEN5_CPUINFO = """processor\t: 0
+vendor_id\t: AuthenticAMD
+cpu family\t: 26
+model\t\t: 2
+model name\t: AMD EPYC
+stepping\t: 1
+flags\t\t: fpu sse2 avx2 fma f16c avx512f avx512dq avx512bw avx512vl avx512_bf16
+
+processor\t: 1
+vendor_id\t: GenuineIntel
+"""
+
+
+def test_cpu_identity_names_family_model_and_core():
+    info = _cpu.parse_cpuinfo(ZEN5_CPUINFO)
+    assert (info["vendor"], info["family"], info["model"], info["stepping"]) == ("AuthenticAMD", 26, 2, 1)
+    assert info["core"] == "Zen 5"
+    assert info["isa_flags"] == ["avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512dq",
+                                 "avx512_bf16"]
+    info["caches"] = {"L2": "1024K", "L3": "32768K"}
+    assert _cpu.describe(info) == "AMD EPYC (family 26 model 2 stepping 1, Zen 5; L2 1024K, L3 32768K)"
+
+
+@pytest.mark.parametrize("vendor,family,model,core", [
+    ("AuthenticAMD", 25, 1, "Zen 3"), ("AuthenticAMD", 25, 0x11, "Zen 4"), ("AuthenticAMD", 25, 0xA0, "Zen 4"),
+    ("AuthenticAMD", 23, 0x31, "Zen 2"), ("AuthenticAMD", 26, 0x11, "Zen 5"), ("GenuineIntel", 6, 143, None),
+    ("AuthenticAMD", 21, 2, None)])
+def test_core_generation(vendor, family, model, core):
+    assert _cpu.core_name(vendor, family, model) == core
+
+
+def test_cpu_identity_of_this_machine_is_recorded_by_the_benchmark():
+    from fused_wd.bench.report import environment
+    env = environment(torch.device("cpu"), [])
+    assert env["cpu"] == _cpu.identity()
+    assert env["device_name"] == _cpu.describe(env["cpu"])
 
 
 @pytest.mark.parametrize("value,want", [("off", (0, 3)), ("0", (0, 3)), ("16", (16, 3)), ("4:1", (4, 1))])

@@ -10,6 +10,7 @@ import subprocess
 
 import torch
 
+from .. import _cpu
 from .impls import BASELINES, IMPLS, torch_default_variant
 from .presets import fmt_count
 
@@ -18,17 +19,6 @@ BUSY = 0.05  # share of the CPUs used by other processes above which a table is 
 
 
 # ------------------------------------------------------------- environment ----
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.lower().startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
 
 def _git(*args, cwd=None) -> str | None:
     try:
@@ -45,10 +35,12 @@ def environment(device: torch.device, argv: list) -> dict:
     if commit:
         st = _git("status", "--porcelain", "--untracked-files=no", cwd=root)
         dirty = bool(st) if st is not None else None
+    cpu = _cpu.identity()
     info = {
         "date": datetime.datetime.now(datetime.timezone.utc).astimezone().isoformat(timespec="seconds"),
         "device": str(device),
-        "cpu_model": _cpu_model(),
+        "cpu_model": cpu.get("model_name"),
+        "cpu": cpu,
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,
@@ -67,7 +59,7 @@ def environment(device: torch.device, argv: list) -> dict:
         info["gpu_memory_gib"] = round(props.total_memory / 2**30, 1)
         info["device_name"] = info["gpu_model"]
     else:
-        info["device_name"] = info["cpu_model"]
+        info["device_name"] = _cpu.describe(cpu)
     try:
         import fused_wd
         info["fused_wd"] = getattr(fused_wd, "__version__", "?")
