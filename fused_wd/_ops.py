@@ -190,6 +190,27 @@ def norm_partials_(tensors, out, index, norm_type, of_grads=False):
 SCALAR_TYPE_CODES = {torch.float16: 5, torch.float32: 6, torch.float64: 7, torch.bfloat16: 15}
 
 
+# The KeptCall setter for each argument type of the schemas (csrc/kept_call.cpp).
+_KEPT_SETTERS = {"List[Tensor]": "tensors", "Optional[Tensor]": "tensor", "float": "floating", "int": "integer",
+                 "bool": "boolean", "List[int]": "integers", "List[bool]": "booleans"}
+
+
+def kept_call(op_name, kwargs):
+    """A torch.classes.fused_wd.KeptCall of torch.ops.fused_wd.<op_name>
+    holding these keyword arguments: kept.run(lr, grad_norm) then calls the
+    op with them (lr and grad_norm as given), with no Python argument
+    parsing. Each value is set by its schema type, which the class checks."""
+    _ext.require()
+    schema = getattr(torch.ops.fused_wd, op_name).default._schema
+    types = {a.name: str(a.type) for a in schema.arguments}
+    kept = torch.classes.fused_wd.KeptCall(schema.name)
+    for name, value in kwargs.items():
+        if name not in types:
+            raise TypeError(f"fused_wd.{op_name} has no argument {name!r}")
+        getattr(kept, _KEPT_SETTERS[types[name]])(name, value)
+    return kept
+
+
 def grads_ready(params, dtypes):
     """torch.ops.fused_wd.grads_ready: whether every param still has the
     dtype dtypes (SCALAR_TYPE_CODES) names and a grad the ops can take from

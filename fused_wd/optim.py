@@ -502,11 +502,14 @@ class _Steady:
     """A step that repeats the last one but for the grads' values, lr and
     the norm: every plan held and the ops read each param's own grad (the
     _step path `own`), with no scaler, hooks, statistics or automatic decay.
-    It keeps that step's op calls with their arguments, and repeats them
-    while `holds`: the same plans, state dicts (one epoch comparison), param
-    groups, params and option values (identity checks: only immutable
-    values are kept; a float lr may change, and is passed as it is now),
-    and grads_ready accepts the grads. Anything else goes the full way,
+    It keeps that step's op calls with their arguments in C++
+    (torch.classes.fused_wd.KeptCall: no Python argument parsing), and
+    repeats them while `holds`: the same plans, state dicts (one epoch
+    comparison), param groups, params and option values (identity checks:
+    only immutable values are kept; a float lr may change, and is passed as
+    it is now), and the grads are what grads_ready accepts (checked by the
+    first kept call itself when the step does not clip, by the grads_ready
+    op before the norm when it does). Anything else goes the full way,
     which makes a new one."""
 
     def __init__(self, opt, plans, calls, clips):
@@ -517,10 +520,10 @@ class _Steady:
         self.values = [tuple(g.values()) for g in opt.param_groups]
         self.lr_at = [k.index("lr") for k in self.keys]
         self.default_lr = opt.defaults.get("lr")
-        # (group index, the op (its overload), its keyword arguments but the
-        # norm, the device of the norm or None): called as they are, without
-        # _call's way through fused_wd._ops (about 10 us a call)
+        # (group index, the KeptCall, the device of the norm or None), and
+        # each call's lr
         self.calls = calls
+        self.lrs = [kept_lr for _, _, _, kept_lr in calls]
         self.clips = clips
 
     @staticmethod
@@ -532,12 +535,15 @@ class _Steady:
         clips = any(g["max_grad_norm"] is not None for g in opt.param_groups)
         if clips and norm is None:
             return None
-        op = getattr(torch.ops.fused_wd, opt._op_name).default
         kept = []
         for gi, lists, kw, device in calls:
             kw = dict(kw)
             kw.pop("grad_norm", None)
-            kept.append((gi, op, opt._op_args(lists, **kw), device if "max_norm" in kw else None))
+            kept.append((gi, _ops.kept_call(opt._op_name, opt._op_args(lists, **kw)),
+                         device if "max_norm" in kw else None, float(kw["lr"])))
+        if not clips:
+            everyone = plans.all_params
+            kept[0][1].check_grads(list(everyone.for_op), list(everyone.codes))
         return _Steady(opt, plans, kept, clips)
 
     def holds(self, opt):
@@ -558,6 +564,8 @@ class _Steady:
             now = tuple(group.values())
             if not all(map(_is, now, values)) and not self._new_lr(gi, now):
                 return False
+        if not self.clips:
+            return True  # the first kept call checks the grads
         kept = plans.all_params
         return torch.ops.fused_wd.grads_ready.default(kept.for_op, kept.codes)
 
@@ -569,27 +577,34 @@ class _Steady:
         if type(lr) is not float and type(lr) is not int or any(
                 a is not b for i, (a, b) in enumerate(zip(now, self.values[gi])) if i != at):
             return False
-        for gj, _, kw, _ in self.calls:
+        for i, (gj, _, _, _) in enumerate(self.calls):
             if gj == gi:
-                kw["lr"] = float(lr)
+                self.lrs[i] = float(lr)
         self.values[gi] = now
         return True
 
     def run(self, opt):
+        """Runs the kept calls; False, with nothing written, when the first
+        one finds the grads changed (only where holds left that to it)."""
         norm = None
         if self.clips:
             norm = opt._global_norm((), None, own_params=self.plans.all_params.params)
-            opt._last_grad_norm[0] = norm
-        for gi, op, kw, device in self.calls:
+        for (gi, kept, device, _), lr in zip(self.calls, self.lrs):
+            grad_norm = None
             if device is not None:
-                kw = dict(kw, grad_norm=norm if norm.device == device else norm.to(device, non_blocking=True))
+                grad_norm = norm if norm.device == device else norm.to(device, non_blocking=True)
             try:
-                op(**kw)
+                ran = kept.run(lr, grad_norm)
             except RuntimeError as e:
                 raise opt._group_error(gi, e) from e
+            if not ran:
+                return False
+        if norm is not None:
+            opt._last_grad_norm[0] = norm
         opt._stepped[0] = True
         self.plans.stepped(opt.state)
         opt.__dict__["_steady_steps"] = opt.__dict__.get("_steady_steps", 0) + 1
+        return True
 
 
 class _FusedOptimizer(Optimizer):
@@ -938,8 +953,7 @@ class _FusedOptimizer(Optimizer):
         # dynamo traces the plain path: a compiled step builds no plan.
         reuse = not (torch.compiler.is_compiling() if compiling is None else compiling)
         steady = self.__dict__.pop("_steady", None) if reuse else None
-        if steady is not None and steady.holds(self):
-            steady.run(self)
+        if steady is not None and steady.holds(self) and steady.run(self):
             self.__dict__["_steady"] = steady
             return loss
         grad_scale = getattr(self, "grad_scale", None)

@@ -591,6 +591,71 @@ def test_grads_ready_and_grads_from_params_at_the_op():
     assert torch.equal(out_a, out_b) and bool((out_a > 0).all())
 
 
+def sgd_kwargs(ps, bufs):
+    return dict(params=ps, grads=[], momentum_buffers=bufs, buffer_is_new=[False] * len(ps), master_params=[],
+                state_steps=[], grads_from_params=True, lr=0.1, momentum=0.9, dampening=0.0, nesterov=False,
+                weight_decay=0.01, decay_mode=0)
+
+
+def test_kept_call_is_the_op_call_and_checks_what_it_keeps():
+    """torch.classes.fused_wd.KeptCall (the steady step's op calls): run(lr,
+    grad_norm) gives the bits of calling the op with the kept arguments; a
+    name the op lacks, a value of another type than the schema's, or an
+    argument never given is an error naming it; with check_grads, a grad
+    grads_ready refuses makes run return False and write nothing."""
+    ps = clone_leaves(make_params(torch.float32, "cpu", shapes=SHAPES))
+    give_grads(ps, 0)
+    twin = [p.detach().clone() for p in ps]
+    bufs = [torch.full_like(p, 0.5) for p in ps]
+    twin_bufs = [b.clone() for b in bufs]
+    kept = fused_wd._ops.kept_call("sgd_", sgd_kwargs(ps, bufs))
+    with torch.no_grad():
+        assert kept.run(0.05, None) is True
+        torch.ops.fused_wd.sgd_(**dict(sgd_kwargs(twin, twin_bufs), grads=[p.grad for p in ps],
+                                       grads_from_params=False, lr=0.05))
+    assert all(map(torch.equal, [p.detach() for p in ps], twin)) and all(map(torch.equal, bufs, twin_bufs))
+
+    with pytest.raises(TypeError, match="fused_wd.sgd_ has no argument 'betas'"):
+        fused_wd._ops.kept_call("sgd_", dict(betas=(0.9, 0.99)))
+    with pytest.raises(RuntimeError, match=r"sgd_'s argument 'momentum' is float, not what was given"):
+        kept.integer("momentum", 1)
+    with pytest.raises(RuntimeError, match=r"sgd_'s argument 'params' is Tensor\[\], not what"):
+        kept.tensor("params", None)
+    partial = fused_wd._ops.kept_call("sgd_", dict(params=ps, grads=[], momentum_buffers=bufs))
+    with torch.no_grad(), pytest.raises(RuntimeError, match="sgd_ needs buffer_is_new, which was never given"):
+        partial.run(0.05, None)
+
+    codes = [fused_wd._ops.SCALAR_TYPE_CODES[torch.float32]] * len(ps)
+    with pytest.raises(RuntimeError, match="3 dtypes for 4 params"):
+        kept.check_grads(ps, codes[1:])
+    kept.check_grads(ps, codes)
+    ps[2].grad = None
+    before = [t.clone() for t in [p.detach() for p in ps] + bufs]
+    with torch.no_grad():
+        assert kept.run(0.05, None) is False
+    assert all(map(torch.equal, before, [p.detach() for p in ps] + bufs))
+
+
+def test_steady_step_whose_grads_changed_takes_the_full_way():
+    """Without clipping the steady step's first kept call checks the grads
+    (no grads_ready op call of its own): a grad removed or re-dtyped after
+    steady steps ends them, with torch's results."""
+    a, b, opt_a, opt_b = stepped_pair(4)
+    assert steady_steps(opt_a) == 2
+    give_grads(a, 4)
+    give_grads(b, 4)
+    a[1].grad = b[1].grad = None
+    opt_a.step()
+    opt_b.step()
+    assert_same(opt_a, opt_b)
+    assert steady_steps(opt_a) == 2
+    # the grads as before: a plan is built (5), held (6), then repeated (7)
+    for step in (5, 6, 7):
+        step_both(a, b, opt_a, opt_b, step)
+        assert_same(opt_a, opt_b)
+    assert steady_steps(opt_a) == 3
+
+
 def test_update_ops_borrow_their_lists_and_refuse_grad_mode():
     """adam_, sgd_ and grads_ready borrow the tensors of their lists
     (csrc/common.h, boxed): no tensor's use count moves, whether the call
