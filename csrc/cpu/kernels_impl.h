@@ -207,21 +207,30 @@ inline double combine_sum(double* acc) {
 static_assert(kBlock == kLanes, "one lane per element of a block");
 constexpr int kStatFold = 16;
 
-template <typename T>
+// V: the range also sums exp_avg_sq values (Adam; SGD has none). The float64
+// lanes are set by the first fold rather than zeroed up front (the sums are
+// never -0.0, so 0.0 + x and x are the same bits): a range of a tiny tensor
+// then clears 256 or 512 bytes, not 1.5 KB.
+template <typename T, bool V>
 struct RangeStats {
   T p[kLanes] = {};
-  T v[kLanes] = {};
-  double ap[kLanes] = {};
-  double av[kLanes] = {};
+  T v[V ? kLanes : 1] = {};
+  double ap[kLanes];
+  double av[V ? kLanes : 1];
   int blocks = 0;
+  bool folded = false;
 
   void fold() {
     for (int j = 0; j < kLanes; ++j) {
-      ap[j] += static_cast<double>(p[j]);
-      av[j] += static_cast<double>(v[j]);
+      ap[j] = folded ? ap[j] + static_cast<double>(p[j]) : static_cast<double>(p[j]);
       p[j] = T(0);
-      v[j] = T(0);
     }
+    if constexpr (V)
+      for (int j = 0; j < kLanes; ++j) {
+        av[j] = folded ? av[j] + static_cast<double>(v[j]) : static_cast<double>(v[j]);
+        v[j] = T(0);
+      }
+    folded = true;
     blocks = 0;
   }
   void block_done() {
@@ -231,7 +240,7 @@ struct RangeStats {
     if (out == nullptr) return;
     fold();
     out[0] = combine_sum(ap);
-    out[1] = combine_sum(av);
+    out[1] = V ? combine_sum(av) : 0.0;
   }
 };
 
@@ -250,7 +259,7 @@ void adam_range(const Ptrs& P, int64_t begin, int64_t end, const AdamScalars<T_o
                              {P.s0, sizeof(ST), true},
                              {P.s1, sizeof(ST), true},
                              {AMS ? P.s2 : nullptr, sizeof(ST), true}};
-  RangeStats<T> st;
+  RangeStats<T, true> st;
   for_blocks(streams, begin, end, [&](int64_t b, int64_t n) {
     PR* __restrict p = static_cast<PR*>(P.p) + b;
     const PR* __restrict g = static_cast<const PR*>(P.g) + b;
@@ -294,7 +303,7 @@ void sgd_range(const Ptrs& P, int64_t begin, int64_t end, const SgdScalars<T_of<
                              {P.g, sizeof(PR), false},
                              {MASTER ? P.master : nullptr, 4, true},
                              {MOM ? P.s0 : nullptr, sizeof(ST), true}};
-  RangeStats<T> st;
+  RangeStats<T, false> st;
   for_blocks(streams, begin, end, [&](int64_t b, int64_t n) {
     PR* __restrict p = static_cast<PR*>(P.p) + b;
     const PR* __restrict g = static_cast<const PR*>(P.g) + b;
