@@ -636,6 +636,39 @@ def test_kept_call_is_the_op_call_and_checks_what_it_keeps():
     assert all(map(torch.equal, before, [p.detach() for p in ps] + bufs))
 
 
+def test_same_items_compares_by_identity_only():
+    """The plan's identity checks (fused_wd._C.same_items): a param replaced
+    by an equal one is a change, and no tensor's __eq__ is called."""
+    same = fused_wd._ext.C.same_items
+    xs = [torch.nn.Parameter(torch.ones(1)) for _ in range(3)] + [torch.nn.Parameter(torch.ones(2, 2))]
+    assert same(xs, list(xs)) and same(xs, tuple(xs)) and same((), [])
+    twin = list(xs)
+    twin[0] = torch.nn.Parameter(torch.ones(1))  # equal values, another object
+    assert not same(xs, twin)
+    twin = list(xs)
+    twin[3] = torch.nn.Parameter(torch.ones(2, 2))  # == would raise on a 2x2 tensor
+    assert not same(xs, twin)
+    assert not same(xs, xs[:3])
+    with pytest.raises(TypeError, match="two lists or tuples"):
+        same(xs, iter(xs))
+
+
+def test_param_replaced_in_the_params_list_is_seen():
+    """group["params"][i] = another param (the same list object): the plan
+    and the steady step end, and the new param is stepped as torch steps it."""
+    a, b, opt_a, opt_b = stepped_pair(4)
+    assert steady_steps(opt_a) == 2
+    for xs, opt in ((a, opt_a), (b, opt_b)):
+        xs[1] = torch.nn.Parameter(xs[1].detach().clone())
+        opt.param_groups[0]["params"][1] = xs[1]
+    # step 4 rebuilds the plan (the new param's state is made), 5 holds it,
+    # 6 and 7 repeat it
+    for step in (4, 5, 6, 7):
+        step_both(a, b, opt_a, opt_b, step)
+        assert_same(opt_a, opt_b)
+        assert steady_steps(opt_a) == (2 if step < 6 else step - 3)
+
+
 def test_steady_step_whose_grads_changed_takes_the_full_way():
     """Without clipping the steady step's first kept call checks the grads
     (no grads_ready op call of its own): a grad removed or re-dtyped after
