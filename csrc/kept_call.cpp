@@ -30,14 +30,14 @@ class KeptCall : public torch::CustomClassHolder {
                 " returns something; only ops that return nothing can be kept");
     stack_.resize(args.size());
     given_.assign(args.size(), false);
-    for (size_t k = 0; k < args.size(); ++k) {
-      if (args[k].default_value().has_value()) {
-        stack_[k] = *args[k].default_value();
-        given_[k] = true;
-      }
-    }
     lr_at_ = index_of("lr");
     grad_norm_at_ = index_of("grad_norm");
+    for (size_t k = 0; k < args.size(); ++k) {
+      // lr comes with every run
+      given_[k] = args[k].default_value().has_value() || static_cast<int64_t>(k) == lr_at_;
+      if (args[k].default_value().has_value()) stack_[k] = *args[k].default_value();
+      missing_ += given_[k] ? 0 : 1;
+    }
   }
 
   void tensors(const std::string& name, const c10::List<at::Tensor>& v) {
@@ -70,11 +70,12 @@ class KeptCall : public torch::CustomClassHolder {
   // has them) and the kept values for the rest; False (and no call) when
   // the grads check fails.
   bool run(double lr, const std::optional<at::Tensor>& grad_norm) {
+    if (missing_ > 0) {
+      for (size_t k = 0; k < given_.size(); ++k)
+        TORCH_CHECK(given_[k], "fused_wd.KeptCall: ", op_.schema().name(), " needs ",
+                    op_.schema().arguments()[k].name(), ", which was never given");
+    }
     if (check_ready_ && !grads_ready(ready_params_, ready_dtypes_)) return false;
-    for (size_t k = 0; k < given_.size(); ++k)
-      TORCH_CHECK(given_[k] || static_cast<int64_t>(k) == lr_at_, "fused_wd.KeptCall: ",
-                  op_.schema().name(), " needs ", op_.schema().arguments()[k].name(),
-                  ", which was never given");
     std::vector<c10::IValue> stack(stack_);
     if (lr_at_ >= 0) stack[lr_at_] = lr;
     if (grad_norm_at_ >= 0 && grad_norm.has_value()) stack[grad_norm_at_] = *grad_norm;
@@ -103,12 +104,14 @@ class KeptCall : public torch::CustomClassHolder {
     TORCH_CHECK(fits, "fused_wd.KeptCall: ", op_.schema().name(), "'s argument '", name, "' is ",
                 t->str(), ", not what was given");
     stack_[k] = std::move(v);
+    missing_ -= given_[k] ? 0 : 1;
     given_[k] = true;
   }
 
   c10::OperatorHandle op_;
   std::vector<c10::IValue> stack_;
-  std::vector<bool> given_;
+  std::vector<bool> given_;  // per argument: a value is kept (or comes with run: lr)
+  int64_t missing_ = 0;      // how many are not
   int64_t lr_at_ = -1, grad_norm_at_ = -1;
   bool check_ready_ = false;
   std::vector<at::Tensor> ready_params_;

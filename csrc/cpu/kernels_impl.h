@@ -240,7 +240,10 @@ struct RangeStats {
     if (out == nullptr) return;
     fold();
     out[0] = combine_sum(ap);
-    out[1] = V ? combine_sum(av) : 0.0;
+    if constexpr (V)
+      out[1] = combine_sum(av);
+    else
+      out[1] = 0.0;
   }
 };
 
