@@ -219,7 +219,9 @@ NormInputs norm_inputs(const char* op, at::TensorList tensors, at::IntArrayRef i
   in.present.reserve(tensors.size());
   in.slot.reserve(tensors.size());
   for (size_t j = 0; j < tensors.size(); ++j) {
-    if (j + kMetaAhead < tensors.size() && tensors[j + kMetaAhead].defined())
+    if (of_grads)
+      prefetch_grad_chain(tensors, j);
+    else if (j + kMetaAhead < tensors.size() && tensors[j + kMetaAhead].defined())
       prefetch_meta(tensors[j + kMetaAhead]);
     const int64_t s = index[j];
     TORCH_CHECK(s >= 0 && s < nslots, op, ": index[", j, "] = ", s, " is outside out (",
@@ -259,7 +261,7 @@ bool grads_ready(at::TensorList params, at::IntArrayRef dtypes) {
   TORCH_CHECK(dtypes.size() == params.size(), "fused_wd.grads_ready: ", dtypes.size(),
               " dtypes for ", params.size(), " params");
   for (size_t i = 0; i < params.size(); ++i) {
-    if (i + kMetaAhead < params.size()) prefetch_meta(params[i + kMetaAhead]);
+    prefetch_grad_chain(params, i);
     if (static_cast<int64_t>(params[i].scalar_type()) != dtypes[i] ||
         !usable_grad(params[i], params[i].grad()))
       return false;
@@ -274,7 +276,7 @@ at::TensorList grads_arg(const char* op, at::TensorList params, at::TensorList g
               grads.size(), " tensors");
   held.reserve(params.size());
   for (size_t i = 0; i < params.size(); ++i) {
-    if (i + kMetaAhead < params.size()) prefetch_meta(params[i + kMetaAhead]);
+    prefetch_grad_chain(params, i);
     const at::Tensor& g = params[i].grad();
     TORCH_CHECK(g.defined(), op, ": params[", i, "] (shape ", params[i].sizes(),
                 ") has no grad, and grads_from_params=True takes each param's grad");

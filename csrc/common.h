@@ -57,6 +57,64 @@ inline void prefetch_meta(const at::Tensor& t, bool storage = false) {
 // How many entries ahead the per-step passes prefetch (prefetch_meta).
 constexpr size_t kMetaAhead = 8;
 
+// The prefetch of a pass that reads the data pointers of list l (data_of),
+// at entry i: the metadata of entry i + 2 kMetaAhead, and the storage of
+// entry i + kMetaAhead, whose metadata was asked for kMetaAhead entries
+// earlier (asking for both at one distance makes the pass wait for the
+// metadata there to find the storage).
+inline void prefetch_with_storage(at::TensorList l, size_t i) {
+  if (i + 2 * kMetaAhead < l.size()) prefetch_meta(l[i + 2 * kMetaAhead]);
+  if (i + kMetaAhead < l.size()) {
+    const at::TensorImpl* impl = l[i + kMetaAhead].unsafeGetTensorImpl();
+    if (impl->has_storage()) __builtin_prefetch(impl->unsafe_storage().unsafeGetStorageImpl());
+  }
+}
+
+// The prefetch of a pass that reads each param's grad (params[i].grad()),
+// at param i: the metadata of param i + 3 kMetaAhead, the autograd
+// metadata (which holds the grad) of param i + 2 kMetaAhead, and the grad's
+// metadata of param i + kMetaAhead, each found in what was asked for
+// kMetaAhead params earlier. The three are a chain of dependent loads: asked
+// for together, the pass would wait for each link.
+inline void prefetch_grad_chain(at::TensorList params, size_t i) {
+  const size_t n = params.size();
+  if (i + 3 * kMetaAhead < n) prefetch_meta(params[i + 3 * kMetaAhead]);
+  if (i + 2 * kMetaAhead < n) {
+    if (const void* m = params[i + 2 * kMetaAhead].unsafeGetTensorImpl()->autograd_meta()) {
+      __builtin_prefetch(m);
+      __builtin_prefetch(static_cast<const char*>(m) + 64);
+    }
+  }
+  if (i + kMetaAhead < n && params[i + kMetaAhead].defined()) {
+    const at::Tensor& g = params[i + kMetaAhead].grad();
+    if (g.defined()) prefetch_meta(g);
+  }
+}
+
+// t.data_ptr() (t's first element, to be written) for a tensor the entry
+// checks accepted, without TensorImpl::data_ptr's out-of-line call: the
+// storage's pointer (copy-on-write storage is materialized, as data_ptr
+// does) plus the offset. A tensor without storage, or whose storage holds no
+// data, goes the way of data_ptr, which raises its error.
+inline void* data_of(const at::Tensor& t) {
+  const at::TensorImpl* impl = t.unsafeGetTensorImpl();
+  if (impl->has_storage()) {
+    if (char* base = static_cast<char*>(impl->unsafe_storage().unsafeGetStorageImpl()->mutable_data()))
+      return base + impl->storage_offset() * static_cast<int64_t>(impl->itemsize());
+  }
+  return t.data_ptr();
+}
+
+// data_of for a tensor that is only read: no copy-on-write copy is made.
+inline const void* const_data_of(const at::Tensor& t) {
+  const at::TensorImpl* impl = t.unsafeGetTensorImpl();
+  if (impl->has_storage()) {
+    if (const char* base = static_cast<const char*>(impl->unsafe_storage().unsafeGetStorageImpl()->data()))
+      return base + impl->storage_offset() * static_cast<int64_t>(impl->itemsize());
+  }
+  return t.const_data_ptr();
+}
+
 // Checks lengths, devices, layouts (strided only: sparse grads are refused),
 // dtypes and shapes of every list against the params. `device_type` is the
 // backend running the op.

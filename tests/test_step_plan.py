@@ -769,3 +769,56 @@ def test_state_pickles_and_checkpoints_as_plain_dicts(tmp_path):
     for opt in (twin, again):
         for p, q in zip([p for g in opt.param_groups for p in g["params"]], a):
             assert torch.equal(p, q)
+
+
+@pytest.mark.parametrize("fresh", [True, False], ids=["fresh_grads", "grads_kept"])
+@pytest.mark.parametrize("cls,ref,kw", [
+    (fused_wd.AdamW, torch.optim.AdamW, {}),
+    (fused_wd.AdamW, torch.optim.AdamW, dict(max_grad_norm=0.05)),
+    (fused_wd.SGD, torch.optim.SGD, dict(momentum=0.9)),
+], ids=["adamw", "adamw_clip", "sgd_momentum"])
+def test_many_params_some_without_grads_through_the_steady_step(cls, ref, kw, fresh):
+    # The per-step passes prefetch params, their grads and storages up to
+    # three times kMetaAhead (8) entries ahead (csrc/common.h): with 70
+    # params, a few without a grad on some steps, every stage of that chain
+    # runs over params with and without grads, at the ends of the lists too.
+    ps = make_params(torch.float32, "cpu", shapes=[(3,), (2, 2), (5,), ()] * 17 + [(4,), (1,)])
+    a, b = clone_leaves(ps), clone_leaves(ps)
+    clip = kw.pop("max_grad_norm", None)
+    opt_a = cls(a, max_grad_norm=clip, **HYPER, **kw)
+    opt_b = ref(b, foreach=False, **HYPER, **kw)
+    for step in range(8):
+        give_grads(a, step, fresh)
+        give_grads(b, step, fresh)
+        if step in (2, 3):  # the same params lose their grads for two steps
+            for xs in (a, b):
+                for k in (1, 40, 69):
+                    xs[k].grad = None
+        if clip is not None:
+            torch.nn.utils.clip_grad_norm_([p for p in b if p.grad is not None], clip)
+        opt_a.step()
+        opt_b.step()
+    assert_same(opt_a, opt_b)
+    assert steady_steps(opt_a) >= 1
+
+
+def test_copy_on_write_params_are_copied_before_they_are_written():
+    # A param whose storage is a lazy (copy-on-write) clone of another
+    # tensor's: the kernels take its data pointer as data_ptr() would, which
+    # copies the storage first, so the step writes the param alone and the
+    # tensor it was cloned from keeps its values. The grads, only read, may
+    # stay shared.
+    srcs = [torch.randn(s, generator=torch.Generator().manual_seed(k)) for k, s in enumerate(SHAPES)]
+    grad_srcs = [torch.randn(s, generator=torch.Generator().manual_seed(9 + k)) for k, s in enumerate(SHAPES)]
+    kept = [t.clone() for t in srcs + grad_srcs]
+    a = [torch.nn.Parameter(torch._lazy_clone(t)) for t in srcs]
+    b = [torch.nn.Parameter(t.clone()) for t in srcs]
+    opt_a, opt_b = fused_wd.AdamW(a, **HYPER), torch.optim.AdamW(b, foreach=False, **HYPER)
+    for step in range(3):
+        for p, q, g in zip(a, b, grad_srcs):
+            p.grad, q.grad = torch._lazy_clone(g), g.clone()
+        opt_a.step()
+        opt_b.step()
+    assert_same(opt_a, opt_b)
+    for t, k in zip(srcs + grad_srcs, kept):
+        assert torch.equal(t, k)

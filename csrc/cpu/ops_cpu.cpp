@@ -193,14 +193,32 @@ void parallel_items(const std::vector<Item>& items, F f) {
   parallel_indexed(items, [&](const Item& it, size_t) { f(it); });
 }
 
-void* ptr(const at::Tensor& t) { return t.numel() ? t.data_ptr() : nullptr; }
+// The data pointers of a checked entry's tensors (null when empty).
+void* ptr(const at::Tensor& t) { return t.numel() ? data_of(t) : nullptr; }
+const void* cptr(const at::Tensor& t) { return t.numel() ? const_data_of(t) : nullptr; }
+
+// Asks for the first elements of a one-item tensor's streams (its item is
+// then all of it, or most): with thousands of tiny tensors each one's data
+// is a cache miss of its own, and the kernels' prefetch (for_blocks) only
+// looks ahead within a range.
+void prefetch_item(const std::vector<Item>& items, const std::vector<Ptrs>& ptrs, size_t j) {
+  if (j >= items.size() || items[j].begin != 0) return;
+  const Ptrs& q = ptrs[items[j].tensor];
+  for (const void* a : {static_cast<const void*>(q.p), q.g, static_cast<const void*>(q.master),
+                        static_cast<const void*>(q.s0), static_cast<const void*>(q.s1),
+                        static_cast<const void*>(q.s2)})
+    if (a != nullptr) __builtin_prefetch(a);
+}
+
+// How many items ahead prefetch_item looks.
+constexpr size_t kItemsAhead = 8;
 
 // A (checked) step counter, read and advanced through its data pointer, as
 // the CUDA kernels do on the device: no dispatcher call per tensor.
 struct Counter {
   void* at = nullptr;
   bool f64 = false;
-  explicit Counter(const at::Tensor& s) : at(s.data_ptr()), f64(s.scalar_type() == at::kDouble) {}
+  explicit Counter(const at::Tensor& s) : at(data_of(s)), f64(s.scalar_type() == at::kDouble) {}
   Counter() = default;
   double next() const { return step_after(at, f64); }  // the step of the update that follows
   void advance() const {
@@ -394,16 +412,14 @@ void adam(const AdamCall& c) {
   std::vector<Ptrs> ptrs(n);
   std::vector<Counter> counters(n);
   std::vector<Item> items;
+  items.reserve(n);
   for (size_t i = 0; i < n; ++i) {
-    if (i + kMetaAhead < n) {
-      for (const auto& l : d.dense)
-        if (!l.empty()) prefetch_meta(l[i + kMetaAhead], true);
-      prefetch_meta(c.state_steps[i + kMetaAhead], true);
-    }
+    for (const auto& l : d.dense) prefetch_with_storage(l, i);
+    prefetch_with_storage(c.state_steps, i);
     counters[i] = Counter(c.state_steps[i]);
     ts[i] = counters[i].next();
     layouts[i] = layout_of(op, c.params[i], c.exp_avgs[i], master, a, i, ts[i]);
-    ptrs[i] = Ptrs{ptr(P[i]), ptr(G[i]), master ? ptr(MP[i]) : nullptr,
+    ptrs[i] = Ptrs{ptr(P[i]), cptr(G[i]), master ? ptr(MP[i]) : nullptr,
                    ptr(M[i]), ptr(V[i]), c.amsgrad ? ptr(VM[i]) : nullptr};
     add_items(items, i, P[i].numel());
   }
@@ -440,6 +456,7 @@ void adam(const AdamCall& c) {
   const KernelTable& k = table();
   ItemStats stats = stats_for(a, items.size());
   parallel_indexed(items, [&](const Item& it, size_t j) {
+    prefetch_item(items, ptrs, j + kItemsAhead);
     const int64_t i = it.tensor;
     if (layouts[i].param == Storage::kF64)
       k.adam_f64(ptrs[i], it.begin, it.end, sd[i], c.amsgrad, decay, stats.at(j));
@@ -479,10 +496,10 @@ void sgd(const SgdCall& c) {
   std::vector<Ptrs> ptrs(n);
   std::vector<Counter> counters(a.stochastic_rounding ? n : 0);
   std::vector<Item> items;
+  items.reserve(n);
   for (size_t i = 0; i < n; ++i) {
-    if (i + kMetaAhead < n)
-      for (const auto& l : d.dense)
-        if (!l.empty()) prefetch_meta(l[i + kMetaAhead], true);
+    for (const auto& l : d.dense) prefetch_with_storage(l, i);
+    prefetch_with_storage(c.state_steps, i);
     double t = 0.0;
     if (a.stochastic_rounding) {
       counters[i] = Counter(c.state_steps[i]);
@@ -492,7 +509,7 @@ void sgd(const SgdCall& c) {
     // master's (or the param's)
     const at::Tensor& state = mom ? c.momentum_buffers[i] : master ? c.master_params[i] : c.params[i];
     layouts[i] = layout_of(op, c.params[i], state, master, a, i, t);
-    ptrs[i] = Ptrs{ptr(P[i]), ptr(G[i]), master ? ptr(MP[i]) : nullptr, mom ? ptr(B[i]) : nullptr,
+    ptrs[i] = Ptrs{ptr(P[i]), cptr(G[i]), master ? ptr(MP[i]) : nullptr, mom ? ptr(B[i]) : nullptr,
                    nullptr, nullptr};
     add_items(items, i, P[i].numel());
   }
@@ -512,6 +529,7 @@ void sgd(const SgdCall& c) {
   const KernelTable& k = table();
   ItemStats stats = stats_for(a, items.size());
   parallel_indexed(items, [&](const Item& it, size_t j) {
+    prefetch_item(items, ptrs, j + kItemsAhead);
     const int64_t i = it.tensor;
     const SgdModes md{decay, mom, c.nesterov, mom && c.buffer_is_new.get(i)};
     if (layouts[i].param == Storage::kF64)
