@@ -281,15 +281,34 @@ void stats_done(const StepArgs& a, const std::vector<Item>& items, const ItemSta
   }
 }
 
-// The layout of entry i, with the stochastic-rounding key of step t.
-Layout layout_of(const char* op, const at::Tensor& p, const at::Tensor& state, bool master,
-                 const StepArgs& a, size_t i, double t) {
-  Layout L = layout_for(op, i, p.scalar_type(), state.scalar_type(), master, a.stochastic_rounding);
-  if (L.sr)
-    L.sr_key = sr_key(static_cast<uint64_t>(a.sr_seed), static_cast<uint64_t>(a.sr_ids[i]),
-                      static_cast<uint64_t>(t));
-  return L;
-}
+// The layouts of a step's entries: entry i's (param p, states of the dtype
+// of `state`), with the stochastic-rounding key of step t. The entries of a
+// step mostly share one pair of dtypes, whose layout (layout_for: checked,
+// an error naming the entry if unsupported) is then made once.
+class LayoutOf {
+ public:
+  LayoutOf(const char* op, bool master, const StepArgs& a) : op_(op), master_(master), a_(a) {}
+  Layout operator()(const at::Tensor& p, const at::Tensor& state, size_t i, double t) {
+    const at::ScalarType pt = p.scalar_type(), st = state.scalar_type();
+    if (!made_ || pt != pt_ || st != st_) {
+      last_ = layout_for(op_, i, pt, st, master_, a_.stochastic_rounding);
+      pt_ = pt, st_ = st, made_ = true;
+    }
+    Layout L = last_;
+    if (L.sr)
+      L.sr_key = sr_key(static_cast<uint64_t>(a_.sr_seed), static_cast<uint64_t>(a_.sr_ids[i]),
+                        static_cast<uint64_t>(t));
+    return L;
+  }
+
+ private:
+  const char* op_;
+  bool master_;
+  const StepArgs& a_;
+  bool made_ = false;
+  at::ScalarType pt_ = at::kFloat, st_ = at::kFloat;
+  Layout last_{};
+};
 
 // ------------------------------------------------------------------ norm
 
@@ -409,6 +428,7 @@ void adam(const AdamCall& c) {
   // written, data pointers and work items gathered.
   std::vector<double> ts(n);
   std::vector<Layout> layouts(n);
+  LayoutOf layout_of(op, master, a);
   std::vector<Ptrs> ptrs(n);
   std::vector<Counter> counters(n);
   std::vector<Item> items;
@@ -418,7 +438,7 @@ void adam(const AdamCall& c) {
     prefetch_with_storage(c.state_steps, i);
     counters[i] = Counter(c.state_steps[i]);
     ts[i] = counters[i].next();
-    layouts[i] = layout_of(op, c.params[i], c.exp_avgs[i], master, a, i, ts[i]);
+    layouts[i] = layout_of(c.params[i], c.exp_avgs[i], i, ts[i]);
     ptrs[i] = Ptrs{ptr(P[i]), cptr(G[i]), master ? ptr(MP[i]) : nullptr,
                    ptr(M[i]), ptr(V[i]), c.amsgrad ? ptr(VM[i]) : nullptr};
     add_items(items, i, P[i].numel());
@@ -493,6 +513,7 @@ void sgd(const SgdCall& c) {
   const auto& MP = d.dense[3];
   // one pass over the entries, as in adam
   std::vector<Layout> layouts(n);
+  LayoutOf layout_of(op, master, a);
   std::vector<Ptrs> ptrs(n);
   std::vector<Counter> counters(a.stochastic_rounding ? n : 0);
   std::vector<Item> items;
@@ -508,7 +529,7 @@ void sgd(const SgdCall& c) {
     // without momentum there is no state: the layout's state storage is the
     // master's (or the param's)
     const at::Tensor& state = mom ? c.momentum_buffers[i] : master ? c.master_params[i] : c.params[i];
-    layouts[i] = layout_of(op, c.params[i], state, master, a, i, t);
+    layouts[i] = layout_of(c.params[i], state, i, t);
     ptrs[i] = Ptrs{ptr(P[i]), cptr(G[i]), master ? ptr(MP[i]) : nullptr, mom ? ptr(B[i]) : nullptr,
                    nullptr, nullptr};
     add_items(items, i, P[i].numel());
