@@ -23,6 +23,14 @@ bool dtype_ok(int rule, at::ScalarType pt, at::ScalarType tt) {
   return tt == pt;
 }
 
+// a == b for sizes or strides, inline (IntArrayRef's == calls memcmp).
+bool same_dims(at::IntArrayRef a, at::IntArrayRef b) {
+  if (a.size() != b.size()) return false;
+  for (size_t k = 0; k < a.size(); ++k)
+    if (a[k] != b[k]) return false;
+  return true;
+}
+
 // Every check of check_lists on entry i as one predicate over TensorImpl
 // fields (no dispatcher call, no message built): the per-step cost.
 // check_lists builds the message only when some entry fails it.
@@ -36,7 +44,7 @@ bool entry_checks_ok(const std::vector<ListSpec>& lists, size_t i, const at::Dev
     if (!ti.defined() || t->layout() != at::kStrided || t->device() != device) return false;
     const at::ScalarType tt = t->dtype().toScalarType();
     if (!is_kernel_dtype(tt) || !dtype_ok(l.dtype_rule, pt, tt)) return false;
-    if (t != p && t->sizes() != p->sizes()) return false;
+    if (t != p && !same_dims(t->sizes(), p->sizes())) return false;
   }
   return true;
 }
@@ -89,7 +97,7 @@ bool direct_entry(const std::vector<ListSpec>& lists, size_t i) {
   if (p.numel() == 0) return true;
   if (!p.is_non_overlapping_and_dense()) return false;
   for (const auto& l : lists)
-    if (!l.tensors.empty() && l.tensors[i].strides() != p.strides()) return false;
+    if (!l.tensors.empty() && !same_dims(l.tensors[i].strides(), p.strides())) return false;
   return true;
 }
 

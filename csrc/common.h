@@ -43,6 +43,12 @@ struct ListSpec {
 // checks that the non-empty lists `names`/`lists` agree at every index.
 void check_same_state_dtype(const char* op, const std::vector<ListSpec>& lists);
 
+// The StorageImpl of a tensor's metadata, or null (a tensor without
+// storage): TensorImpl::has_storage() is an out-of-line call.
+inline c10::StorageImpl* storage_impl_of(const at::TensorImpl* impl) {
+  return impl->unsafe_storage().unsafeGetStorageImpl();
+}
+
 // Asks for the metadata of a tensor (its TensorImpl, `storage`: and its
 // StorageImpl, which holds the data pointer) to be brought into cache. The
 // per-step passes over thousands of tensors call it a few entries ahead:
@@ -51,7 +57,8 @@ inline void prefetch_meta(const at::Tensor& t, bool storage = false) {
   const at::TensorImpl* impl = t.unsafeGetTensorImpl();
   const char* p = reinterpret_cast<const char*>(impl);
   for (size_t off = 0; off < sizeof(at::TensorImpl); off += 64) __builtin_prefetch(p + off);
-  if (storage && impl->has_storage()) __builtin_prefetch(impl->unsafe_storage().unsafeGetStorageImpl());
+  if (storage)
+    if (const c10::StorageImpl* st = storage_impl_of(impl)) __builtin_prefetch(st);
 }
 
 // How many entries ahead the per-step passes prefetch (prefetch_meta).
@@ -66,7 +73,7 @@ inline void prefetch_with_storage(at::TensorList l, size_t i) {
   if (i + 2 * kMetaAhead < l.size()) prefetch_meta(l[i + 2 * kMetaAhead]);
   if (i + kMetaAhead < l.size()) {
     const at::TensorImpl* impl = l[i + kMetaAhead].unsafeGetTensorImpl();
-    if (impl->has_storage()) __builtin_prefetch(impl->unsafe_storage().unsafeGetStorageImpl());
+    if (const c10::StorageImpl* st = storage_impl_of(impl)) __builtin_prefetch(st);
   }
 }
 
@@ -98,8 +105,8 @@ inline void prefetch_grad_chain(at::TensorList params, size_t i) {
 // data, goes the way of data_ptr, which raises its error.
 inline void* data_of(const at::Tensor& t) {
   const at::TensorImpl* impl = t.unsafeGetTensorImpl();
-  if (impl->has_storage()) {
-    if (char* base = static_cast<char*>(impl->unsafe_storage().unsafeGetStorageImpl()->mutable_data()))
+  if (c10::StorageImpl* st = storage_impl_of(impl)) {
+    if (char* base = static_cast<char*>(st->mutable_data()))
       return base + impl->storage_offset() * static_cast<int64_t>(impl->itemsize());
   }
   return t.data_ptr();
@@ -108,8 +115,8 @@ inline void* data_of(const at::Tensor& t) {
 // data_of for a tensor that is only read: no copy-on-write copy is made.
 inline const void* const_data_of(const at::Tensor& t) {
   const at::TensorImpl* impl = t.unsafeGetTensorImpl();
-  if (impl->has_storage()) {
-    if (const char* base = static_cast<const char*>(impl->unsafe_storage().unsafeGetStorageImpl()->data()))
+  if (const c10::StorageImpl* st = storage_impl_of(impl)) {
+    if (const char* base = static_cast<const char*>(st->data()))
       return base + impl->storage_offset() * static_cast<int64_t>(impl->itemsize());
   }
   return t.const_data_ptr();
