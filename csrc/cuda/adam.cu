@@ -38,7 +38,7 @@ void increment_steps(at::TensorList steps, const PrepArgs& prep, Stream stream) 
   };
   for (const at::Tensor& s : steps) {
     if (tab.n == kStepsPerLaunch) flush();
-    tab.step[tab.n] = s.data_ptr();
+    tab.step[tab.n] = data_of(s);
     tab.is_double[tab.n] = s.scalar_type() == at::kDouble;
     ++tab.n;
   }

@@ -82,7 +82,7 @@ Entry<DEPTH> entry_of(const std::vector<at::TensorList>& dense, int64_t i,
   Entry<DEPTH> e;
   e.numel = dense[0][i].numel();
   for (int d = 0; d < DEPTH; ++d)
-    e.ptr[d] = (e.numel && li[d] >= 0) ? dense[li[d]][i].data_ptr() : nullptr;
+    e.ptr[d] = (e.numel && li[d] >= 0) ? data_of(dense[li[d]][i]) : nullptr;
   return e;
 }
 
@@ -97,7 +97,7 @@ Entry<DEPTH> entry_of(const std::vector<at::TensorList>& dense, int64_t i) {
 // An entry's step counter (float32 or float64, read and advanced on the device).
 template <int DEPTH>
 void set_step(Entry<DEPTH>& e, const at::Tensor& step) {
-  e.step = step.data_ptr();
+  e.step = data_of(step);
   e.step_f64 = step.scalar_type() == at::kDouble;
 }
 

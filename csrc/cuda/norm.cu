@@ -97,7 +97,7 @@ void for_each_bucket_table(at::TensorList dense, const std::vector<int64_t>* ids
           const at::Tensor& t = dense[idx[k]];
           Entry<1> e;
           e.numel = t.numel();
-          e.ptr[0] = e.numel ? t.data_ptr() : nullptr;
+          e.ptr[0] = e.numel ? data_of(t) : nullptr;
           if (ids) e.id = static_cast<uint32_t>((*ids)[idx[k]]);
           return e;
         },
