@@ -31,6 +31,38 @@ bool same_dims(at::IntArrayRef a, at::IntArrayRef b) {
   return true;
 }
 
+// The bytes of storage t's elements reach (0 without elements): its offset
+// plus, per dimension, (size - 1) * stride elements, plus one.
+int64_t bytes_needed(const at::TensorImpl* t) {
+  if (t->numel() == 0) return 0;
+  int64_t last = t->storage_offset();
+  const auto sizes = t->sizes(), strides = t->strides();
+  for (size_t d = 0; d < sizes.size(); ++d) last += (sizes[d] - 1) * strides[d];
+  return (last + 1) * static_cast<int64_t>(t->itemsize());
+}
+
+// Whether t's storage holds every element of t: a storage resized or freed
+// after the tensor was made (FSDP frees its unsharded params' storages so)
+// holds fewer, and the kernels would read and write past it.
+bool storage_fits(const at::TensorImpl* t) {
+  const int64_t need = bytes_needed(t);
+  if (need == 0) return true;
+  const c10::StorageImpl* st = storage_impl_of(t);
+  return st != nullptr && st->data_ptr().get() != nullptr && static_cast<int64_t>(st->nbytes()) >= need;
+}
+
+// check_lists' and check_steps' error for a tensor storage_fits refuses.
+void check_storage(const char* op, const char* name, size_t i, const at::Tensor& t) {
+  const at::TensorImpl* impl = t.unsafeGetTensorImpl();
+  const c10::StorageImpl* st = storage_impl_of(impl);
+  TORCH_CHECK(storage_fits(impl), op, ": ", name, "[", i, "] (shape ", t.sizes(), ", storage offset ",
+              t.storage_offset(), ") needs ", bytes_needed(impl), " bytes of storage but its storage ",
+              st == nullptr ? std::string("is missing")
+                            : "holds " + std::to_string(st->data_ptr().get() ? st->nbytes() : 0),
+              "; its storage was resized or freed after the tensor was made (as FSDP does to "
+              "unsharded params), and only tensors that hold their data can be updated");
+}
+
 // Every check of check_lists on entry i as one predicate over TensorImpl
 // fields (no dispatcher call, no message built): the per-step cost.
 // check_lists builds the message only when some entry fails it.
@@ -45,18 +77,18 @@ bool entry_checks_ok(const std::vector<ListSpec>& lists, size_t i, const at::Dev
     const at::ScalarType tt = t->dtype().toScalarType();
     if (!is_kernel_dtype(tt) || !dtype_ok(l.dtype_rule, pt, tt)) return false;
     if (t != p && !same_dims(t->sizes(), p->sizes())) return false;
+    if (!storage_fits(t)) return false;
   }
   return true;
 }
 
 // Prefetches the metadata of entry i + kMetaAhead of the lists (and steps):
 // with thousands of params it is not in cache, and the misses then overlap.
-void prefetch_entry(const std::vector<ListSpec>& lists, at::TensorList steps, size_t i, size_t n,
-                    bool storage) {
-  if (i + kMetaAhead >= n) return;
-  for (const auto& l : lists)
-    if (!l.tensors.empty()) prefetch_meta(l.tensors[i + kMetaAhead], storage);
-  if (!steps.empty()) prefetch_meta(steps[i + kMetaAhead], storage);
+// Prefetches, at entry i, the metadata and storages the checks of the
+// entries further on read (prefetch_with_storage's stages).
+void prefetch_entry(const std::vector<ListSpec>& lists, at::TensorList steps, size_t i) {
+  for (const auto& l : lists) prefetch_with_storage(l.tensors, i);
+  prefetch_with_storage(steps, i);
 }
 
 bool lists_ok(const std::vector<ListSpec>& lists, size_t n, const at::Device& device,
@@ -64,7 +96,7 @@ bool lists_ok(const std::vector<ListSpec>& lists, size_t n, const at::Device& de
   if (device.type() != device_type) return false;
   // entry by entry: the tensors of one param are read together, each once
   for (size_t i = 0; i < n; ++i) {
-    prefetch_entry(lists, {}, i, n, false);
+    prefetch_entry(lists, {}, i);
     if (!entry_checks_ok(lists, i, device)) return false;
   }
   return true;
@@ -88,7 +120,7 @@ bool step_ok(const at::Tensor& s, const at::Device& device) {
   if (!s.defined() || t->layout() != at::kStrided || t->numel() != 1 || t->device() != device)
     return false;
   const at::ScalarType st = t->dtype().toScalarType();
-  return st == at::kFloat || st == at::kDouble;
+  return (st == at::kFloat || st == at::kDouble) && storage_fits(t);
 }
 
 // Whether entry i of the lists goes to the kernels as it is (see DenseLists).
@@ -151,6 +183,7 @@ void check_lists(const char* op, const std::vector<ListSpec>& lists, c10::Device
       TORCH_CHECK(!t.is_complex(), op, ": ", l.name, "[", i,
                   "] is complex; pass torch.view_as_real views");
       storage_of(op, l.name, t.scalar_type());
+      check_storage(op, l.name, i, t);
     }
   }
   TORCH_INTERNAL_ASSERT(false, op, ": lists_ok and the checks above disagree");
@@ -166,6 +199,7 @@ void check_steps(const char* op, at::TensorList steps, at::TensorList params) {
                 " but params[", i, "] is on ", params[i].device());
     TORCH_CHECK(s.scalar_type() == at::kFloat || s.scalar_type() == at::kDouble, op,
                 ": state_steps[", i, "] must be float32 (or float64), got ", s.scalar_type());
+    check_storage(op, "state_steps", i, s);
   }
 }
 
@@ -246,6 +280,7 @@ NormInputs norm_inputs(const char* op, at::TensorList tensors, at::IntArrayRef i
     TORCH_CHECK(t.device() == device, op, ": tensors[", j, "] is on ", t.device(), ", not on ",
                 device);
     storage_of(op, "a tensor", t.scalar_type());
+    check_storage(op, of_grads ? "the grad of tensors" : "tensors", j, t);
     if (t.is_non_overlapping_and_dense()) {
       in.present.push_back(t);
     } else {
@@ -424,7 +459,7 @@ bool lists_ready(const std::vector<ListSpec>& lists, at::TensorList steps, c10::
   const at::Device device = lists[0].tensors[0].device();
   if (device.type() != device_type) return false;
   for (size_t i = 0; i < n; ++i) {
-    prefetch_entry(lists, steps, i, n, false);
+    prefetch_entry(lists, steps, i);
     if (!entry_checks_ok(lists, i, device) || !same_state_dtype_at(lists, i) ||
         (!steps.empty() && !step_ok(steps[i], device)) || !direct_entry(lists, i))
       return false;

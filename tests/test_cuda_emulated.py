@@ -582,6 +582,24 @@ def test_refused_dtype_writes_nothing(emu, op):
                 assert_bitwise(lists[k][i], p.values, f"{name} {op}: {k}[{i}]")
 
 
+@pytest.mark.parametrize("which", ["params", "grads", "exp_avg_sqs", "state_steps"])
+def test_freed_storage_is_refused_and_writes_nothing(emu, which):
+    """A tensor whose storage was freed after it was made (resized to 0, as
+    FSDP does to unsharded params) is refused, naming the list and index,
+    before anything is written, on both backends (the CUDA code launches
+    table by table, so the check comes before the first launch)."""
+    for name, ops in backends(emu):
+        gen = torch.Generator().manual_seed(17)
+        spec = adam_spec(torch.float32, gen, shapes=[(40,), (3,), (7,)])
+        lists = make_lists(spec)
+        lists[which][2].untyped_storage().resize_(0)
+        with pytest.raises(RuntimeError, match=rf"{which}\[2\] .*resized or freed"):
+            adam_call(ops, lists, adam_kwargs(weight_decay=0.1, decay_mode=1))
+        for k in ("params", "exp_avgs", "exp_avg_sqs", "state_steps"):
+            for i, p in enumerate(spec[k][:2]):
+                assert_bitwise(lists[k][i], p.values, f"{name}: {k}[{i}]")
+
+
 def test_refused_layout_writes_nothing(emu):
     """A call mixing a supported layout with a refused one (fp16 params,
     fp16 states and an fp32 master) writes nothing on either backend."""

@@ -108,6 +108,51 @@ def test_grad_dtype_or_shape_mismatch_names_the_param():
         opt.step()
 
 
+def _free(t):
+    t.untyped_storage().resize_(0)
+
+
+@pytest.mark.parametrize("clip", [None, 1.0], ids=["plain", "clipped"])
+@pytest.mark.parametrize("what,name", [
+    ("param", r"params\[1\] \(shape \[10\], storage offset 0\) needs 40 bytes of storage but its "
+              r"storage holds 0"),
+    ("grad", None),  # named by the norm when the step clips, by the update when not
+    ("exp_avg", r"exp_avgs\[1\]"),
+    ("step", r"state_steps\[1\] \(shape \[\], storage offset 0\) needs 4 bytes"),
+    ("param_view", r"params\[1\] \(shape \[10\], storage offset 10\) needs 80 bytes of storage but "
+                   r"its storage holds 48"),
+])
+@pytest.mark.parametrize("steps_before", [1, 4], ids=["first_steps", "steady_step"])
+def test_freed_or_shrunk_storage_is_refused_and_changes_nothing(what, name, clip, steps_before):
+    # A tensor whose storage was resized or freed after it was made (FSDP
+    # frees its unsharded params' storages so) has no data for the kernels:
+    # the step refuses it, naming the list and index, before it writes
+    # anything. steps_before=4: the steady step (kept calls) meets it.
+    base = torch.arange(30, dtype=torch.float32) / 30
+    ps = [torch.nn.Parameter(torch.randn(6, generator=torch.Generator().manual_seed(0))),
+          torch.nn.Parameter(base[10:20].clone() if what != "param_view" else base[10:20])]
+    opt = fused_wd.AdamW(ps, lr=0.1, max_grad_norm=clip)
+    for k in range(steps_before):
+        for p in ps:
+            p.grad = torch.full_like(p, 0.1 * (k + 1))
+        opt.step()
+    before = [p.detach().clone() for p in ps]
+    states = [{k: v.clone() for k, v in opt.state[p].items()} for p in ps]
+    target = {"param": ps[1], "grad": ps[1].grad, "exp_avg": opt.state[ps[1]]["exp_avg"],
+              "step": opt.state[ps[1]]["step"], "param_view": None}[what]
+    if what == "param_view":
+        base.untyped_storage().resize_(12 * 4)  # the view needs elements 10..19
+    else:
+        _free(target)
+    if name is None:
+        name = r"the grad of tensors\[1\]" if clip else r"grads\[1\]"
+    with pytest.raises(RuntimeError, match=name + r".*resized or freed"):
+        opt.step()
+    assert torch.equal(ps[0], before[0])
+    for k, v in opt.state[ps[0]].items():
+        assert torch.equal(v, states[0][k]), k
+
+
 def test_loaded_state_of_wrong_shape_names_the_param():
     p = torch.nn.Parameter(torch.ones(4, 2))
     q = torch.nn.Parameter(torch.ones(3))
