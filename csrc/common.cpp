@@ -31,13 +31,98 @@ bool same_dims(at::IntArrayRef a, at::IntArrayRef b) {
   return true;
 }
 
+// Every check of check_lists on entry i as one predicate over TensorImpl
+// fields (no dispatcher call, no message built): the per-step cost.
+// check_lists builds the message only when some entry fails it.
+bool entry_checks_ok(const std::vector<ListSpec>& lists, size_t i, const at::Device& device,
+                     bool storages) {
+  const at::TensorImpl* p = lists[0].tensors[i].unsafeGetTensorImpl();
+  const at::ScalarType pt = p->dtype().toScalarType();
+  for (const auto& l : lists) {
+    if (l.optional && l.tensors.empty()) continue;
+    const at::Tensor& ti = l.tensors[i];
+    const at::TensorImpl* t = ti.unsafeGetTensorImpl();
+    if (!ti.defined() || t->layout() != at::kStrided || t->device() != device) return false;
+    const at::ScalarType tt = t->dtype().toScalarType();
+    if (!is_kernel_dtype(tt) || !dtype_ok(l.dtype_rule, pt, tt)) return false;
+    if (t != p && !same_dims(t->sizes(), p->sizes())) return false;
+    if (storages && !storage_fits(t)) return false;
+  }
+  return true;
+}
+
+// Prefetches the metadata of entry i + kMetaAhead of the lists (and steps):
+// with thousands of params it is not in cache, and the misses then overlap.
+// Prefetches, at entry i, what the checks of the entries further on read:
+// their metadata, and with `storages` their storages (in
+// prefetch_with_storage's stages).
+void prefetch_entry(const std::vector<ListSpec>& lists, at::TensorList steps, size_t i,
+                    bool storages) {
+  if (storages) {
+    for (const auto& l : lists) prefetch_with_storage(l.tensors, i);
+    prefetch_with_storage(steps, i);
+    return;
+  }
+  for (const auto& l : lists)
+    if (i + kMetaAhead < l.tensors.size()) prefetch_meta(l.tensors[i + kMetaAhead]);
+  if (i + kMetaAhead < steps.size()) prefetch_meta(steps[i + kMetaAhead]);
+}
+
+bool lists_ok(const std::vector<ListSpec>& lists, size_t n, const at::Device& device,
+              c10::DeviceType device_type) {
+  if (device.type() != device_type) return false;
+  // entry by entry: the tensors of one param are read together, each once
+  for (size_t i = 0; i < n; ++i) {
+    prefetch_entry(lists, {}, i, true);
+    if (!entry_checks_ok(lists, i, device, true)) return false;
+  }
+  return true;
+}
+
+// check_same_state_dtype's predicate on entry i.
+bool same_state_dtype_at(const std::vector<ListSpec>& lists, size_t i) {
+  const at::TensorImpl* first = nullptr;
+  for (const auto& l : lists) {
+    if (l.dtype_rule != kDtypeState || l.tensors.empty()) continue;
+    const at::TensorImpl* t = l.tensors[i].unsafeGetTensorImpl();
+    if (first == nullptr) first = t;
+    else if (t->dtype() != first->dtype()) return false;
+  }
+  return true;
+}
+
+// check_step's predicate.
+bool step_ok(const at::Tensor& s, const at::Device& device, bool storages) {
+  const at::TensorImpl* t = s.unsafeGetTensorImpl();
+  if (!s.defined() || t->layout() != at::kStrided || t->numel() != 1 || t->device() != device)
+    return false;
+  const at::ScalarType st = t->dtype().toScalarType();
+  return (st == at::kFloat || st == at::kDouble) && (!storages || storage_fits(t));
+}
+
+// Whether entry i of the lists goes to the kernels as it is (see DenseLists).
+bool direct_entry(const std::vector<ListSpec>& lists, size_t i) {
+  const at::Tensor& p = lists[0].tensors[i];
+  if (p.numel() == 0) return true;
+  if (!p.is_non_overlapping_and_dense()) return false;
+  for (const auto& l : lists)
+    if (!l.tensors.empty() && !same_dims(l.tensors[i].strides(), p.strides())) return false;
+  return true;
+}
+
+}  // namespace
+
 // The bytes of storage t's elements reach (0 without elements): its offset
 // plus, per dimension, (size - 1) * stride elements, plus one.
-int64_t bytes_needed(const at::TensorImpl* t) {
-  if (t->numel() == 0) return 0;
-  int64_t last = t->storage_offset();
-  const auto sizes = t->sizes(), strides = t->strides();
-  for (size_t d = 0; d < sizes.size(); ++d) last += (sizes[d] - 1) * strides[d];
+static int64_t bytes_needed(const at::TensorImpl* t) {
+  const int64_t n = t->numel();
+  if (n == 0) return 0;
+  int64_t last = t->storage_offset() + n - 1;  // contiguous: the usual case
+  if (!t->is_contiguous()) {
+    last = t->storage_offset();
+    const auto sizes = t->sizes(), strides = t->strides();
+    for (size_t d = 0; d < sizes.size(); ++d) last += (sizes[d] - 1) * strides[d];
+  }
   return (last + 1) * static_cast<int64_t>(t->itemsize());
 }
 
@@ -63,77 +148,6 @@ void check_storage(const char* op, const char* name, size_t i, const at::Tensor&
               "unsharded params), and only tensors that hold their data can be updated");
 }
 
-// Every check of check_lists on entry i as one predicate over TensorImpl
-// fields (no dispatcher call, no message built): the per-step cost.
-// check_lists builds the message only when some entry fails it.
-bool entry_checks_ok(const std::vector<ListSpec>& lists, size_t i, const at::Device& device) {
-  const at::TensorImpl* p = lists[0].tensors[i].unsafeGetTensorImpl();
-  const at::ScalarType pt = p->dtype().toScalarType();
-  for (const auto& l : lists) {
-    if (l.optional && l.tensors.empty()) continue;
-    const at::Tensor& ti = l.tensors[i];
-    const at::TensorImpl* t = ti.unsafeGetTensorImpl();
-    if (!ti.defined() || t->layout() != at::kStrided || t->device() != device) return false;
-    const at::ScalarType tt = t->dtype().toScalarType();
-    if (!is_kernel_dtype(tt) || !dtype_ok(l.dtype_rule, pt, tt)) return false;
-    if (t != p && !same_dims(t->sizes(), p->sizes())) return false;
-    if (!storage_fits(t)) return false;
-  }
-  return true;
-}
-
-// Prefetches the metadata of entry i + kMetaAhead of the lists (and steps):
-// with thousands of params it is not in cache, and the misses then overlap.
-// Prefetches, at entry i, the metadata and storages the checks of the
-// entries further on read (prefetch_with_storage's stages).
-void prefetch_entry(const std::vector<ListSpec>& lists, at::TensorList steps, size_t i) {
-  for (const auto& l : lists) prefetch_with_storage(l.tensors, i);
-  prefetch_with_storage(steps, i);
-}
-
-bool lists_ok(const std::vector<ListSpec>& lists, size_t n, const at::Device& device,
-              c10::DeviceType device_type) {
-  if (device.type() != device_type) return false;
-  // entry by entry: the tensors of one param are read together, each once
-  for (size_t i = 0; i < n; ++i) {
-    prefetch_entry(lists, {}, i);
-    if (!entry_checks_ok(lists, i, device)) return false;
-  }
-  return true;
-}
-
-// check_same_state_dtype's predicate on entry i.
-bool same_state_dtype_at(const std::vector<ListSpec>& lists, size_t i) {
-  const at::TensorImpl* first = nullptr;
-  for (const auto& l : lists) {
-    if (l.dtype_rule != kDtypeState || l.tensors.empty()) continue;
-    const at::TensorImpl* t = l.tensors[i].unsafeGetTensorImpl();
-    if (first == nullptr) first = t;
-    else if (t->dtype() != first->dtype()) return false;
-  }
-  return true;
-}
-
-// check_step's predicate.
-bool step_ok(const at::Tensor& s, const at::Device& device) {
-  const at::TensorImpl* t = s.unsafeGetTensorImpl();
-  if (!s.defined() || t->layout() != at::kStrided || t->numel() != 1 || t->device() != device)
-    return false;
-  const at::ScalarType st = t->dtype().toScalarType();
-  return (st == at::kFloat || st == at::kDouble) && storage_fits(t);
-}
-
-// Whether entry i of the lists goes to the kernels as it is (see DenseLists).
-bool direct_entry(const std::vector<ListSpec>& lists, size_t i) {
-  const at::Tensor& p = lists[0].tensors[i];
-  if (p.numel() == 0) return true;
-  if (!p.is_non_overlapping_and_dense()) return false;
-  for (const auto& l : lists)
-    if (!l.tensors.empty() && !same_dims(l.tensors[i].strides(), p.strides())) return false;
-  return true;
-}
-
-}  // namespace
 
 void check_lists(const char* op, const std::vector<ListSpec>& lists, c10::DeviceType device_type) {
   TORCH_CHECK(!lists.empty(), op, ": no tensor lists");
@@ -450,7 +464,8 @@ DenseLists make_dense(const std::vector<ListSpec>& lists) {
   return out;
 }
 
-bool lists_ready(const std::vector<ListSpec>& lists, at::TensorList steps, c10::DeviceType device_type) {
+bool lists_ready(const std::vector<ListSpec>& lists, at::TensorList steps, c10::DeviceType device_type,
+                 bool storages) {
   const size_t n = lists[0].tensors.size();
   for (const auto& l : lists)
     if (l.tensors.size() != n && !(l.optional && l.tensors.empty())) return false;
@@ -459,17 +474,17 @@ bool lists_ready(const std::vector<ListSpec>& lists, at::TensorList steps, c10::
   const at::Device device = lists[0].tensors[0].device();
   if (device.type() != device_type) return false;
   for (size_t i = 0; i < n; ++i) {
-    prefetch_entry(lists, steps, i);
-    if (!entry_checks_ok(lists, i, device) || !same_state_dtype_at(lists, i) ||
-        (!steps.empty() && !step_ok(steps[i], device)) || !direct_entry(lists, i))
+    prefetch_entry(lists, steps, i, storages);
+    if (!entry_checks_ok(lists, i, device, storages) || !same_state_dtype_at(lists, i) ||
+        (!steps.empty() && !step_ok(steps[i], device, storages)) || !direct_entry(lists, i))
       return false;
   }
   return true;
 }
 
 DenseLists checked_dense(const char* op, const std::vector<ListSpec>& lists, at::TensorList steps,
-                         bool with_steps, c10::DeviceType device_type) {
-  if (lists_ready(lists, with_steps ? steps : at::TensorList(), device_type) &&
+                         bool with_steps, c10::DeviceType device_type, bool storages_later) {
+  if (lists_ready(lists, with_steps ? steps : at::TensorList(), device_type, !storages_later) &&
       (!with_steps || !steps.empty())) {
     DenseLists out;
     out.dense.reserve(lists.size());
