@@ -67,12 +67,19 @@ inline void prefetch_meta(const at::Tensor& t, bool storage = false) {
 // How many entries ahead the per-step passes prefetch (prefetch_meta).
 constexpr size_t kMetaAhead = 8;
 
+// Lists shorter than this skip the staged prefetches below: their metadata
+// (about 1 KiB per entry) stays in a 1 MiB second-level cache between steps,
+// and the prefetches' own work (a grad() call per entry among them) made
+// warm steps of 100 tiny tensors 10-15% slower on the Zen 5 VM.
+constexpr size_t kStagedPrefetchFrom = 1024;
+
 // The prefetch of a pass that reads the data pointers of list l (data_of),
 // at entry i: the metadata of entry i + 2 kMetaAhead, and the storage of
 // entry i + kMetaAhead, whose metadata was asked for kMetaAhead entries
 // earlier (asking for both at one distance makes the pass wait for the
 // metadata there to find the storage).
 inline void prefetch_with_storage(at::TensorList l, size_t i) {
+  if (l.size() < kStagedPrefetchFrom) return;
   if (i + 2 * kMetaAhead < l.size()) prefetch_meta(l[i + 2 * kMetaAhead]);
   if (i + kMetaAhead < l.size()) {
     const at::TensorImpl* impl = l[i + kMetaAhead].unsafeGetTensorImpl();
@@ -88,6 +95,7 @@ inline void prefetch_with_storage(at::TensorList l, size_t i) {
 // for together, the pass would wait for each link.
 inline void prefetch_grad_chain(at::TensorList params, size_t i) {
   const size_t n = params.size();
+  if (n < kStagedPrefetchFrom) return;
   if (i + 3 * kMetaAhead < n) prefetch_meta(params[i + 3 * kMetaAhead]);
   if (i + 2 * kMetaAhead < n) {
     if (const void* m = params[i + 2 * kMetaAhead].unsafeGetTensorImpl()->autograd_meta()) {

@@ -210,7 +210,7 @@ const at::Tensor& fitted(const char* op, const char* name, size_t i, const at::T
 // is a cache miss of its own, and the kernels' prefetch (for_blocks) only
 // looks ahead within a range.
 void prefetch_item(const std::vector<Item>& items, const std::vector<Ptrs>& ptrs, size_t j) {
-  if (j >= items.size() || items[j].begin != 0) return;
+  if (items.size() < kStagedPrefetchFrom || j >= items.size() || items[j].begin != 0) return;
   const Ptrs& q = ptrs[items[j].tensor];
   for (const void* a : {static_cast<const void*>(q.p), q.g, static_cast<const void*>(q.master),
                         static_cast<const void*>(q.s0), static_cast<const void*>(q.s1),
