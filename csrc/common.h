@@ -52,16 +52,13 @@ inline c10::StorageImpl* storage_impl_of(const at::TensorImpl* impl) {
   return impl->has_storage() ? impl->unsafe_storage().unsafeGetStorageImpl() : nullptr;
 }
 
-// Asks for the metadata of a tensor (its TensorImpl, `storage`: and its
-// StorageImpl, which holds the data pointer) to be brought into cache. The
-// per-step passes over thousands of tensors call it a few entries ahead:
-// their misses then overlap instead of following one another.
-inline void prefetch_meta(const at::Tensor& t, bool storage = false) {
-  const at::TensorImpl* impl = t.unsafeGetTensorImpl();
-  const char* p = reinterpret_cast<const char*>(impl);
+// Asks for the metadata of a tensor (its TensorImpl) to be brought into
+// cache. The per-step passes over thousands of tensors call it a few
+// entries ahead: their misses then overlap instead of following one another
+// (prefetch_with_storage also asks for the storages).
+inline void prefetch_meta(const at::Tensor& t) {
+  const char* p = reinterpret_cast<const char*>(t.unsafeGetTensorImpl());
   for (size_t off = 0; off < sizeof(at::TensorImpl); off += 64) __builtin_prefetch(p + off);
-  if (storage)
-    if (const c10::StorageImpl* st = storage_impl_of(impl)) __builtin_prefetch(st);
 }
 
 // How many entries ahead the per-step passes prefetch (prefetch_meta).
