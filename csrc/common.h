@@ -52,13 +52,30 @@ inline c10::StorageImpl* storage_impl_of(const at::TensorImpl* impl) {
   return impl->has_storage() ? impl->unsafe_storage().unsafeGetStorageImpl() : nullptr;
 }
 
+// Asks for every cache line of the `bytes` bytes at p. Objects from the
+// heap are 16-byte aligned, not line-aligned, so the lines are counted from
+// p's own line to that of its last byte: prefetching p, p + 64, ... would
+// miss the last line of an object that straddles one more.
+inline void prefetch_bytes(const void* p, size_t bytes) {
+  const uintptr_t first = reinterpret_cast<uintptr_t>(p) & ~uintptr_t(63);
+  const uintptr_t last = reinterpret_cast<uintptr_t>(p) + bytes - 1;
+  for (uintptr_t a = first; a <= last; a += 64) __builtin_prefetch(reinterpret_cast<const void*>(a));
+}
+
+// The bytes of a StorageImpl the per-step passes read (its data pointer,
+// size and flags, which come before its allocator). Measured on the Zen 5
+// VM, 10,000 tiny tensors with fresh grads: asking for the object's first
+// line only, which missed the flags (byte 61) of three storages in four, left
+// the gather waiting on them (a third of the C++ time of an SGD step, 0.31
+// against 0.17-0.20 us per tensor in all).
+constexpr size_t kStorageBytes = 64;
+
 // Asks for the metadata of a tensor (its TensorImpl) to be brought into
 // cache. The per-step passes over thousands of tensors call it a few
 // entries ahead: their misses then overlap instead of following one another
 // (prefetch_with_storage also asks for the storages).
 inline void prefetch_meta(const at::Tensor& t) {
-  const char* p = reinterpret_cast<const char*>(t.unsafeGetTensorImpl());
-  for (size_t off = 0; off < sizeof(at::TensorImpl); off += 64) __builtin_prefetch(p + off);
+  prefetch_bytes(t.unsafeGetTensorImpl(), sizeof(at::TensorImpl));
 }
 
 // How many entries ahead the per-step passes prefetch (prefetch_meta).
@@ -80,7 +97,7 @@ inline void prefetch_with_storage(at::TensorList l, size_t i) {
   if (i + 2 * kMetaAhead < l.size()) prefetch_meta(l[i + 2 * kMetaAhead]);
   if (i + kMetaAhead < l.size()) {
     const at::TensorImpl* impl = l[i + kMetaAhead].unsafeGetTensorImpl();
-    if (const c10::StorageImpl* st = storage_impl_of(impl)) __builtin_prefetch(st);
+    if (const c10::StorageImpl* st = storage_impl_of(impl)) prefetch_bytes(st, kStorageBytes);
   }
 }
 
@@ -95,10 +112,8 @@ inline void prefetch_grad_chain(at::TensorList params, size_t i) {
   if (n < kStagedPrefetchFrom) return;
   if (i + 3 * kMetaAhead < n) prefetch_meta(params[i + 3 * kMetaAhead]);
   if (i + 2 * kMetaAhead < n) {
-    if (const void* m = params[i + 2 * kMetaAhead].unsafeGetTensorImpl()->autograd_meta()) {
-      __builtin_prefetch(m);
-      __builtin_prefetch(static_cast<const char*>(m) + 64);
-    }
+    if (const void* m = params[i + 2 * kMetaAhead].unsafeGetTensorImpl()->autograd_meta())
+      prefetch_bytes(m, 128);
   }
   if (i + kMetaAhead < n && params[i + kMetaAhead].defined()) {
     const at::Tensor& g = params[i + kMetaAhead].grad();
