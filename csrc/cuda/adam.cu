@@ -36,7 +36,9 @@ void increment_steps(at::TensorList steps, const PrepArgs& prep, Stream stream) 
     launch(increment_steps_kernel, (tab.n + kT - 1) / kT, kT, stream, tab, prep);
     tab.n = 0;
   };
-  for (const at::Tensor& s : steps) {
+  for (size_t i = 0; i < steps.size(); ++i) {
+    prefetch_with_storage(steps, i);
+    const at::Tensor& s = steps[i];
     if (tab.n == kStepsPerLaunch) flush();
     tab.step[tab.n] = data_of(s);
     tab.is_double[tab.n] = s.scalar_type() == at::kDouble;
@@ -166,7 +168,7 @@ void launch_adam(const std::vector<at::TensorList>& dense, const std::vector<int
       static_cast<int64_t>(idx.size()),
       [&](int64_t k) {
         Entry<D> e = entry_of<D>(dense, idx[k]);
-        set_step(e, steps[idx[k]]);
+        set_step(e, steps, idx[k]);
         e.slot = stats.slot(idx[k]);
         return e;
       },
@@ -235,7 +237,7 @@ void launch_adam_mixed(const std::vector<at::TensorList>& dense, const int (&li)
       [&](int64_t k) {
         const int64_t i = idx[k];
         Entry<6> e = entry_of(dense, i, li);
-        set_step(e, steps[i]);
+        set_step(e, steps, i);
         e.id = mx.sr ? static_cast<uint32_t>(sr_ids[i]) : 0u;
         e.slot = stats.slot(i);
         return e;

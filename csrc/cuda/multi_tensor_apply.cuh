@@ -75,10 +75,14 @@ struct Entry {
 
 // The entry of tensor i of the dense lists: the params' (dense[0]) element
 // count and, for each d, the pointer of list li[d] (-1: none, a null
-// pointer).
+// pointer). Asks for the metadata and storages of the entries further on
+// first, as the CPU gather does (prefetch_with_storage): a pack over
+// thousands of tensors otherwise waits on each storage in turn.
 template <int DEPTH>
 Entry<DEPTH> entry_of(const std::vector<at::TensorList>& dense, int64_t i,
                       const int (&li)[DEPTH]) {
+  for (int d = 0; d < DEPTH; ++d)
+    if (li[d] >= 0) prefetch_with_storage(dense[li[d]], static_cast<size_t>(i));
   Entry<DEPTH> e;
   e.numel = dense[0][i].numel();
   for (int d = 0; d < DEPTH; ++d)
@@ -94,9 +98,12 @@ Entry<DEPTH> entry_of(const std::vector<at::TensorList>& dense, int64_t i) {
   return entry_of<DEPTH>(dense, i, li);
 }
 
-// An entry's step counter (float32 or float64, read and advanced on the device).
+// An entry's step counter, steps[i] (float32 or float64, read and advanced
+// on the device).
 template <int DEPTH>
-void set_step(Entry<DEPTH>& e, const at::Tensor& step) {
+void set_step(Entry<DEPTH>& e, at::TensorList steps, int64_t i) {
+  prefetch_with_storage(steps, static_cast<size_t>(i));
+  const at::Tensor& step = steps[i];
   e.step = data_of(step);
   e.step_f64 = step.scalar_type() == at::kDouble;
 }

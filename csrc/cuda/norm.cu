@@ -94,6 +94,7 @@ void for_each_bucket_table(at::TensorList dense, const std::vector<int64_t>* ids
     for_each_table<1>(
         static_cast<int64_t>(idx.size()),
         [&](int64_t k) {
+          prefetch_with_storage(dense, static_cast<size_t>(idx[k]));
           const at::Tensor& t = dense[idx[k]];
           Entry<1> e;
           e.numel = t.numel();

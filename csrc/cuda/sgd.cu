@@ -136,7 +136,7 @@ void launch_sgd_mixed(const std::vector<at::TensorList>& dense, const int (&li)[
         Entry<4> e = entry_of(dense, i, li);
         e.flag = mx.momentum && is_new.get(static_cast<size_t>(i)) ? 1 : 0;
         if (mx.sr) {
-          set_step(e, steps[i]);
+          set_step(e, steps, i);
           e.id = static_cast<uint32_t>(sr_ids[i]);
         }
         e.slot = stats.slot(i);

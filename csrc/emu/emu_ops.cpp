@@ -19,3 +19,10 @@ TORCH_LIBRARY(fused_wd_emu, m) {
 }
 
 TORCH_LIBRARY_IMPL(fused_wd_emu, CPU, m) { fused_wd::cuda::impl_ops(m); }
+
+// The Autograd kernel of fused_wd's in-place ops (csrc/ops.cpp), so that a
+// call takes the same way through the dispatcher as on a GPU.
+TORCH_LIBRARY_IMPL(fused_wd_emu, Autograd, m) {
+  for (const char* op : {"adam_", "sgd_", "norm_partials_"})
+    m.impl(op, torch::CppFunction::makeFromBoxedFunction<&fused_wd::write_only_autograd>());
+}
