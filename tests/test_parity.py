@@ -277,3 +277,39 @@ def test_reference_state_dict_is_torch_layout(cls, hp):
     ref = getattr(fused_wd.reference, cls)(clone_leaves(ps), **hp)
     ref.load_state_dict(sd_torch)
     assert ref.param_groups[0]["max_grad_norm"] is None  # the extras from the defaults
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("beta1", [0.9, 0.5, 0.3, -0.6])
+def test_exp_avg_follows_lerps_two_formulas_bit_for_bit(beta1, dtype, device):
+    """exp_avg moves by torch.lerp's scalar formula with weight w = 1 - beta1
+    (float32): m + w * (g - m) when |w| < 0.5, else g - (g - m) * (1 - w),
+    each operation rounded on its own (no fused multiply-add), then stored in
+    the state's dtype; bit for bit on both formulas, with inf, nan and signed
+    zeros among the values. (torch's own CPU lerp fuses the multiply-add
+    where the CPU has FMA, so it is not the reference here.)"""
+    g = torch.Generator().manual_seed(7)
+    p = torch.nn.Parameter(torch.randn(1000, generator=g).to(dtype=dtype, device=device))
+    opt = fused_wd.Adam([p], lr=0.01, betas=(0.9, 0.99))
+    p.grad = torch.zeros_like(p)
+    opt.step()  # creates the state
+    m = (10 * torch.randn(1000, generator=g)).to(dtype=dtype, device=device)
+    grad = torch.randn(1000, generator=g).to(dtype=dtype, device=device)
+    specials = torch.tensor([float("inf"), -float("inf"), float("nan"), 0.0, -0.0, 0.0, -0.0])
+    m[:7] = specials.to(dtype)
+    grad[:7] = specials.flip(0).to(dtype)
+    opt.state[p]["exp_avg"].copy_(m)
+    opt.param_groups[0]["betas"] = (beta1, 0.99)  # past the constructor's range check, as a scheduler may
+    p.grad = grad.clone()
+    opt.step()
+    w = torch.tensor(1 - beta1, dtype=torch.float32)
+    mf, gf = m.float().cpu(), grad.float().cpu()
+    diff = gf - mf
+    want = mf + w * diff if abs(w.item()) < 0.5 else gf - diff * (1 - w)
+    want = want.to(dtype)
+    got = opt.state[p]["exp_avg"].cpu()
+    bits = torch.int16 if dtype != torch.float32 else torch.int32
+    nan = want.isnan()
+    assert torch.equal(got.isnan(), nan)
+    assert torch.equal(got[~nan].view(bits), want[~nan].view(bits))

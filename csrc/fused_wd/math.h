@@ -232,12 +232,18 @@ FWD_HD T prep_grad(T g, const GradPrep<T>& gp) {
 }
 
 // torch.lerp's formula: start + w*(end-start) for |w| < 0.5, otherwise
-// end - (end-start)*(1-w), with the test on w in T as torch makes it. (A
-// comparison of T rather than a precomputed bool also lets GCC vectorize
-// loops that mix 16- and 32-bit storage.)
+// end - (end-start)*(1-w), with the test on w in T as torch makes it. The
+// second is written end + (-(1-w))*(end-start), the same bits (negation is
+// exact and x + (-y) is x - y), so that both are one base plus one product:
+// the test, on the step's w, picks a base and a coefficient, and a vector
+// loop selects them once per element instead of computing both formulas
+// and blending (a multiply and an add fewer per vector). (A comparison
+// of T rather than a precomputed bool also lets GCC vectorize loops that mix
+// 16- and 32-bit storage.)
 template <typename T>
 FWD_HD T lerp(T start, T end, T w, T one_minus_w) {
-  return (w < T(0) ? -w : w) < T(0.5) ? start + w * (end - start) : end - (end - start) * one_minus_w;
+  const bool near_start = (w < T(0) ? -w : w) < T(0.5);
+  return (near_start ? start : end) + (near_start ? w : -one_minus_w) * (end - start);
 }
 
 FWD_HD float fsqrt(float x) { return sqrtf(x); }
