@@ -5,7 +5,8 @@ bandwidth measured in the same process.
 
 Next to the byte floor it measures the layout's arithmetic floor: the same
 step on 64K elements that stay in the caches (minus the step's fixed cost,
-timed on 64 elements), scaled to N. Where that is above the byte floor the
+timed on 64 elements), scaled to N (and on the CPU shared by the step's
+threads: the 64K elements run on one). Where that is above the byte floor the
 step is bound by the arithmetic (fp32 math with two divisions and a square
 root per element, plus the conversions), not by memory.
 
@@ -73,10 +74,14 @@ def step_time(opt, device, repeats, inner=1):
 
 
 def arithmetic_floor(dtype, opts, device, n):
-    """Seconds for n elements at the in-cache rate of the step."""
+    """Seconds for n elements at the in-cache rate of the step. On the CPU
+    the 64K elements are one task, run by the calling thread alone (the ops
+    split only larger steps), so that rate is one thread's, and the n
+    elements of the full step are shared by all of torch's threads."""
     small = step_time(make_opt(dtype, opts, device, 4, 16384), device, 7, inner=200)
     tiny = step_time(make_opt(dtype, opts, device, 4, 16), device, 7, inner=200)
-    return max(small - tiny, 0.0) / 65536 * n
+    threads = torch.get_num_threads() if device.type == "cpu" else 1
+    return max(small - tiny, 0.0) / 65536 * n / threads
 
 
 def main():
