@@ -297,3 +297,17 @@ def test_overhead_preset_reports_us_per_tensor(tmp_path):
     text = (tmp_path / "report.md").read_text()
     assert "| 40 | AdamW + clip | kept |" in text and "torch fused / fused_wd" in text
     assert cli.main(["--preset", "overhead,tiny"]) == 2
+
+
+@pytest.mark.cuda_emulated
+def test_cuda_host_cost_times_the_cuda_host_code_without_running_kernels():
+    """benchmarks/cuda_host_cost.py: the host build of the CUDA ops, with
+    launches counted but not run, timed next to the CPU op; a row per tensor
+    count and step, every time positive."""
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "cuda_host_cost.py"),
+                          "--counts", "64", "--rounds", "1", "--evict-mib", "1"],
+                         capture_output=True, text=True, timeout=900, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = [line.split("|")[1:-1] for line in out.stdout.splitlines() if line.startswith("| 64 |")]
+    assert [r[1].strip() for r in rows] == ["AdamW", "SGD momentum"]
+    assert all(float(c) > 0 for r in rows for c in r[2:])
