@@ -8,7 +8,9 @@
 #   3. runs compute-sanitizer memcheck and racecheck over a few CUDA parity tests: sanitizer.log;
 #   4. runs the GPU benchmark (llama-1b shapes scaled to 400M params and many-small, fp32 and
 #      bf16, AdamW + clipping; torch for-loop, foreach and fused with clip_grad_norm_,
-#      fused_wd.reference, fused_wd): bench/report.md, bench/results.json, bench/bandwidth.png;
+#      fused_wd.reference, fused_wd): bench/report.md, bench/results.json; then the host
+#      cost per tensor of the step at 100 and 10,000 tiny tensors (--preset overhead,
+#      AdamW and SGD, against torch fused): bench/overhead.md;
 #   5. runs the rest of the suite (the CPU tests, on this machine's CPU) in the time left,
 #      appending to pytest.log: junit-cpu.xml;
 #   6. prints a summary table last. gpu_verify.log holds everything printed.
@@ -105,6 +107,7 @@ for c in res["cases"]:
           f"| {sp.get('torch-fused', 0):.2f} | {sp.get('torch-forloop', 0):.2f} "
           f"| {f.get('launches') or '-'} / {t.get('launches') or '-'} | {'MISMATCH ' + ', '.join(bad) if bad else 'ok'} |")
 EOF
+  [ -f "$out/bench/overhead.md" ] && { echo; grep "^|" "$out/bench/overhead.md"; }
 }
 end() {  # end STATUS: the summary last, then exit
   summary
@@ -227,15 +230,30 @@ finish $rc "$detail"
 begin benchmark
 # on an H100 the 4000-tensor tables alone took 100 s (torch's for-loop and the reference
 # step them slowly, and each is profiled once for its launches): up to 270 s here
+# (no plot: the host-cost phase's report takes its place among the 8 files)
 bench=(--dtype "fp32,bf16" --optim adamw --clip on --impl "fused_wd,torch,reference" --e2e off
-  --repeats 5 --warmup 1 --iters 3 --no-progress --out "$out/bench")
+  --repeats 5 --warmup 1 --iters 3 --no-progress --no-plot --out "$out/bench")
 if ((dry)); then
   "$PY" -m fused_wd.bench --list >/dev/null &&
     limited 300 "$PY" -m fused_wd.bench --device cpu --preset llama-1b:1M,tiny --bw-mib 64 "${bench[@]}"
 else
-  limited "$(limit 270 10)" "$PY" -m fused_wd.bench --device cuda --preset llama-1b:400M,many-small "${bench[@]}"
+  limited "$(limit 270 70)" "$PY" -m fused_wd.bench --device cuda --preset llama-1b:400M,many-small "${bench[@]}"
 fi
 finish $? "$(ls "$out/bench" 2>/dev/null | tr '\n' ' ')"
+
+begin "host cost"
+# issue 21: the host time per tensor of opt.step() over many tiny tensors, fused_wd next to
+# torch's fused step (fused_wd.bench --preset overhead); its report lands in bench/
+ov=(--preset overhead --optim adamw,sgd --no-progress --no-plot --out "$out/overhead")
+if ((dry)); then
+  limited 120 "$PY" -m fused_wd.bench --device cpu --sizes 100 "${ov[@]}"
+else
+  limited "$(limit 60 0)" "$PY" -m fused_wd.bench --device cuda --sizes 100,10000 "${ov[@]}"
+fi
+rc=$?
+mv "$out/overhead/report.md" "$out/bench/overhead.md" 2>/dev/null || rc=1
+rm -rf "$out/overhead"
+finish $rc "bench/overhead.md"
 
 begin "CPU tests"
 if (($(limit 9999 0) >= 60)); then
