@@ -258,8 +258,8 @@ DenseLists checked_dense(const char* op, const std::vector<ListSpec>& lists, at:
 // fewer, and the kernels would read and write past it. check_lists and
 // check_steps refuse such a tensor, and so does checked_dense's one pass
 // unless the caller checks the storages itself (storages_later: the CPU
-// gather, which reads them anyway, before anything is written; CUDA
-// launches table by table and checks them in that pass).
+// gather and the CUDA pack, which read them anyway, before anything is
+// written; CUDA packs every table of a call before its first launch).
 bool storage_fits(const at::TensorImpl* t);
 
 // The error for list `name`'s entry i when storage_fits refuses it (which

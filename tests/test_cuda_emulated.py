@@ -600,6 +600,46 @@ def test_freed_storage_is_refused_and_writes_nothing(emu, which):
                 assert_bitwise(lists[k][i], p.values, f"{name}: {k}[{i}]")
 
 
+@pytest.mark.parametrize("which", ["params", "exp_avgs", "master_params", "state_steps"])
+def test_freed_storage_in_a_later_table_is_refused_and_writes_nothing(emu, which):
+    """The CUDA code checks the storages while it packs its tables, and
+    packs every table of a call (every dtype group, and the step counters')
+    before the first launch: a freed storage at entry 125 of 130 (the third
+    table of the emulated build's 4 KB tables), in a call with two layouts,
+    is refused naming the list and index, and nothing is written."""
+    shapes = [(5 + i % 7,) for i in range(130)]
+    for name, ops in backends(emu):
+        gen = torch.Generator().manual_seed(23)
+        spec = adam_spec(torch.bfloat16, gen, shapes=shapes[:65], state_dtype=torch.float32, master=True)
+        # the second half keeps its moments in bf16: a second launch group
+        for k, v in adam_spec(torch.bfloat16, gen, shapes=shapes[65:], master=True).items():
+            spec[k] = spec[k] + v
+        lists = make_lists(spec)
+        lists[which][125].untyped_storage().resize_(0)
+        with pytest.raises(RuntimeError, match=rf"{which}\[125\] .*resized or freed"):
+            adam_call(ops, lists, adam_kwargs(weight_decay=0.1, decay_mode=1))
+        for k in ("params", "exp_avgs", "exp_avg_sqs", "master_params", "state_steps"):
+            for i, p in enumerate(spec[k][:120]):
+                assert_bitwise(lists[k][i], p.values, f"{name}: {k}[{i}]")
+
+
+def test_freed_step_counter_of_sgd_is_refused_and_writes_nothing(emu):
+    """SGD with stochastic rounding on fp32 params reads its step counters
+    only to advance them: a freed one is still refused before any launch."""
+    shapes = [(9,)] * 70
+    for name, ops in backends(emu):
+        gen = torch.Generator().manual_seed(29)
+        spec = sgd_spec(torch.float32, gen, shapes=shapes, sr=True)
+        lists = make_lists(spec)
+        lists["state_steps"][66].untyped_storage().resize_(0)
+        with pytest.raises(RuntimeError, match=r"state_steps\[66\] .*resized or freed"):
+            sgd_call(ops, lists, sgd_kwargs(momentum=0.9, stochastic_rounding=True, sr_seed=3),
+                     [False] * len(shapes), sr_ids=range(len(shapes)))
+        for k in ("params", "momentum_buffers", "state_steps"):
+            for i, p in enumerate(spec[k][:66]):
+                assert_bitwise(lists[k][i], p.values, f"{name}: {k}[{i}]")
+
+
 def test_refused_layout_writes_nothing(emu):
     """A call mixing a supported layout with a refused one (fp16 params,
     fp16 states and an fp32 master) writes nothing on either backend."""

@@ -27,24 +27,27 @@ __global__ void increment_steps_kernel(StepTable tab, PrepArgs prep) {
 
 }  // namespace
 
-void increment_steps(at::TensorList steps, const PrepArgs& prep, Stream stream) {
-  StepTable tab;
-  std::memset(&tab, 0, sizeof(tab));
-  auto flush = [&] {
-    if (tab.n == 0) return;
-    constexpr int kT = 128;
-    launch(increment_steps_kernel, (tab.n + kT - 1) / kT, kT, stream, tab, prep);
-    tab.n = 0;
-  };
-  for (size_t i = 0; i < steps.size(); ++i) {
-    prefetch_with_storage(steps, i);
-    const at::Tensor& s = steps[i];
-    if (tab.n == kStepsPerLaunch) flush();
-    tab.step[tab.n] = data_of(s);
+std::vector<StepTable> step_tables(const PackLists& pl) {
+  std::vector<StepTable> tables;
+  for (size_t i = 0; i < pl.steps.size(); ++i) {
+    prefetch_with_storage(pl.steps, i);
+    if (tables.empty() || tables.back().n == kStepsPerLaunch) {
+      tables.emplace_back();
+      std::memset(&tables.back(), 0, sizeof(StepTable));
+    }
+    StepTable& tab = tables.back();
+    const at::Tensor& s = pl.steps[i];
+    tab.step[tab.n] = held_data(pl.op, "state_steps", static_cast<int64_t>(i), s);
     tab.is_double[tab.n] = s.scalar_type() == at::kDouble;
     ++tab.n;
   }
-  flush();
+  return tables;
+}
+
+void increment_steps(const std::vector<StepTable>& tables, const PrepArgs& prep, Stream stream) {
+  constexpr int kT = 128;
+  for (const StepTable& tab : tables)
+    launch(increment_steps_kernel, (tab.n + kT - 1) / kT, kT, stream, tab, prep);
 }
 
 // ------------------------------------------------------------ statistics
@@ -160,22 +163,22 @@ __global__ void __launch_bounds__(kThreads)
   write_chunk_stats(so, tab, pos, psq, vsum, sh_p, sh_v);
 }
 
+// Packs the group idx and queues its launches (run once every group is packed).
 template <typename scalar_t, bool AMSGRAD, int DECAY>
-void launch_adam(const std::vector<at::TensorList>& dense, const std::vector<int64_t>& idx,
-                 at::TensorList steps, const AdamArgs& args, StatsPlan& stats, Stream stream) {
+void queue_adam(const PackLists& pl, const std::vector<int64_t>& idx, const AdamArgs& args,
+                StatsPlan& stats, Stream stream, Launches& queued) {
   constexpr int D = AMSGRAD ? 5 : 4;
-  for_each_table<D>(
-      static_cast<int64_t>(idx.size()),
-      [&](int64_t k) {
-        Entry<D> e = entry_of<D>(dense, idx[k]);
-        set_step(e, steps, idx[k]);
-        e.slot = stats.slot(idx[k]);
-        return e;
-      },
-      [&](const ChunkTable<D>& tab, int nchunks) {
-        launch(adam_kernel<scalar_t, AMSGRAD, DECAY>, nchunks, kThreads, stream, tab, args,
-               stats.next(tab, nchunks));
-      });
+  auto tables = pack_tables<D>(static_cast<int64_t>(idx.size()), [&](int64_t k) {
+    Entry<D> e = entry_of<D>(pl, idx[k]);
+    set_step(e, pl, idx[k]);
+    e.slot = stats.slot(idx[k]);
+    return e;
+  });
+  queued.push_back([tables = std::move(tables), &args, &stats, stream] {
+    for (const Packed<D>& t : tables)
+      launch(adam_kernel<scalar_t, AMSGRAD, DECAY>, t.nchunks, kThreads, stream, t.tab, args,
+             stats.next(t.tab, t.nchunks));
+  });
 }
 
 // ---------------------------------------------------- Adam, mixed precision
@@ -228,24 +231,22 @@ __global__ void __launch_bounds__(kThreads)
 
 // list indices into the dense lists: p, g, m, v, vmax (or -1), master (or -1)
 template <typename PT, typename ST, bool AMSGRAD>
-void launch_adam_mixed(const std::vector<at::TensorList>& dense, const int (&li)[6],
-                       const std::vector<int64_t>& idx, at::TensorList steps,
-                       at::IntArrayRef sr_ids, const AdamArgs& args, const MixedArgs& mx,
-                       StatsPlan& stats, Stream stream) {
-  for_each_table<6>(
-      static_cast<int64_t>(idx.size()),
-      [&](int64_t k) {
-        const int64_t i = idx[k];
-        Entry<6> e = entry_of(dense, i, li);
-        set_step(e, steps, i);
-        e.id = mx.sr ? static_cast<uint32_t>(sr_ids[i]) : 0u;
-        e.slot = stats.slot(i);
-        return e;
-      },
-      [&](const ChunkTable<6>& tab, int nchunks) {
-        launch(adam_mixed_kernel<PT, ST, AMSGRAD>, nchunks, kThreads, stream, tab, args, mx,
-               stats.next(tab, nchunks));
-      });
+void queue_adam_mixed(const PackLists& pl, const int (&li)[6], const std::vector<int64_t>& idx,
+                      at::IntArrayRef sr_ids, const AdamArgs& args, const MixedArgs& mx,
+                      StatsPlan& stats, Stream stream, Launches& queued) {
+  auto tables = pack_tables<6>(static_cast<int64_t>(idx.size()), [&](int64_t k) {
+    const int64_t i = idx[k];
+    Entry<6> e = entry_of(pl, i, li);
+    set_step(e, pl, i);
+    e.id = mx.sr ? static_cast<uint32_t>(sr_ids[i]) : 0u;
+    e.slot = stats.slot(i);
+    return e;
+  });
+  queued.push_back([tables = std::move(tables), &args, mx, &stats, stream] {
+    for (const Packed<6>& t : tables)
+      launch(adam_mixed_kernel<PT, ST, AMSGRAD>, t.nchunks, kThreads, stream, t.tab, args, mx,
+             stats.next(t.tab, t.nchunks));
+  });
 }
 
 }  // namespace
@@ -267,7 +268,8 @@ void adam(const AdamCall& c) {
     specs.push_back({"max_exp_avg_sqs", c.max_exp_avg_sqs, true, false, kDtypeState});
   }
   const bool master = add_master(specs, c.master_params, &li[5]);
-  DenseLists dl = checked_dense(op, specs, c.state_steps, true, kDeviceType);
+  // storages later: the pack checks them (PackLists)
+  DenseLists dl = checked_dense(op, specs, c.state_steps, true, kDeviceType, true);
   if (c.params.empty()) return;
   check_stats(op, a, c.params.size(), c.params[0].device(), true);
   const Launch on(op, c.params, a);
@@ -275,6 +277,8 @@ void adam(const AdamCall& c) {
   const AdamArgs args{on.step, c.beta1, c.beta2, c.eps};
 
   StatsPlan stats(a, dl.dense[0]);
+  const PackLists pl{op, dl.dense, specs, c.state_steps};
+  Launches queued;
   for (const Group& group : plan_groups(op, dl, 2, master, a.stochastic_rounding)) {
     const auto& idx = group.idx;
     const Layout& L = group.layout;
@@ -284,11 +288,9 @@ void adam(const AdamCall& c) {
         using PT = typename decltype(ptag)::type;
         using ST = typename decltype(stag)::type;
         if (c.amsgrad)
-          launch_adam_mixed<PT, ST, true>(dl.dense, li, idx, c.state_steps, a.sr_ids, args, mx, stats,
-                                          stream);
+          queue_adam_mixed<PT, ST, true>(pl, li, idx, a.sr_ids, args, mx, stats, stream, queued);
         else
-          launch_adam_mixed<PT, ST, false>(dl.dense, li, idx, c.state_steps, a.sr_ids, args, mx, stats,
-                                           stream);
+          queue_adam_mixed<PT, ST, false>(pl, li, idx, a.sr_ids, args, mx, stats, stream, queued);
       });
       continue;
     }
@@ -296,14 +298,18 @@ void adam(const AdamCall& c) {
                                     "fused_wd_adam", [&] {
       with_bool(c.amsgrad, [&](auto ams) {
         with_decay(args.step.decay, [&](auto decay) {
-          launch_adam<scalar_t, decltype(ams)::value, decltype(decay)::value>(
-              dl.dense, idx, c.state_steps, args, stats, stream);
+          queue_adam<scalar_t, decltype(ams)::value, decltype(decay)::value>(pl, idx, args, stats,
+                                                                             stream, queued);
         });
       });
     });
   }
+  const std::vector<StepTable> steps = step_tables(pl);
+  // every table packed and every storage checked: nothing refused can
+  // come after a launch
+  for (const auto& run : queued) run();
   stats.finish(args.step.prep, stream);
-  increment_steps(c.state_steps, args.step.prep, stream);
+  increment_steps(steps, args.step.prep, stream);
   dl.write_back();
 }
 

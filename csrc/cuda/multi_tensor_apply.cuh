@@ -25,6 +25,7 @@
 #include <climits>
 #include <cstdint>
 #include <cstring>
+#include <functional>
 #include <optional>
 #include <type_traits>
 #include <vector>
@@ -61,7 +62,7 @@ static_assert(sizeof(ChunkTable<1>) <= kTableBytes, "table too large");
 static_assert(sizeof(ChunkTable<5>) <= kTableBytes, "table too large");
 static_assert(sizeof(ChunkTable<6>) <= kTableBytes, "table too large");
 
-// One entry as the host hands it to for_each_table.
+// One entry as the host hands it to pack_tables.
 template <int DEPTH>
 struct Entry {
   void* ptr[DEPTH];
@@ -73,73 +74,114 @@ struct Entry {
   int32_t slot = 0;
 };
 
+// What an update call packs: its dense lists (checked_dense), their names
+// (the call's ListSpecs, in the same order) and its step counters. The
+// checks pass leaves the storages to the pack (checked_dense's
+// storages_later): each tensor is checked to hold its data (storage_fits)
+// where the pack reads its data pointer, and every table of the call is
+// packed before its first launch, so a refused tensor writes nothing. The
+// storages are then read once a step, as in the CPU gather.
+struct PackLists {
+  const char* op;
+  const std::vector<at::TensorList>& dense;
+  const std::vector<ListSpec>& specs;
+  at::TensorList steps;
+};
+
+// The data pointer of t, entry i of the list `name`, once its storage is
+// found to hold it (else the error naming the list and the index).
+inline void* held_data(const char* op, const char* name, int64_t i, const at::Tensor& t) {
+  if (!storage_fits(t.unsafeGetTensorImpl())) check_storage(op, name, static_cast<size_t>(i), t);
+  return data_of(t);
+}
+
 // The entry of tensor i of the dense lists: the params' (dense[0]) element
 // count and, for each d, the pointer of list li[d] (-1: none, a null
 // pointer). Asks for the metadata and storages of the entries further on
 // first, as the CPU gather does (prefetch_with_storage): a pack over
 // thousands of tensors otherwise waits on each storage in turn.
 template <int DEPTH>
-Entry<DEPTH> entry_of(const std::vector<at::TensorList>& dense, int64_t i,
-                      const int (&li)[DEPTH]) {
+Entry<DEPTH> entry_of(const PackLists& pl, int64_t i, const int (&li)[DEPTH]) {
   for (int d = 0; d < DEPTH; ++d)
-    if (li[d] >= 0) prefetch_with_storage(dense[li[d]], static_cast<size_t>(i));
+    if (li[d] >= 0) prefetch_with_storage(pl.dense[li[d]], static_cast<size_t>(i));
   Entry<DEPTH> e;
-  e.numel = dense[0][i].numel();
+  e.numel = pl.dense[0][i].numel();
   for (int d = 0; d < DEPTH; ++d)
-    e.ptr[d] = (e.numel && li[d] >= 0) ? data_of(dense[li[d]][i]) : nullptr;
+    e.ptr[d] = (e.numel && li[d] >= 0) ? held_data(pl.op, pl.specs[li[d]].name, i, pl.dense[li[d]][i])
+                                       : nullptr;
   return e;
 }
 
 // The same with list d at position d.
 template <int DEPTH>
-Entry<DEPTH> entry_of(const std::vector<at::TensorList>& dense, int64_t i) {
+Entry<DEPTH> entry_of(const PackLists& pl, int64_t i) {
   int li[DEPTH];
   for (int d = 0; d < DEPTH; ++d) li[d] = d;
-  return entry_of<DEPTH>(dense, i, li);
+  return entry_of<DEPTH>(pl, i, li);
 }
 
 // An entry's step counter, steps[i] (float32 or float64, read and advanced
 // on the device).
 template <int DEPTH>
-void set_step(Entry<DEPTH>& e, at::TensorList steps, int64_t i) {
-  prefetch_with_storage(steps, static_cast<size_t>(i));
-  const at::Tensor& step = steps[i];
-  e.step = data_of(step);
+void set_step(Entry<DEPTH>& e, const PackLists& pl, int64_t i) {
+  prefetch_with_storage(pl.steps, static_cast<size_t>(i));
+  const at::Tensor& step = pl.steps[i];
+  e.step = held_data(pl.op, "state_steps", i, step);
   e.step_f64 = step.scalar_type() == at::kDouble;
 }
 
-// Packs entries 0..count-1 (from `get(k)`) into tables and calls
-// `launch(table, nchunks)` for each full table and the last one. Empty
-// tensors are left out (they have no chunk).
-template <int DEPTH, typename Get, typename Launch>
-void for_each_table(int64_t count, Get&& get, Launch&& launch) {
+// A packed table and its chunk count (the launch's grid).
+template <int DEPTH>
+struct Packed {
+  ChunkTable<DEPTH> tab;
+  int nchunks;
+};
+
+// Packs entries 0..count-1 (from `get(k)`) into tables, each as full as
+// its room allows. Empty tensors are left out (they have no chunk).
+template <int DEPTH, typename Get>
+std::vector<Packed<DEPTH>> pack_tables(int64_t count, Get&& get) {
   using Table = ChunkTable<DEPTH>;
-  Table tab;
-  std::memset(&tab, 0, sizeof(tab));
+  std::vector<Packed<DEPTH>> out;
+  out.reserve(static_cast<size_t>(count / Table::kMax + 1));  // no table copied as it grows
+  Table* tab = nullptr;
   int64_t chunks = 0;
   for (int64_t k = 0; k < count; ++k) {
     const Entry<DEPTH> e = get(k);
     if (e.numel == 0) continue;
     const int64_t nc = (e.numel + kChunk - 1) / kChunk;
     TORCH_CHECK(nc < INT_MAX, "fused_wd: tensor of ", e.numel, " elements is too large");
-    if (tab.ntensors == Table::kMax || chunks + nc > static_cast<int64_t>(INT_MAX)) {
-      launch(tab, static_cast<int>(chunks));
-      tab.ntensors = 0;
+    if (tab == nullptr || tab->ntensors == Table::kMax || chunks + nc > static_cast<int64_t>(INT_MAX)) {
+      if (tab != nullptr) out.back().nchunks = static_cast<int>(chunks);
+      out.emplace_back();
+      tab = &out.back().tab;
+      std::memset(tab, 0, sizeof(Table));
       chunks = 0;
     }
-    const int s = tab.ntensors++;
-    for (int d = 0; d < DEPTH; ++d) tab.ptr[d][s] = e.ptr[d];
-    tab.numel[s] = e.numel;
-    tab.step[s] = e.step;
-    tab.flag[s] = e.flag;
-    tab.step_f64[s] = e.step_f64;
-    tab.id[s] = e.id;
-    tab.slot[s] = e.slot;
-    tab.chunk_start[s] = static_cast<int>(chunks);
+    const int s = tab->ntensors++;
+    for (int d = 0; d < DEPTH; ++d) tab->ptr[d][s] = e.ptr[d];
+    tab->numel[s] = e.numel;
+    tab->step[s] = e.step;
+    tab->flag[s] = e.flag;
+    tab->step_f64[s] = e.step_f64;
+    tab->id[s] = e.id;
+    tab->slot[s] = e.slot;
+    tab->chunk_start[s] = static_cast<int>(chunks);
     chunks += nc;
   }
-  if (tab.ntensors > 0) launch(tab, static_cast<int>(chunks));
+  if (tab != nullptr) out.back().nchunks = static_cast<int>(chunks);
+  return out;
 }
+
+// pack_tables, then `launch(table, nchunks)` for each table.
+template <int DEPTH, typename Get, typename Launch>
+void for_each_table(int64_t count, Get&& get, Launch&& launch) {
+  for (const Packed<DEPTH>& t : pack_tables<DEPTH>(count, get)) launch(t.tab, t.nchunks);
+}
+
+// The launches of an update call, queued while its tables are packed and
+// run once every table is (PackLists).
+using Launches = std::vector<std::function<void()>>;
 
 // Where block blockIdx.x works: tensor slot, first element, element count.
 struct ChunkPos {
@@ -668,12 +710,16 @@ struct StepTable {
   uint8_t is_double[kStepsPerLaunch];
 };
 
-// Host: increments the counters `steps` (float32 or float64, 1 element,
-// on the current device) on `stream`, conditioned on the skip decision of
-// `prep`. Called after every update kernel of the op was queued on that
-// stream, so no block of an update kernel can see a counter already advanced
-// (every block of a tensor reads the same step).
-void increment_steps(at::TensorList steps, const PrepArgs& prep, Stream stream);
+// Host: the tables of the step counters pl.steps (float32 or float64, 1
+// element, on the current device), each counter checked to hold its data
+// as it is read; packed with the update's tables, before any launch.
+std::vector<StepTable> step_tables(const PackLists& pl);
+
+// Host: increments the counters of `tables` on `stream`, conditioned on the
+// skip decision of `prep`. Called after every update kernel of the op was
+// queued on that stream, so no block of an update kernel can see a counter
+// already advanced (every block of a tensor reads the same step).
+void increment_steps(const std::vector<StepTable>& tables, const PrepArgs& prep, Stream stream);
 
 }  // namespace cuda
 }  // namespace fused_wd

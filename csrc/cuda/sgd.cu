@@ -58,23 +58,22 @@ __global__ void __launch_bounds__(kThreads)
   write_chunk_stats(so, tab, pos, psq, T(0), sh_p, sh_v);
 }
 
+// Packs the group idx and queues its launches (run once every group is packed).
 template <typename scalar_t, int DECAY, bool MOMENTUM, bool NESTEROV>
-void launch_sgd(const std::vector<at::TensorList>& dense, const std::vector<int64_t>& idx,
-                const c10::List<bool>& is_new, const SgdArgs& args, StatsPlan& stats,
-                Stream stream) {
+void queue_sgd(const PackLists& pl, const std::vector<int64_t>& idx, const c10::List<bool>& is_new,
+               const SgdArgs& args, StatsPlan& stats, Stream stream, Launches& queued) {
   constexpr int D = MOMENTUM ? 3 : 2;
-  for_each_table<D>(
-      static_cast<int64_t>(idx.size()),
-      [&](int64_t k) {
-        Entry<D> e = entry_of<D>(dense, idx[k]);
-        e.flag = MOMENTUM && is_new.get(static_cast<size_t>(idx[k])) ? 1 : 0;
-        e.slot = stats.slot(idx[k]);
-        return e;
-      },
-      [&](const ChunkTable<D>& tab, int nchunks) {
-        launch(sgd_kernel<scalar_t, DECAY, MOMENTUM, NESTEROV>, nchunks, kThreads, stream, tab, args,
-               stats.next(tab, nchunks));
-      });
+  auto tables = pack_tables<D>(static_cast<int64_t>(idx.size()), [&](int64_t k) {
+    Entry<D> e = entry_of<D>(pl, idx[k]);
+    e.flag = MOMENTUM && is_new.get(static_cast<size_t>(idx[k])) ? 1 : 0;
+    e.slot = stats.slot(idx[k]);
+    return e;
+  });
+  queued.push_back([tables = std::move(tables), &args, &stats, stream] {
+    for (const Packed<D>& t : tables)
+      launch(sgd_kernel<scalar_t, DECAY, MOMENTUM, NESTEROV>, t.nchunks, kThreads, stream, t.tab,
+             args, stats.next(t.tab, t.nchunks));
+  });
 }
 
 // ----------------------------------------------------- SGD, mixed precision
@@ -125,27 +124,25 @@ __global__ void __launch_bounds__(kThreads)
 
 // li: dense list of p, g, buf (or -1), master (or -1)
 template <typename PT, typename ST>
-void launch_sgd_mixed(const std::vector<at::TensorList>& dense, const int (&li)[4],
-                      const std::vector<int64_t>& idx, const c10::List<bool>& is_new,
-                      at::TensorList steps, at::IntArrayRef sr_ids, const SgdArgs& args,
-                      const SgdMixedArgs& mx, StatsPlan& stats, Stream stream) {
-  for_each_table<4>(
-      static_cast<int64_t>(idx.size()),
-      [&](int64_t k) {
-        const int64_t i = idx[k];
-        Entry<4> e = entry_of(dense, i, li);
-        e.flag = mx.momentum && is_new.get(static_cast<size_t>(i)) ? 1 : 0;
-        if (mx.sr) {
-          set_step(e, steps, i);
-          e.id = static_cast<uint32_t>(sr_ids[i]);
-        }
-        e.slot = stats.slot(i);
-        return e;
-      },
-      [&](const ChunkTable<4>& tab, int nchunks) {
-        launch(sgd_mixed_kernel<PT, ST>, nchunks, kThreads, stream, tab, args, mx,
-               stats.next(tab, nchunks));
-      });
+void queue_sgd_mixed(const PackLists& pl, const int (&li)[4], const std::vector<int64_t>& idx,
+                     const c10::List<bool>& is_new, at::IntArrayRef sr_ids, const SgdArgs& args,
+                     const SgdMixedArgs& mx, StatsPlan& stats, Stream stream, Launches& queued) {
+  auto tables = pack_tables<4>(static_cast<int64_t>(idx.size()), [&](int64_t k) {
+    const int64_t i = idx[k];
+    Entry<4> e = entry_of(pl, i, li);
+    e.flag = mx.momentum && is_new.get(static_cast<size_t>(i)) ? 1 : 0;
+    if (mx.sr) {
+      set_step(e, pl, i);
+      e.id = static_cast<uint32_t>(sr_ids[i]);
+    }
+    e.slot = stats.slot(i);
+    return e;
+  });
+  queued.push_back([tables = std::move(tables), &args, mx, &stats, stream] {
+    for (const Packed<4>& t : tables)
+      launch(sgd_mixed_kernel<PT, ST>, t.nchunks, kThreads, stream, t.tab, args, mx,
+             stats.next(t.tab, t.nchunks));
+  });
 }
 
 }  // namespace
@@ -166,7 +163,8 @@ void sgd(const SgdCall& c) {
   }
   int li[4] = {0, 1, use_momentum ? 2 : -1, -1};
   const bool master = add_master(specs, c.master_params, &li[3]);
-  DenseLists dl = checked_dense(op, specs, c.state_steps, a.stochastic_rounding, kDeviceType);
+  // storages later: the pack checks them (PackLists)
+  DenseLists dl = checked_dense(op, specs, c.state_steps, a.stochastic_rounding, kDeviceType, true);
   if (c.params.empty()) return;
   check_stats(op, a, c.params.size(), c.params[0].device(), true);
   const Launch on(op, c.params, a);
@@ -174,6 +172,8 @@ void sgd(const SgdCall& c) {
   const SgdArgs args{on.step, c.momentum, c.dampening};
 
   StatsPlan stats(a, dl.dense[0]);
+  const PackLists pl{op, dl.dense, specs, a.stochastic_rounding ? c.state_steps : at::TensorList()};
+  Launches queued;
   for (const Group& group : plan_groups(op, dl, use_momentum ? 2 : -1, master, a.stochastic_rounding)) {
     const auto& idx = group.idx;
     const Layout& L = group.layout;
@@ -184,21 +184,25 @@ void sgd(const SgdCall& c) {
       Layout K = L;
       if (!use_momentum) K.state = Storage::kF32;
       dispatch_mixed(K, [&](auto ptag, auto stag) {
-        launch_sgd_mixed<typename decltype(ptag)::type, typename decltype(stag)::type>(
-            dl.dense, li, idx, c.buffer_is_new, c.state_steps, a.sr_ids, args, mx, stats, stream);
+        queue_sgd_mixed<typename decltype(ptag)::type, typename decltype(stag)::type>(
+            pl, li, idx, c.buffer_is_new, a.sr_ids, args, mx, stats, stream, queued);
       });
       continue;
     }
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dl.dense[0][idx[0]].scalar_type(),
                                     "fused_wd_sgd", [&] {
       with_sgd_modes(args.step.decay, use_momentum, c.nesterov, [&](auto decay, auto mom, auto nest) {
-        launch_sgd<scalar_t, decltype(decay)::value, decltype(mom)::value, decltype(nest)::value>(
-            dl.dense, idx, c.buffer_is_new, args, stats, stream);
+        queue_sgd<scalar_t, decltype(decay)::value, decltype(mom)::value, decltype(nest)::value>(
+            pl, idx, c.buffer_is_new, args, stats, stream, queued);
       });
     });
   }
+  const std::vector<StepTable> steps = step_tables(pl);  // none without stochastic rounding
+  // every table packed and every storage checked: nothing refused can
+  // come after a launch
+  for (const auto& run : queued) run();
   stats.finish(args.step.prep, stream);
-  if (a.stochastic_rounding) increment_steps(c.state_steps, args.step.prep, stream);
+  increment_steps(steps, args.step.prep, stream);
   dl.write_back();
 }
 
