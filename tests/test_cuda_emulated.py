@@ -586,8 +586,8 @@ def test_refused_dtype_writes_nothing(emu, op):
 def test_freed_storage_is_refused_and_writes_nothing(emu, which):
     """A tensor whose storage was freed after it was made (resized to 0, as
     FSDP does to unsharded params) is refused, naming the list and index,
-    before anything is written, on both backends (the CUDA code launches
-    table by table, so the check comes before the first launch)."""
+    before anything is written, on both backends (the CUDA code checks the
+    storages while it packs, and packs every table before the first launch)."""
     for name, ops in backends(emu):
         gen = torch.Generator().manual_seed(17)
         spec = adam_spec(torch.float32, gen, shapes=[(40,), (3,), (7,)])
