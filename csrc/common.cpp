@@ -91,13 +91,13 @@ bool same_state_dtype_at(const std::vector<ListSpec>& lists, size_t i) {
   return true;
 }
 
-// check_step's predicate.
-bool step_ok(const at::Tensor& s, const at::Device& device, bool storages) {
+// check_step's predicate, but for the storage (see checked_dense).
+bool step_ok(const at::Tensor& s, const at::Device& device) {
   const at::TensorImpl* t = s.unsafeGetTensorImpl();
   if (!s.defined() || t->layout() != at::kStrided || t->numel() != 1 || t->device() != device)
     return false;
   const at::ScalarType st = t->dtype().toScalarType();
-  return (st == at::kFloat || st == at::kDouble) && (!storages || storage_fits(t));
+  return st == at::kFloat || st == at::kDouble;
 }
 
 // Whether entry i of the lists goes to the kernels as it is (see DenseLists).
@@ -464,8 +464,7 @@ DenseLists make_dense(const std::vector<ListSpec>& lists) {
   return out;
 }
 
-bool lists_ready(const std::vector<ListSpec>& lists, at::TensorList steps, c10::DeviceType device_type,
-                 bool storages) {
+bool lists_ready(const std::vector<ListSpec>& lists, at::TensorList steps, c10::DeviceType device_type) {
   const size_t n = lists[0].tensors.size();
   for (const auto& l : lists)
     if (l.tensors.size() != n && !(l.optional && l.tensors.empty())) return false;
@@ -474,17 +473,17 @@ bool lists_ready(const std::vector<ListSpec>& lists, at::TensorList steps, c10::
   const at::Device device = lists[0].tensors[0].device();
   if (device.type() != device_type) return false;
   for (size_t i = 0; i < n; ++i) {
-    prefetch_entry(lists, steps, i, storages);
-    if (!entry_checks_ok(lists, i, device, storages) || !same_state_dtype_at(lists, i) ||
-        (!steps.empty() && !step_ok(steps[i], device, storages)) || !direct_entry(lists, i))
+    prefetch_entry(lists, steps, i, false);
+    if (!entry_checks_ok(lists, i, device, false) || !same_state_dtype_at(lists, i) ||
+        (!steps.empty() && !step_ok(steps[i], device)) || !direct_entry(lists, i))
       return false;
   }
   return true;
 }
 
 DenseLists checked_dense(const char* op, const std::vector<ListSpec>& lists, at::TensorList steps,
-                         bool with_steps, c10::DeviceType device_type, bool storages_later) {
-  if (lists_ready(lists, with_steps ? steps : at::TensorList(), device_type, !storages_later) &&
+                         bool with_steps, c10::DeviceType device_type) {
+  if (lists_ready(lists, with_steps ? steps : at::TensorList(), device_type) &&
       (!with_steps || !steps.empty())) {
     DenseLists out;
     out.dense.reserve(lists.size());

@@ -239,32 +239,40 @@ DenseLists make_dense(const std::vector<ListSpec>& lists);
 // empty) check_steps passes and every entry goes to the kernels as it is
 // (make_dense would copy nothing): one pass over the entries that builds
 // no message. False for an empty params list.
-bool lists_ready(const std::vector<ListSpec>& lists, at::TensorList steps, c10::DeviceType device_type,
-                 bool storages);
+// It leaves the storages unread (see checked_dense).
+bool lists_ready(const std::vector<ListSpec>& lists, at::TensorList steps, c10::DeviceType device_type);
 
 // The lists checked (check_lists, check_same_state_dtype and, with_steps,
 // check_steps) and made dense (make_dense): with lists_ready's one pass
 // when it says yes, which is every step but a bad or an unusual one; else
 // the checks, whose errors say which list, index and what, then make_dense.
-// storages_later: the one pass leaves the storages unread (storage_fits),
-// and the caller checks every tensor it reads the data of before it writes
-// anything (check_storage); the slow path checks them in any case.
+// The one pass leaves the storages unread (storage_fits): the caller
+// checks each tensor it reads the data of (held) before it writes anything,
+// in the pass that reads the storages anyway (the CPU gather, the CUDA
+// pack); the slow path checks them in any case.
 DenseLists checked_dense(const char* op, const std::vector<ListSpec>& lists, at::TensorList steps,
-                         bool with_steps, c10::DeviceType device_type, bool storages_later = false);
+                         bool with_steps, c10::DeviceType device_type);
 
 // Whether t's storage holds every element t reaches (its offset plus
 // (size - 1) * stride per dimension): a storage resized or freed after the
 // tensor was made (FSDP frees its unsharded params' storages so) holds
 // fewer, and the kernels would read and write past it. check_lists and
-// check_steps refuse such a tensor, and so does checked_dense's one pass
-// unless the caller checks the storages itself (storages_later: the CPU
-// gather and the CUDA pack, which read them anyway, before anything is
-// written; CUDA packs every table of a call before its first launch).
+// check_steps refuse such a tensor; after checked_dense's one pass, `held`
+// does (the CPU gather, and the CUDA pack, which packs every table of a
+// call before its first launch).
 bool storage_fits(const at::TensorImpl* t);
 
 // The error for list `name`'s entry i when storage_fits refuses it (which
 // names the sizes); nothing when it fits.
 void check_storage(const char* op, const char* name, size_t i, const at::Tensor& t);
+
+// t, entry i of list `name`, once its storage is found to hold it (else
+// check_storage's error): what a pass that reads data pointers after
+// checked_dense asks of each tensor before anything is written.
+inline const at::Tensor& held(const char* op, const char* name, size_t i, const at::Tensor& t) {
+  if (!storage_fits(t.unsafeGetTensorImpl())) check_storage(op, name, i, t);
+  return t;
+}
 
 // The storage of a dtype the kernels take (float32/64, float16, bfloat16);
 // an error naming `what` for any other.

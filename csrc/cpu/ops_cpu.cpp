@@ -197,14 +197,6 @@ void parallel_items(const std::vector<Item>& items, F f) {
 void* ptr(const at::Tensor& t) { return t.numel() ? data_of(t) : nullptr; }
 const void* cptr(const at::Tensor& t) { return t.numel() ? const_data_of(t) : nullptr; }
 
-// t, entry i of list `name`, after checking that its storage holds it
-// (checked_dense leaves that to the gather, which reads the storages
-// anyway: storages_later).
-const at::Tensor& fitted(const char* op, const char* name, size_t i, const at::Tensor& t) {
-  if (!storage_fits(t.unsafeGetTensorImpl())) check_storage(op, name, i, t);
-  return t;
-}
-
 // Asks for the first elements of a one-item tensor's streams (its item is
 // then all of it, or most): with thousands of tiny tensors each one's data
 // is a cache miss of its own, and the kernels' prefetch (for_blocks) only
@@ -420,7 +412,7 @@ void adam(const AdamCall& c) {
                                        {"exp_avg_sqs", c.exp_avg_sqs, true, false, kDtypeState},
                                        {"max_exp_avg_sqs", c.max_exp_avg_sqs, true, true, kDtypeState},
                                        {"master_params", c.master_params, true, true, kDtypeMaster}};
-  DenseLists d = checked_dense(op, lists, c.state_steps, true, c10::DeviceType::CPU, true);
+  DenseLists d = checked_dense(op, lists, c.state_steps, true, c10::DeviceType::CPU);
   check_stats(op, a, n, n ? c.params[0].device() : at::Device(at::kCPU), true);
   const StepPrep sp = prepare(op, a);
   const bool master = !c.master_params.empty();
@@ -444,13 +436,13 @@ void adam(const AdamCall& c) {
   for (size_t i = 0; i < n; ++i) {
     for (const auto& l : d.dense) prefetch_with_storage(l, i);
     prefetch_with_storage(c.state_steps, i);
-    counters[i] = Counter(fitted(op, "state_steps", i, c.state_steps[i]));
+    counters[i] = Counter(held(op, "state_steps", i, c.state_steps[i]));
     ts[i] = counters[i].next();
     layouts[i] = layout_of(c.params[i], c.exp_avgs[i], i, ts[i]);
-    ptrs[i] = Ptrs{ptr(fitted(op, "params", i, P[i])), cptr(fitted(op, "grads", i, G[i])),
-                   master ? ptr(fitted(op, "master_params", i, MP[i])) : nullptr,
-                   ptr(fitted(op, "exp_avgs", i, M[i])), ptr(fitted(op, "exp_avg_sqs", i, V[i])),
-                   c.amsgrad ? ptr(fitted(op, "max_exp_avg_sqs", i, VM[i])) : nullptr};
+    ptrs[i] = Ptrs{ptr(held(op, "params", i, P[i])), cptr(held(op, "grads", i, G[i])),
+                   master ? ptr(held(op, "master_params", i, MP[i])) : nullptr,
+                   ptr(held(op, "exp_avgs", i, M[i])), ptr(held(op, "exp_avg_sqs", i, V[i])),
+                   c.amsgrad ? ptr(held(op, "max_exp_avg_sqs", i, VM[i])) : nullptr};
     add_items(items, i, P[i].numel());
   }
   if (sp.skip || n == 0) return;
@@ -513,8 +505,7 @@ void sgd(const SgdCall& c) {
                                        {"grads", c.grads, false, false},
                                        {"momentum_buffers", c.momentum_buffers, true, true, kDtypeState},
                                        {"master_params", c.master_params, true, true, kDtypeMaster}};
-  DenseLists d = checked_dense(op, lists, c.state_steps, a.stochastic_rounding, c10::DeviceType::CPU,
-                               true);
+  DenseLists d = checked_dense(op, lists, c.state_steps, a.stochastic_rounding, c10::DeviceType::CPU);
   check_stats(op, a, n, n ? c.params[0].device() : at::Device(at::kCPU), true);
   const StepPrep sp = prepare(op, a);
   const bool master = !c.master_params.empty();
@@ -534,16 +525,16 @@ void sgd(const SgdCall& c) {
     prefetch_with_storage(c.state_steps, i);
     double t = 0.0;
     if (a.stochastic_rounding) {
-      counters[i] = Counter(fitted(op, "state_steps", i, c.state_steps[i]));
+      counters[i] = Counter(held(op, "state_steps", i, c.state_steps[i]));
       t = counters[i].next();
     }
     // without momentum there is no state: the layout's state storage is the
     // master's (or the param's)
     const at::Tensor& state = mom ? c.momentum_buffers[i] : master ? c.master_params[i] : c.params[i];
     layouts[i] = layout_of(c.params[i], state, i, t);
-    ptrs[i] = Ptrs{ptr(fitted(op, "params", i, P[i])), cptr(fitted(op, "grads", i, G[i])),
-                   master ? ptr(fitted(op, "master_params", i, MP[i])) : nullptr,
-                   mom ? ptr(fitted(op, "momentum_buffers", i, B[i])) : nullptr, nullptr, nullptr};
+    ptrs[i] = Ptrs{ptr(held(op, "params", i, P[i])), cptr(held(op, "grads", i, G[i])),
+                   master ? ptr(held(op, "master_params", i, MP[i])) : nullptr,
+                   mom ? ptr(held(op, "momentum_buffers", i, B[i])) : nullptr, nullptr, nullptr};
     add_items(items, i, P[i].numel());
   }
   if (sp.skip || n == 0) return;

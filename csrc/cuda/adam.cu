@@ -37,7 +37,7 @@ std::vector<StepTable> step_tables(const PackLists& pl) {
     }
     StepTable& tab = tables.back();
     const at::Tensor& s = pl.steps[i];
-    tab.step[tab.n] = held_data(pl.op, "state_steps", static_cast<int64_t>(i), s);
+    tab.step[tab.n] = data_of(held(pl.op, "state_steps", i, s));
     tab.is_double[tab.n] = s.scalar_type() == at::kDouble;
     ++tab.n;
   }
@@ -268,8 +268,8 @@ void adam(const AdamCall& c) {
     specs.push_back({"max_exp_avg_sqs", c.max_exp_avg_sqs, true, false, kDtypeState});
   }
   const bool master = add_master(specs, c.master_params, &li[5]);
-  // storages later: the pack checks them (PackLists)
-  DenseLists dl = checked_dense(op, specs, c.state_steps, true, kDeviceType, true);
+  // the storages are checked in the pack (PackLists)
+  DenseLists dl = checked_dense(op, specs, c.state_steps, true, kDeviceType);
   if (c.params.empty()) return;
   check_stats(op, a, c.params.size(), c.params[0].device(), true);
   const Launch on(op, c.params, a);

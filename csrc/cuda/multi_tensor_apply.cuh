@@ -76,24 +76,17 @@ struct Entry {
 
 // What an update call packs: its dense lists (checked_dense), their names
 // (the call's ListSpecs, in the same order) and its step counters. The
-// checks pass leaves the storages to the pack (checked_dense's
-// storages_later): each tensor is checked to hold its data (storage_fits)
-// where the pack reads its data pointer, and every table of the call is
-// packed before its first launch, so a refused tensor writes nothing. The
-// storages are then read once a step, as in the CPU gather.
+// checks pass leaves the storages to the pack: each tensor is checked to
+// hold its data (`held`) where the pack reads its data pointer, and every
+// table of the call is packed before its first launch, so a refused tensor
+// writes nothing. The storages are then read once a step, as in the CPU
+// gather.
 struct PackLists {
   const char* op;
   const std::vector<at::TensorList>& dense;
   const std::vector<ListSpec>& specs;
   at::TensorList steps;
 };
-
-// The data pointer of t, entry i of the list `name`, once its storage is
-// found to hold it (else the error naming the list and the index).
-inline void* held_data(const char* op, const char* name, int64_t i, const at::Tensor& t) {
-  if (!storage_fits(t.unsafeGetTensorImpl())) check_storage(op, name, static_cast<size_t>(i), t);
-  return data_of(t);
-}
 
 // The entry of tensor i of the dense lists: the params' (dense[0]) element
 // count and, for each d, the pointer of list li[d] (-1: none, a null
@@ -107,8 +100,9 @@ Entry<DEPTH> entry_of(const PackLists& pl, int64_t i, const int (&li)[DEPTH]) {
   Entry<DEPTH> e;
   e.numel = pl.dense[0][i].numel();
   for (int d = 0; d < DEPTH; ++d)
-    e.ptr[d] = (e.numel && li[d] >= 0) ? held_data(pl.op, pl.specs[li[d]].name, i, pl.dense[li[d]][i])
-                                       : nullptr;
+    e.ptr[d] = (e.numel && li[d] >= 0)
+                   ? data_of(held(pl.op, pl.specs[li[d]].name, static_cast<size_t>(i), pl.dense[li[d]][i]))
+                   : nullptr;
   return e;
 }
 
@@ -126,7 +120,7 @@ template <int DEPTH>
 void set_step(Entry<DEPTH>& e, const PackLists& pl, int64_t i) {
   prefetch_with_storage(pl.steps, static_cast<size_t>(i));
   const at::Tensor& step = pl.steps[i];
-  e.step = held_data(pl.op, "state_steps", i, step);
+  e.step = data_of(held(pl.op, "state_steps", static_cast<size_t>(i), step));
   e.step_f64 = step.scalar_type() == at::kDouble;
 }
 
@@ -143,7 +137,9 @@ template <int DEPTH, typename Get>
 std::vector<Packed<DEPTH>> pack_tables(int64_t count, Get&& get) {
   using Table = ChunkTable<DEPTH>;
   std::vector<Packed<DEPTH>> out;
-  out.reserve(static_cast<size_t>(count / Table::kMax + 1));  // no table copied as it grows
+  // room for the tables the table size asks for: none is copied as the
+  // vector grows (unless the chunk count splits one more)
+  out.reserve(static_cast<size_t>(count / Table::kMax + 1));
   Table* tab = nullptr;
   int64_t chunks = 0;
   for (int64_t k = 0; k < count; ++k) {

@@ -163,8 +163,8 @@ void sgd(const SgdCall& c) {
   }
   int li[4] = {0, 1, use_momentum ? 2 : -1, -1};
   const bool master = add_master(specs, c.master_params, &li[3]);
-  // storages later: the pack checks them (PackLists)
-  DenseLists dl = checked_dense(op, specs, c.state_steps, a.stochastic_rounding, kDeviceType, true);
+  // the storages are checked in the pack (PackLists)
+  DenseLists dl = checked_dense(op, specs, c.state_steps, a.stochastic_rounding, kDeviceType);
   if (c.params.empty()) return;
   check_stats(op, a, c.params.size(), c.params[0].device(), true);
   const Launch on(op, c.params, a);
