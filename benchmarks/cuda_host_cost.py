@@ -57,18 +57,6 @@ def call_kwargs(optim, count, gen):
     return kw, grads
 
 
-def kept(ns, name, kwargs):
-    """A KeptCall of torch.ops.<ns>.<name> holding kwargs: its run() calls the
-    op through the dispatcher with no Python argument parsing, as the
-    optimizers' steady steps do."""
-    schema = getattr(getattr(torch.ops, ns), name).default._schema
-    types = {a.name: str(a.type) for a in schema.arguments}
-    call = torch.classes.fused_wd.KeptCall(schema.name)
-    for key, value in kwargs.items():
-        getattr(call, _ops._KEPT_SETTERS[types[key]])(key, value)
-    return call
-
-
 @torch.no_grad()  # as the optimizers' steps
 def measure(count, optim, rounds, namespaces, evict_mib=64):
     """{namespace: [seconds per call]}, the namespaces' ops interleaved."""
@@ -76,7 +64,7 @@ def measure(count, optim, rounds, namespaces, evict_mib=64):
     runs = {}
     for k, ns in enumerate(namespaces):
         kw, grads = call_kwargs(optim, count, torch.Generator().manual_seed(k))
-        runs[ns] = (kept(ns, name, kw), [_ops.CppList(g) for g in grads], kw["params"][0])
+        runs[ns] = (_ops.kept_call(name, kw, namespace=ns), [_ops.CppList(g) for g in grads], kw["params"][0])
     before = {ns: runs[ns][2].clone() for ns in namespaces}
     other = torch.zeros(evict_mib << 18)  # float32: 4 bytes each
     times = {ns: [] for ns in namespaces}

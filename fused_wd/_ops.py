@@ -195,13 +195,15 @@ _KEPT_SETTERS = {"List[Tensor]": "tensors", "Optional[Tensor]": "tensor", "float
                  "bool": "boolean", "List[int]": "integers", "List[bool]": "booleans"}
 
 
-def kept_call(op_name, kwargs):
-    """A torch.classes.fused_wd.KeptCall of torch.ops.fused_wd.<op_name>
+def kept_call(op_name, kwargs, namespace="fused_wd"):
+    """A torch.classes.fused_wd.KeptCall of torch.ops.<namespace>.<op_name>
     holding these keyword arguments: kept.run(lr, grad_norm) then calls the
     op with them (lr and grad_norm as given), with no Python argument
-    parsing. Each value is set by its schema type, which the class checks."""
+    parsing. Each value is set by its schema type, which the class checks.
+    (namespace: fused_wd_emu for the host build of the CUDA ops, which
+    benchmarks/cuda_host_cost.py times.)"""
     _ext.require()
-    schema = getattr(torch.ops.fused_wd, op_name).default._schema
+    schema = getattr(getattr(torch.ops, namespace), op_name).default._schema
     types = {a.name: str(a.type) for a in schema.arguments}
     kept = torch.classes.fused_wd.KeptCall(schema.name)
     for name, value in kwargs.items():
