@@ -56,6 +56,9 @@ def _holds(rec, t):
 
 _version_of = operator.attrgetter("_version")
 _ptr_of = operator.methodcaller("data_ptr")
+_grad_of = operator.attrgetter("grad")
+_deref = operator.methodcaller("__call__")
+_rec_source, _rec_version, _rec_ptr, _rec_norm_type = map(operator.itemgetter, range(4))
 
 
 class _Selection:
@@ -369,13 +372,17 @@ class NormSlots(_StatsMixin):
         """The norm over entries (the view of each param's grad, or None for
         one that does not count here), as a float32 0-dim tensor: slots
         proven current are reused, the others written now. entries None:
-        each param's own grad, read by the op (a step whose grads
-        grads_ready accepted; no hooks)."""
+        each param's own grad (a step whose grads grads_ready accepted):
+        without hooks read by the op, with hooks proven in bulk
+        (_all_proven) or, failing that, one by one."""
         slot_of = self._layout()
-        if entries is None and self._hooks:
-            raise RuntimeError("fused_wd: the norm of the params' own grads is only taken without norm hooks")
         if not self._hooks:
             return self._norm_at_step(slot_of, params, entries, norm_type)
+        if entries is None:
+            proven = self._all_proven(params, norm_type)
+            if proven is not None:
+                return proven
+            entries = [self._view(g) for g in map(_grad_of, params)]
         by_dev = {}
         for p, e in zip(params, entries):
             dev, slot = slot_of[id(p)]
@@ -390,6 +397,33 @@ class NormSlots(_StatsMixin):
             norms.append(self._device_norm(dev, items, norm_type, plain_reduced))
         self._armed = (norm_type, plain_reduced)
         return _ops.combine_device_norms(norms, norm_type)
+
+    def _all_proven(self, params, norm_type):
+        """norm() of the params' own grads (a step whose grads grads_ready
+        accepted: every param has a plain dense grad) when every slot of
+        every device belongs to one of them and holds the part of its grad
+        as it is now, else None. The proof _current makes per param, in C
+        loops over the lists: the same grad objects (weak references: a grad
+        freed and another made at its address is not the same), the same
+        version counters and data pointers, the same norm type."""
+        plain_reduced = _dist.plain_grads_reduced()
+        if plain_reduced or len(params) != len(self._layout()):
+            return None
+        for dev in list(self._pending):
+            self._flush(dev, norm_type)
+        recs = list(map(self._records.get, map(id, params)))
+        if any(map(operator.is_, recs, itertools.repeat(None))):
+            return None
+        grads = list(map(_grad_of, params))
+        if not (all(map(operator.is_, map(_deref, map(_rec_source, recs)), grads))
+                and list(map(_rec_version, recs)) == list(map(_version_of, grads))
+                and list(map(_rec_ptr, recs)) == list(map(_ptr_of, grads))
+                and all(map(operator.eq, map(_rec_norm_type, recs), itertools.repeat(norm_type)))):
+            return None
+        self.counts["from_backward"] += len(params)
+        self._armed = (norm_type, plain_reduced)
+        return _ops.combine_device_norms([_ops.norm_from_partials(self._buffer(dev), norm_type)
+                                          for dev in self._params_at], norm_type)
 
     def _norm_at_step(self, slot_of, params, entries, norm_type):
         """norm() without hooks: every part written now, one call per

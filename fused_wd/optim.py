@@ -562,7 +562,7 @@ class _Steady:
         if opt.__dict__.get("_plans") is not plans or plans.gen != opt._plan_gen() \
                 or not plans.unchanged(opt.state) \
                 or getattr(opt, "grad_scale", None) is not None or getattr(opt, "found_inf", None) is not None \
-                or opt._norm_slots.hooked or opt._norm_slots.tracking \
+                or opt._norm_slots.tracking \
                 or opt.param_groups is not self.groups or len(self.groups) != len(self.keys) \
                 or opt.defaults.get("lr") is not self.default_lr:
             return False
@@ -977,9 +977,10 @@ class _FusedOptimizer(Optimizer):
         auto_groups = [gi for gi, g in enumerate(self.param_groups) if g["weight_decay_mode"] in _AUTO_MODES]
         # Every group's plan holds and the ops may read each param's grad
         # themselves (grads None): no grad is touched in Python. Not with
-        # norm hooks or the automatic decay modes, which look at the grads.
+        # the automatic decay modes, which look at the grads. (Norm hooks'
+        # parts are proven against the grads in C loops: NormSlots.norm.)
         own = None
-        if plans is not None and not auto_groups and not self._norm_slots.hooked:
+        if plans is not None and not auto_groups:
             own = plans.own_grads(self, len(self.param_groups))
         if own is not None:
             per_group = [(plan, None) for plan in own]

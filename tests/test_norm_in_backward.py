@@ -133,6 +133,61 @@ def test_plain_loop_uses_the_backward_parts_and_matches_bitwise(device, opt_name
     assert stats == {"from_backward": 6 * STEPS, "at_step": 0}
 
 
+@pytest.fixture
+def bulk_proofs(monkeypatch):
+    """What each step's bulk proof (every param with a grad the ops may read
+    themselves: the parts proven in C loops, NormSlots._all_proven) gave:
+    True when it proved every part, False when it handed over to the proof
+    one param at a time."""
+    seen = []
+    real = fused_wd._norm_slots.NormSlots._all_proven
+
+    def spy(self, params, norm_type):
+        out = real(self, params, norm_type)
+        seen.append(out is not None)
+        return out
+
+    monkeypatch.setattr(fused_wd._norm_slots.NormSlots, "_all_proven", spy)
+    return seen
+
+
+def with_branch(model, opt, s):
+    """Every param gets a grad (the branch too)."""
+    opt.zero_grad()
+    loss_fn(model, s, next(model.parameters()).device, use_branch=True).backward()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("opt_name", ["adamw", "sgd_nesterov"])
+def test_every_param_with_a_grad_is_proven_in_bulk(device, opt_name, bulk_proofs):
+    """Once the step's plan holds (from the second step; SGD's from the third,
+    after its momentum buffers exist), the ops read the grads themselves and
+    the parts are proven in bulk."""
+    stats = both(with_branch, device, opt_name=opt_name)
+    assert stats == {"from_backward": 8 * STEPS, "at_step": 0}
+    assert len(bulk_proofs) >= STEPS - 2 and all(bulk_proofs)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("change", ["in place", "a view of the same grad", "replaced"])
+def test_a_bulk_proof_that_fails_hands_over_per_param(device, change, read_at_once, bulk_proofs):
+    """A grad changed after backward fails the bulk proof, and only its part
+    is computed again. A view of the same grad (same storage, same version
+    counter) is another object: not proven either."""
+    def loop(model, opt, s):
+        with_branch(model, opt, s)
+        g = model.b.weight.grad
+        if change == "in place":
+            g.mul_(3.0)
+        elif change == "a view of the same grad":
+            model.b.weight.grad = g.view_as(g)
+        else:
+            model.b.weight.grad = g * 3.0
+
+    assert both(loop, device) == {"from_backward": 7 * STEPS, "at_step": STEPS}
+    assert bulk_proofs == [False] * (STEPS - 1)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_large_and_many_small_params(device):
     """A param above the batch size (its part written at once) and more small
