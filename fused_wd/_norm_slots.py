@@ -30,6 +30,12 @@ _CppList = _ops.CppList
 # step. Larger grads are read at once.
 _BATCH_ELEMS = 1 << 20
 _BATCH_COUNT = 256
+# Params under this many elements get a hook that only notes that backward
+# finished their grad: a set's add, which runs no Python frame (about 0.1 us,
+# where a Python hook costs 2-6 us in a real backward: more than reading such
+# a grad). Their parts are read with the next larger param's batch, or at the
+# step, where the op reads their grads itself.
+_HOOK_READ_MIN = 1 << 15
 
 
 class _Absent:
@@ -239,6 +245,9 @@ class NormSlots(_StatsMixin):
         self._opt = weakref.ref(optimizer)
         self._view = view
         self._hooks = {}
+        # the params the small hooks noted (see _HOOK_READ_MIN); their hooks
+        # hold this set's add, so it is only ever cleared, never replaced
+        self._noted = set()
         self.counts = {"from_backward": 0, "at_step": 0}
         # statistics of the update pass (see "Statistics" below): off until
         # something reads them, then every step's ops write them
@@ -304,20 +313,41 @@ class NormSlots(_StatsMixin):
         self.arm(opt._clip_norm_type())
         for p in params:
             if id(p) not in self._hooks and p.requires_grad and p.is_leaf:
-                self._hooks[id(p)] = p.register_post_accumulate_grad_hook(self._hook)
+                hook = self._hook if self._view(p).numel() >= _HOOK_READ_MIN else self._noted.add
+                self._hooks[id(p)] = p.register_post_accumulate_grad_hook(hook)
 
     def remove(self):
         for h in self._hooks.values():
             h.remove()
         self._hooks.clear()
+        self._noted.clear()
         self.invalidate()
 
     def _hook(self, p):
+        """The hook of a param of _HOOK_READ_MIN elements or more: its part
+        and those of the params noted since the last one go into the
+        batches."""
         norm_type, plain_reduced = self._armed
+        if norm_type is None:
+            self._noted.clear()
+            return
+        if self._noted:
+            self._take_noted(norm_type, plain_reduced)
+        self._take(p, norm_type, plain_reduced)
+
+    def _take_noted(self, norm_type, plain_reduced):
+        noted = list(self._noted)
+        self._noted.clear()
+        for p in noted:
+            self._take(p, norm_type, plain_reduced)
+
+    def _take(self, p, norm_type, plain_reduced):
+        """Puts p's part in its device's batch, or writes it at once (a large
+        grad)."""
         g = p.grad
         # DDP all-reduces the grads after this hook: a part read now would be
         # this rank's alone, so the step computes it (see the README)
-        if norm_type is None or g is None or (plain_reduced and not _dist.is_dtensor(p)):
+        if g is None or (plain_reduced and not _dist.is_dtensor(p)):
             return
         slot_of = self._layout()
         e = self._view(g)
@@ -391,6 +421,8 @@ class NormSlots(_StatsMixin):
                 return self.norm(params, entries, norm_type)
             by_dev.setdefault(dev, []).append((p, e, slot))
         plain_reduced = _dist.plain_grads_reduced()
+        if self._noted:
+            self._take_noted(norm_type, plain_reduced)
         norms = []
         for dev, items in by_dev.items():
             self._flush(dev, norm_type)
@@ -401,33 +433,62 @@ class NormSlots(_StatsMixin):
     def _all_proven(self, params, norm_type):
         """norm() of the params' own grads (a step whose grads grads_ready
         accepted: every param has a plain dense grad) when every slot of
-        every device belongs to one of them and holds the part of its grad
-        as it is now, else None. The proof _current makes per param, in C
-        loops over the lists: the same grad objects (weak references: a grad
-        freed and another made at its address is not the same), the same
-        version counters and data pointers, the same norm type."""
+        every device belongs to one of them and each part is current: the
+        noted params' parts are read now, by the op, and every other part
+        is proven as _current proves it, in C loops over the lists: the same
+        grad objects (weak references: a grad freed and another made at its
+        address is not the same), version counters, data pointers and norm
+        type. Else None, with nothing read."""
+        slot_of = self._layout()
         plain_reduced = _dist.plain_grads_reduced()
-        if plain_reduced or len(params) != len(self._layout()):
+        if plain_reduced or len(params) != len(slot_of):
             return None
         for dev in list(self._pending):
             self._flush(dev, norm_type)
-        recs = list(map(self._records.get, map(id, params)))
+        if len(self._noted) == len(params):  # every param noted (noted ones are the layout's): all read now
+            self._noted.clear()
+            self._records.clear()
+            return self._norm_at_step(slot_of, params, None, norm_type, count="from_backward")
+        noted = list(self._noted)
+        rest = params
+        if noted:
+            if len(self._params_at) != 1:
+                return None
+            ids = set(map(id, noted))
+            rest = list(itertools.compress(params, map(operator.not_, map(ids.__contains__, map(id, params)))))
+        recs = list(map(self._records.get, map(id, rest)))
         if any(map(operator.is_, recs, itertools.repeat(None))):
             return None
-        grads = list(map(_grad_of, params))
+        grads = list(map(_grad_of, rest))
         if not (all(map(operator.is_, map(_deref, map(_rec_source, recs)), grads))
                 and list(map(_rec_version, recs)) == list(map(_version_of, grads))
                 and list(map(_rec_ptr, recs)) == list(map(_ptr_of, grads))
                 and all(map(operator.eq, map(_rec_norm_type, recs), itertools.repeat(norm_type)))):
             return None
+        if noted:
+            (dev,) = self._params_at
+            slots = list(map(operator.itemgetter(1), map(slot_of.__getitem__, map(id, noted))))
+            ts = noted + [None]
+            if _CppList is not None:  # as _norm_at_step: no conversion per element
+                ts, slots = _CppList(ts), _CppList(slots)
+            ts.pop()
+            try:
+                _ops.norm_partials_(ts, self._buffer(dev), slots, norm_type, of_grads=True)
+            except RuntimeError:
+                return None  # a noted param moved to another device: norm() finds it
+            self._noted.clear()
+            # read now, from the grads as they are: no proof needed, and an
+            # older record must not vouch for them later
+            list(map(self._records.pop, map(id, noted), itertools.repeat(None)))
         self.counts["from_backward"] += len(params)
         self._armed = (norm_type, plain_reduced)
         return _ops.combine_device_norms([_ops.norm_from_partials(self._buffer(dev), norm_type)
                                           for dev in self._params_at], norm_type)
 
-    def _norm_at_step(self, slot_of, params, entries, norm_type):
+    def _norm_at_step(self, slot_of, params, entries, norm_type, count="at_step"):
         """norm() without hooks: every part written now, one call per
-        device, no records (the default path, kept cheap per param: the
+        device, no records, counted under `count` (the default path, and
+        the hooked one when every param was only noted; kept cheap per param: the
         split of the same params as the last call, under the same layout,
         is reused after one identity check per param)."""
         memo = self._at_step
@@ -478,7 +539,7 @@ class NormSlots(_StatsMixin):
                     return self.norm(params, entries, norm_type)
                 raise
             norms.append(_ops.norm_from_partials(self._buffer(dev), norm_type))
-        self.counts["at_step"] += len(entries) if of_grads else \
+        self.counts[count] += len(entries) if of_grads else \
             sum(map(operator.is_not, entries, itertools.repeat(None)))
         return _ops.combine_device_norms(norms, norm_type)
 

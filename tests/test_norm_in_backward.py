@@ -109,10 +109,12 @@ def both(loop, device, **kw):
 
 @pytest.fixture
 def read_at_once(monkeypatch):
-    """The hooks read every grad at once instead of batching the small ones
-    (which are then read at the step, after any change): a change after
-    backward then meets a part already read, and the step must notice."""
+    """The hooks read every grad at once instead of noting the small ones and
+    batching them (which are then read at the step, after any change): a
+    change after backward then meets a part already read, and the step must
+    notice."""
     monkeypatch.setattr(fused_wd._norm_slots, "_BATCH_ELEMS", 1)
+    monkeypatch.setattr(fused_wd._norm_slots, "_HOOK_READ_MIN", 1)
 
 
 def n_params(opt):
@@ -208,6 +210,30 @@ def test_large_and_many_small_params(device):
 
     stats = both(loop, device, model_fn=build)
     assert stats == {"from_backward": (6 + 2 + 300) * STEPS, "at_step": 0}
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_small_grads_are_noted_and_large_ones_read_in_backward(device):
+    """With the default sizes: the params under _HOOK_READ_MIN elements are
+    only noted by their hooks (read later, so an edit after backward is
+    simply read), and a grad of _BATCH_ELEMS or more is read by its own hook
+    during backward (so an edit after backward must be caught)."""
+    def build(model):
+        model.big = torch.nn.Linear(16, 70_000).to(device)   # 1.1M elements
+        return model
+
+    def loop(model, opt, s):
+        opt.zero_grad()
+        x, y = data(s, device)
+        extra = model.big(torch.tanh(model.a(x))).square().mean() * 1e-3
+        (torch.nn.functional.mse_loss(model(x), y) + extra).backward()
+        model.big.weight.grad.mul_(0.5)
+        model.b.weight.grad.mul_(3.0)
+
+    small = fused_wd._norm_slots._HOOK_READ_MIN
+    assert 16 * 16 < small <= 16 * 70_000
+    stats = both(loop, device, model_fn=build)
+    assert stats == {"from_backward": (6 + 1) * STEPS, "at_step": STEPS}
 
 
 @pytest.mark.parametrize("device", DEVICES)
