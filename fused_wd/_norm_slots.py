@@ -50,6 +50,10 @@ def _absent():
     return _ABSENT
 
 
+# the record of a param whose part was never read: it proves nothing
+_NO_RECORD = (_absent, -1, -1, None)
+
+
 def _record(t):
     return (_absent, 0, 0) if t is None else (weakref.ref(t), t._version, t.data_ptr())
 
@@ -383,13 +387,19 @@ class NormSlots(_StatsMixin):
         if queue:
             self._write(dev, list(queue.values()), norm_type)
 
-    def _current(self, p, e, norm_type, plain_reduced):
-        """Whether p's slot holds the partial of its grad as it is now (a
-        plain param's grad reduced after backward never does)."""
-        rec = self._records.get(id(p))
-        return (rec is not None and rec[3] == norm_type and rec[0]() is p.grad
-                and rec[1] == e._version and rec[2] == e.data_ptr()
-                and not (plain_reduced and not _dist.is_dtensor(p)))
+    def _proofs(self, params, grads, views, norm_type):
+        """Per param, whether its slot holds the part of its grad as it is
+        now: its record names this grad object (a weak reference: a grad
+        freed and another made at its address is not the same), the version
+        counter and data pointer of its view (`views`: what was read, the
+        local shard of a DTensor) and the norm type. In C loops over the
+        lists. (Under DDP a plain param's part is never current: the
+        callers see to that.)"""
+        recs = list(map(self._records.get, map(id, params), itertools.repeat(_NO_RECORD)))
+        return list(map(all, zip(map(operator.is_, map(_deref, map(_rec_source, recs)), grads),
+                                 map(operator.eq, map(_rec_version, recs), map(_version_of, views)),
+                                 map(operator.eq, map(_rec_ptr, recs), map(_ptr_of, views)),
+                                 map(operator.eq, map(_rec_norm_type, recs), itertools.repeat(norm_type)))))
 
     # ----------------------------------------------------------------- step
 
@@ -435,10 +445,7 @@ class NormSlots(_StatsMixin):
         accepted: every param has a plain dense grad) when every slot of
         every device belongs to one of them and each part is current: the
         noted params' parts are read now, by the op, and every other part
-        is proven as _current proves it, in C loops over the lists: the same
-        grad objects (weak references: a grad freed and another made at its
-        address is not the same), version counters, data pointers and norm
-        type. Else None, with nothing read."""
+        is proven (_proofs). Else None, with nothing read."""
         slot_of = self._layout()
         plain_reduced = _dist.plain_grads_reduced()
         if plain_reduced or len(params) != len(slot_of):
@@ -456,14 +463,9 @@ class NormSlots(_StatsMixin):
                 return None
             ids = set(map(id, noted))
             rest = list(itertools.compress(params, map(operator.not_, map(ids.__contains__, map(id, params)))))
-        recs = list(map(self._records.get, map(id, rest)))
-        if any(map(operator.is_, recs, itertools.repeat(None))):
-            return None
         grads = list(map(_grad_of, rest))
-        if not (all(map(operator.is_, map(_deref, map(_rec_source, recs)), grads))
-                and list(map(_rec_version, recs)) == list(map(_version_of, grads))
-                and list(map(_rec_ptr, recs)) == list(map(_ptr_of, grads))
-                and all(map(operator.eq, map(_rec_norm_type, recs), itertools.repeat(norm_type)))):
+        # own grads are plain and real (grads_ready): each is its own view
+        if not all(self._proofs(rest, grads, grads, norm_type)):
             return None
         if noted:
             (dev,) = self._params_at
@@ -549,15 +551,20 @@ class NormSlots(_StatsMixin):
         ids = self._params_at[dev]
         seen = bytearray(len(ids))
         write, zero = [], []
-        reused = 0
+        present = []
         for p, e, slot in items:
             seen[slot] = 1
             if e is None:
                 zero.append(slot)
-            elif self._current(p, e, norm_type, plain_reduced):
-                reused += 1
             else:
-                write.append((p, p.grad, e, slot))
+                present.append((p, e, slot))
+        params = [p for p, _, _ in present]
+        grads = list(map(_grad_of, params))
+        proofs = self._proofs(params, grads, [e for _, e, _ in present], norm_type)
+        if plain_reduced:  # DDP rewrote the plain params' grads after their hooks
+            proofs = [ok and _dist.is_dtensor(p) for ok, p in zip(proofs, params)]
+        reused = sum(proofs)
+        write.extend((p, g, e, slot) for (p, e, slot), g, ok in zip(present, grads, proofs) if not ok)
         zero.extend(s for s in range(len(ids)) if not seen[s])
         for s in zero:
             self._records.pop(ids[s], None)
