@@ -10,7 +10,9 @@
 #      bf16, AdamW + clipping; torch for-loop, foreach and fused with clip_grad_norm_,
 #      fused_wd.reference, fused_wd): bench/report.md, bench/results.json; then the host
 #      cost per tensor of the step at 100 and 10,000 tiny tensors (--preset overhead,
-#      AdamW and SGD, against torch fused): bench/overhead.md;
+#      AdamW and SGD, against torch fused): bench/overhead.md; then the norm in backward
+#      (fused_wd.bench.norm_backward: the 50M set's clipped step and the small GPT's iteration
+#      against the unclipped ones), its tables in gpu_verify.log;
 #   5. runs the rest of the suite (the CPU tests, on this machine's CPU) in the time left,
 #      appending to pytest.log: junit-cpu.xml;
 #   6. prints a summary table last. gpu_verify.log holds everything printed.
@@ -254,6 +256,18 @@ rc=$?
 mv "$out/overhead/report.md" "$out/bench/overhead.md" 2>/dev/null || rc=1
 rm -rf "$out/overhead"
 finish $rc "bench/overhead.md"
+
+begin "norm in backward"
+# issue 15: the clipped step and the small GPT's iteration with the norm gathered in backward,
+# against the unclipped ones (fused_wd.bench.norm_backward); its tables go to gpu_verify.log
+nb=(--dtype "fp32,bf16" --repeats 5 --warmup 1)
+if ((dry)); then
+  limited 120 "$PY" -m fused_wd.bench.norm_backward --device cpu --preset tiny "${nb[@]}"
+else
+  limited "$(limit 60 0)" "$PY" -m fused_wd.bench.norm_backward --device cuda --preset cpu-50m "${nb[@]}" \
+    --e2e-repeats 5
+fi
+finish $? "its tables are in gpu_verify.log"
 
 begin "CPU tests"
 if (($(limit 9999 0) >= 60)); then
