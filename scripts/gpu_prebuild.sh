@@ -4,7 +4,8 @@
 # in pyproject.toml, PyPI's CUDA 13 wheel, in the venv .ci/run keeps), for sm_90, with
 # its debug info stripped. The module is abi3: one build serves every Python that torch
 # supports. Then, on the GPU machine: scripts/gpu_verify.sh --prebuilt SO OUTDIR
-# (it checks that SO was built for the torch it finds, and builds there if not).
+# (it checks that SO was built from this tree's sources, SO.sources, and for the torch it
+# finds, and builds there if not).
 #
 # Usage: scripts/gpu_prebuild.sh SO [TORCH_VERSION]     e.g. .gpu/_C.abi3.so 2.11
 #   SO lands outside the package (say in a folder .git/info/exclude ignores), so that
@@ -34,5 +35,6 @@ assert C.with_cuda == 1 and C.torch_version == torch.__version__, (C.with_cuda, 
 print('built for torch', C.torch_version, 'with CUDA', torch.version.cuda)")
 mkdir -p "$(dirname "$so")"
 strip --strip-debug -o "$so" "$tmp/fused_wd/_C.abi3.so"
+sources_fingerprint >"$so.sources"  # gpu_verify uses SO only for the same sources
 echo "gpu_prebuild: $so ($(du -h "$so" | cut -f1)) in $(($(date +%s) - start)) s; on the GPU machine (carry its folder):"
 echo "  scripts/gpu_verify.sh --prebuilt $so OUTDIR"

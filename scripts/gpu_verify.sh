@@ -24,8 +24,9 @@
 #                  minutes (CI runs it): a CPU-only build in place, the suite and the
 #                  sanitizer tests collected, the benchmark's arguments on a tiny CPU run,
 #                  and the output layout (at most 8 files, at most 2 folders down).
-#   --prebuilt SO  use SO as fused_wd/_C.abi3.so when it is a build for this very
-#                  torch, with CUDA (without, for --dry-run); the module is abi3, so one
+#   --prebuilt SO  use SO as fused_wd/_C.abi3.so when it was built from these sources
+#                  (SO.sources, written by gpu_prebuild.sh) for this very torch, with
+#                  CUDA (without, for --dry-run); the module is abi3, so one
 #                  build serves every Python. Otherwise it says why and builds. This saves
 #                  the GPU machine the build's minutes.
 set -uo pipefail
@@ -151,8 +152,13 @@ assert C.with_cuda == $want, 'with_cuda is %d' % C.with_cuda"
 rc=1
 how=
 if [ -n "$prebuilt" ]; then
-  cp "$prebuilt" fused_wd/_C.abi3.so && module_ok && rc=0 && how="prebuilt $prebuilt"
-  ((rc)) && echo "gpu_verify: the prebuilt module is not usable here (above); building instead"
+  if [ "$(cat "$prebuilt.sources" 2>/dev/null)" != "$(sources_fingerprint)" ]; then
+    echo "gpu_verify: $prebuilt was not built from these sources ($prebuilt.sources: $(cat "$prebuilt.sources" \
+      2>/dev/null || echo missing), here: $(sources_fingerprint)); building instead"
+  else
+    cp "$prebuilt" fused_wd/_C.abi3.so && module_ok && rc=0 && how="prebuilt $prebuilt"
+    ((rc)) && echo "gpu_verify: the prebuilt module is not usable here (above); building instead"
+  fi
 fi
 if ((rc)); then
   limited "$(limit 300 170)" "$PY" setup.py -q build_ext --inplace

@@ -16,3 +16,10 @@ find_cuda_home() {
 torch_floor() {
   python3 -c "import re, tomllib; d = tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']; print(next(re.fullmatch(r'torch>=([0-9.]+)', x).group(1) for x in d if x.startswith('torch')))"
 }
+
+# Prints a fingerprint of what the compiled module is built from (every file under csrc/,
+# setup.py, pyproject.toml: their paths and contents), so that a module built elsewhere can
+# be matched with this tree. Needs no git: the GPU machine gets a copy of the tree.
+sources_fingerprint() {
+  find csrc setup.py pyproject.toml -type f -print0 | LC_ALL=C sort -z | xargs -0 sha256sum | sha256sum | cut -c1-32
+}
