@@ -6,10 +6,11 @@ buffer: its partial (sum of squares of its grad, or max |g| for inf). A step
 reduces the whole buffer in slot order, so the norm does not depend on when
 or in what order the partials were written. By default a step writes every
 partial itself. With `norm_in_backward=True`, a hook writes a param's partial
-as soon as backward has accumulated its grad, while the grad is still in
-cache, and the step rewrites only the partials it cannot prove current: the
-grad is then the same tensor object, with the same version counter and data
-pointer, as the one the hook read. A param without a grad on a step has a
+as soon as backward has accumulated its grad (a small param's hook only notes
+it, and its partial is read with a later batch or at the step), and the step
+rewrites only the partials it cannot prove current: the grad is then the same
+tensor object, with the same version counter and data pointer, as the one
+the hook read. A param without a grad on a step has a
 zero partial (x + 0 == x: it changes no bit of the sum or the max).
 """
 import functools
