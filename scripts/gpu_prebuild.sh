@@ -8,7 +8,7 @@
 # finds, and builds there if not).
 #
 # Usage: scripts/gpu_prebuild.sh SO [TORCH_VERSION]     e.g. .gpu/_C.abi3.so 2.11
-#   SO lands outside the package (say in a folder .git/info/exclude ignores), so that
+#   SO lands outside the package (say in .gpu/, which .gitignore ignores), so that
 #   it does not shadow this machine's own build.
 set -euo pipefail
 [ $# -ge 1 ] && [ $# -le 2 ] || { sed -n '/^# Usage/,/^[^#]/p' "$0" | sed '$d; s/^# \{0,1\}//' >&2; exit 2; }
