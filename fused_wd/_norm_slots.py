@@ -35,8 +35,8 @@ _BATCH_COUNT = 256
 # finished their grad: a set's add, which runs no Python frame (0.7-0.9 us a
 # hook in a real backward, torch's own cost of calling one, where a Python
 # hook costs 2-6 us: more than reading such a grad). Their parts are read
-# with the next larger param's batch, or at the
-# step, where the op reads their grads itself.
+# with the next larger param's batch, or at the step, where the op reads
+# their grads itself.
 _HOOK_READ_MIN = 1 << 15
 
 
