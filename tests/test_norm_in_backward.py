@@ -237,6 +237,25 @@ def test_small_grads_are_noted_and_large_ones_read_in_backward(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_gradient_accumulation_with_noted_params_taken_by_a_large_ones_hook(device):
+    """Default sizes, three micro-batches: small params noted in one
+    micro-batch are taken into a batch by the large param's hook of the
+    next, and their grads grow again before that batch is read."""
+    def build(model):
+        model.big = torch.nn.Linear(16, 70_000).to(device)
+        return model
+
+    def loop(model, opt, s):
+        opt.zero_grad()
+        for micro in range(3):
+            x, y = data(s, device, micro=micro)
+            extra = model.big(torch.tanh(model.a(x))).square().mean() * 1e-3
+            ((torch.nn.functional.mse_loss(model(x), y) + extra) / 3).backward()
+
+    assert both(loop, device, model_fn=build) == {"from_backward": (6 + 2) * STEPS, "at_step": 0}
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_gradient_accumulation(device):
     def loop(model, opt, s):
         opt.zero_grad()
