@@ -168,17 +168,18 @@ template <typename scalar_t, bool AMSGRAD, int DECAY>
 void queue_adam(const PackLists& pl, const std::vector<int64_t>& idx, const AdamArgs& args,
                 StatsPlan& stats, Stream stream, Launches& queued) {
   constexpr int D = AMSGRAD ? 5 : 4;
-  auto tables = pack_tables<D>(static_cast<int64_t>(idx.size()), [&](int64_t k) {
-    Entry<D> e = entry_of<D>(pl, idx[k]);
-    set_step(e, pl, idx[k]);
-    e.slot = stats.slot(idx[k]);
-    return e;
-  });
-  queued.push_back([tables = std::move(tables), &args, &stats, stream] {
-    for (const Packed<D>& t : tables)
-      launch(adam_kernel<scalar_t, AMSGRAD, DECAY>, t.nchunks, kThreads, stream, t.tab, args,
-             stats.next(t.tab, t.nchunks));
-  });
+  queue_tables<D>(
+      queued, static_cast<int64_t>(idx.size()),
+      [&](int64_t k) {
+        Entry<D> e = entry_of<D>(pl, idx[k]);
+        set_step(e, pl, idx[k]);
+        e.slot = stats.slot(idx[k]);
+        return e;
+      },
+      [&args, &stats, stream](const ChunkTable<D>& tab, int nchunks) {
+        launch(adam_kernel<scalar_t, AMSGRAD, DECAY>, nchunks, kThreads, stream, tab, args,
+               stats.next(tab, nchunks));
+      });
 }
 
 // ---------------------------------------------------- Adam, mixed precision
@@ -234,19 +235,20 @@ template <typename PT, typename ST, bool AMSGRAD>
 void queue_adam_mixed(const PackLists& pl, const int (&li)[6], const std::vector<int64_t>& idx,
                       at::IntArrayRef sr_ids, const AdamArgs& args, const MixedArgs& mx,
                       StatsPlan& stats, Stream stream, Launches& queued) {
-  auto tables = pack_tables<6>(static_cast<int64_t>(idx.size()), [&](int64_t k) {
-    const int64_t i = idx[k];
-    Entry<6> e = entry_of(pl, i, li);
-    set_step(e, pl, i);
-    e.id = mx.sr ? static_cast<uint32_t>(sr_ids[i]) : 0u;
-    e.slot = stats.slot(i);
-    return e;
-  });
-  queued.push_back([tables = std::move(tables), &args, mx, &stats, stream] {
-    for (const Packed<6>& t : tables)
-      launch(adam_mixed_kernel<PT, ST, AMSGRAD>, t.nchunks, kThreads, stream, t.tab, args, mx,
-             stats.next(t.tab, t.nchunks));
-  });
+  queue_tables<6>(
+      queued, static_cast<int64_t>(idx.size()),
+      [&](int64_t k) {
+        const int64_t i = idx[k];
+        Entry<6> e = entry_of(pl, i, li);
+        set_step(e, pl, i);
+        e.id = mx.sr ? static_cast<uint32_t>(sr_ids[i]) : 0u;
+        e.slot = stats.slot(i);
+        return e;
+      },
+      [&args, mx, &stats, stream](const ChunkTable<6>& tab, int nchunks) {
+        launch(adam_mixed_kernel<PT, ST, AMSGRAD>, nchunks, kThreads, stream, tab, args, mx,
+               stats.next(tab, nchunks));
+      });
 }
 
 }  // namespace

@@ -179,6 +179,16 @@ void for_each_table(int64_t count, Get&& get, Launch&& launch) {
 // run once every table is (PackLists).
 using Launches = std::vector<std::function<void()>>;
 
+// for_each_table with the launches put off: packs now, and queues
+// `launch(table, nchunks)` for each table (`launch` is kept: it must hold
+// what it uses by value or by reference to what outlives `queued`).
+template <int DEPTH, typename Get, typename Launch>
+void queue_tables(Launches& queued, int64_t count, Get&& get, Launch launch) {
+  queued.push_back([tables = pack_tables<DEPTH>(count, get), launch] {
+    for (const Packed<DEPTH>& t : tables) launch(t.tab, t.nchunks);
+  });
+}
+
 // Where block blockIdx.x works: tensor slot, first element, element count.
 struct ChunkPos {
   int t;

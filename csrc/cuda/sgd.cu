@@ -63,17 +63,18 @@ template <typename scalar_t, int DECAY, bool MOMENTUM, bool NESTEROV>
 void queue_sgd(const PackLists& pl, const std::vector<int64_t>& idx, const c10::List<bool>& is_new,
                const SgdArgs& args, StatsPlan& stats, Stream stream, Launches& queued) {
   constexpr int D = MOMENTUM ? 3 : 2;
-  auto tables = pack_tables<D>(static_cast<int64_t>(idx.size()), [&](int64_t k) {
-    Entry<D> e = entry_of<D>(pl, idx[k]);
-    e.flag = MOMENTUM && is_new.get(static_cast<size_t>(idx[k])) ? 1 : 0;
-    e.slot = stats.slot(idx[k]);
-    return e;
-  });
-  queued.push_back([tables = std::move(tables), &args, &stats, stream] {
-    for (const Packed<D>& t : tables)
-      launch(sgd_kernel<scalar_t, DECAY, MOMENTUM, NESTEROV>, t.nchunks, kThreads, stream, t.tab,
-             args, stats.next(t.tab, t.nchunks));
-  });
+  queue_tables<D>(
+      queued, static_cast<int64_t>(idx.size()),
+      [&](int64_t k) {
+        Entry<D> e = entry_of<D>(pl, idx[k]);
+        e.flag = MOMENTUM && is_new.get(static_cast<size_t>(idx[k])) ? 1 : 0;
+        e.slot = stats.slot(idx[k]);
+        return e;
+      },
+      [&args, &stats, stream](const ChunkTable<D>& tab, int nchunks) {
+        launch(sgd_kernel<scalar_t, DECAY, MOMENTUM, NESTEROV>, nchunks, kThreads, stream, tab, args,
+               stats.next(tab, nchunks));
+      });
 }
 
 // ----------------------------------------------------- SGD, mixed precision
@@ -127,22 +128,22 @@ template <typename PT, typename ST>
 void queue_sgd_mixed(const PackLists& pl, const int (&li)[4], const std::vector<int64_t>& idx,
                      const c10::List<bool>& is_new, at::IntArrayRef sr_ids, const SgdArgs& args,
                      const SgdMixedArgs& mx, StatsPlan& stats, Stream stream, Launches& queued) {
-  auto tables = pack_tables<4>(static_cast<int64_t>(idx.size()), [&](int64_t k) {
-    const int64_t i = idx[k];
-    Entry<4> e = entry_of(pl, i, li);
-    e.flag = mx.momentum && is_new.get(static_cast<size_t>(i)) ? 1 : 0;
-    if (mx.sr) {
-      set_step(e, pl, i);
-      e.id = static_cast<uint32_t>(sr_ids[i]);
-    }
-    e.slot = stats.slot(i);
-    return e;
-  });
-  queued.push_back([tables = std::move(tables), &args, mx, &stats, stream] {
-    for (const Packed<4>& t : tables)
-      launch(sgd_mixed_kernel<PT, ST>, t.nchunks, kThreads, stream, t.tab, args, mx,
-             stats.next(t.tab, t.nchunks));
-  });
+  queue_tables<4>(
+      queued, static_cast<int64_t>(idx.size()),
+      [&](int64_t k) {
+        const int64_t i = idx[k];
+        Entry<4> e = entry_of(pl, i, li);
+        e.flag = mx.momentum && is_new.get(static_cast<size_t>(i)) ? 1 : 0;
+        if (mx.sr) {
+          set_step(e, pl, i);
+          e.id = static_cast<uint32_t>(sr_ids[i]);
+        }
+        e.slot = stats.slot(i);
+        return e;
+      },
+      [&args, mx, &stats, stream](const ChunkTable<4>& tab, int nchunks) {
+        launch(sgd_mixed_kernel<PT, ST>, nchunks, kThreads, stream, tab, args, mx, stats.next(tab, nchunks));
+      });
 }
 
 }  // namespace
