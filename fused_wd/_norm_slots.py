@@ -56,6 +56,18 @@ def _absent():
 _NO_RECORD = (_absent, -1, -1, None)
 
 
+def _op_lists(tensors, slots):
+    """tensors (optional tensors) and slots as C++ lists, which the op takes
+    without a conversion per element, as the plans' lists (fused_wd/optim.py);
+    the list of optional tensors is inferred from a None, dropped again.
+    Python lists where torch has no ScriptList."""
+    if _CppList is None:
+        return list(tensors), list(slots)
+    ts = _CppList(list(tensors) + [None])
+    ts.pop()
+    return ts, _CppList(slots)
+
+
 def _record(t):
     return (_absent, 0, 0) if t is None else (weakref.ref(t), t._version, t.data_ptr())
 
@@ -472,10 +484,7 @@ class NormSlots(_StatsMixin):
         if noted:
             (dev,) = self._params_at
             slots = list(map(operator.itemgetter(1), map(slot_of.__getitem__, map(id, noted))))
-            ts = noted + [None]
-            if _CppList is not None:  # as _norm_at_step: no conversion per element
-                ts, slots = _CppList(ts), _CppList(slots)
-            ts.pop()
+            ts, slots = _op_lists(noted, slots)
             try:
                 _ops.norm_partials_(ts, self._buffer(dev), slots, norm_type, of_grads=True)
             except RuntimeError:
@@ -525,13 +534,8 @@ class NormSlots(_StatsMixin):
                 ts = list(entries) if ks is None else list(map(entries.__getitem__, ks))
                 if nmissing:  # params without a grad: zero parts
                     ts += [None] * nmissing
-                if of_grads and _CppList is not None:
-                    # a C++ list of optional tensors (inferred from a None,
-                    # dropped again): the op takes it without a conversion
-                    # per element, as the plans' lists (fused_wd/optim.py)
-                    ts = _CppList(ts + [None])
-                    ts.pop()
-                    slots = _CppList(slots)
+                if of_grads:
+                    ts, slots = _op_lists(ts, slots)
                     kept["tensors"], kept["slots"] = ts, slots
             try:
                 _ops.norm_partials_(ts, self._buffer(dev), slots, norm_type, of_grads=of_grads)
