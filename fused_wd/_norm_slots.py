@@ -5,13 +5,14 @@ Every param of an optimizer has a fixed slot, per device, in a float64
 buffer: its partial (sum of squares of its grad, or max |g| for inf). A step
 reduces the whole buffer in slot order, so the norm does not depend on when
 or in what order the partials were written. By default a step writes every
-partial itself. With `norm_in_backward=True`, a hook writes a param's partial
-as soon as backward has accumulated its grad (a small param's hook only notes
-it, and its partial is read with a later batch or at the step), and the step
-rewrites only the partials it cannot prove current: the grad is then the same
-tensor object, with the same version counter and data pointer, as the one
-the hook read. A param without a grad on a step has a
-zero partial (x + 0 == x: it changes no bit of the sum or the max).
+partial itself. With `norm_in_backward=True`, a hook on each param of
+_HOOK_READ_MIN elements or more writes its partial as soon as backward has
+accumulated its grad, and the step rewrites only the partials it cannot
+prove current: the grad is then the same tensor object, with the same
+version counter and data pointer, as the one the hook read. Smaller params
+have no hook: the step reads their grads, all in one op call. A param
+without a grad on a step has a zero partial (x + 0 == x: it changes no bit
+of the sum or the max).
 """
 import functools
 import itertools
@@ -25,19 +26,16 @@ from fused_wd import distributed as _dist
 
 _CppList = _ops.CppList
 
-# Grads smaller than this are batched (one op call, one CUDA launch or one
-# CPU parallel region, for many params); a batch goes once it holds this many
-# elements (4 MB of fp32: still in the last-level cache) or grads, and at the
-# step. Larger grads are read at once.
-_BATCH_ELEMS = 1 << 20
-_BATCH_COUNT = 256
-# Params under this many elements get a hook that only notes that backward
-# finished their grad: a set's add, which runs no Python frame (0.7-0.9 us a
-# hook in a real backward, torch's own cost of calling one, where a Python
-# hook costs 2-6 us: more than reading such a grad). Their parts are read
-# with the next larger param's batch, or at the step, where the op reads
-# their grads itself.
-_HOOK_READ_MIN = 1 << 15
+# Params of this many elements or more get a hook that reads the grad in
+# backward (one op call: one CUDA launch, or one CPU parallel region). A
+# smaller grad costs less to read at the step, with every other small grad in
+# one call, than a hook costs in backward: on the CPU measured (a 2-core
+# Zen 5 VM) a hook with its op call cost 20-25 us in a real backward
+# (torch's call of a Python hook, its cold Python, the op call), the time
+# the step takes to read 150K-250K elements; on the small GPT of the
+# benchmark, 128K against 32K here made the clipped iteration 0.3-0.4%
+# cheaper (docs/design.md, "The global norm"). Unmeasured on a GPU.
+_HOOK_READ_MIN = 1 << 17
 
 
 class _Absent:
@@ -76,6 +74,11 @@ def _holds(rec, t):
     if t is None:
         return rec[0] is _absent
     return rec[0]() is t and rec[1] == t._version and rec[2] == t.data_ptr()
+
+
+def _same(kept, params):
+    """Whether params holds the same objects as kept, in order (C loops)."""
+    return kept is params or len(kept) == len(params) and all(map(operator.is_, params, kept))
 
 
 _version_of = operator.attrgetter("_version")
@@ -263,10 +266,13 @@ class NormSlots(_StatsMixin):
         self._opt = weakref.ref(optimizer)
         self._view = view
         self._hooks = {}
-        # the params the small hooks noted (see _HOOK_READ_MIN); their hooks
-        # hold this set's add, so it is only ever cleared, never replaced
-        self._noted = set()
-        self.counts = {"from_backward": 0, "at_step": 0}
+        # norm_in_backward is on: the params without a hook (under
+        # _HOOK_READ_MIN) are read at the step by design, counted as "small"
+        self.active = False
+        # parts from the hooks; parts the step computed because no hook wrote
+        # one it could prove ("at_step": every part without norm_in_backward);
+        # parts of the params without a hook, which the step reads
+        self.counts = {"from_backward": 0, "at_step": 0, "small": 0}
         # statistics of the update pass (see "Statistics" below): off until
         # something reads them, then every step's ops write them
         self.tracking = False
@@ -285,7 +291,7 @@ class NormSlots(_StatsMixin):
         self._params_at = {}    # device -> [param id per slot]
         self._buffers = {}      # device -> float64 partials
         self._records = {}      # id(param) -> (weakref(grad), version, data_ptr, norm_type)
-        self._pending = {}      # device -> ({slot: (param, grad, view of grad, slot)}, elements)
+        self._split = None      # (layout, params, split) of the last _all_proven (see _split_of)
         self._stats = {}        # device -> float64 [2, slots]: sum p^2, sum exp_avg_sq
         self._stat_recs = ({}, {})  # per row: id(param) -> (weakref(source), version, data_ptr)
         self._index = {}        # (device, dtype, values) -> tensor (see constant())
@@ -329,63 +335,35 @@ class NormSlots(_StatsMixin):
         _watch_unscale()
         opt = self._opt()
         self.arm(opt._clip_norm_type())
+        self.active = True
         for p in params:
-            if id(p) not in self._hooks and p.requires_grad and p.is_leaf:
-                hook = self._hook if self._view(p).numel() >= _HOOK_READ_MIN else self._noted.add
-                self._hooks[id(p)] = p.register_post_accumulate_grad_hook(hook)
+            if id(p) not in self._hooks and p.requires_grad and p.is_leaf \
+                    and self._view(p).numel() >= _HOOK_READ_MIN:
+                self._hooks[id(p)] = p.register_post_accumulate_grad_hook(self._hook)
 
     def remove(self):
         for h in self._hooks.values():
             h.remove()
         self._hooks.clear()
-        self._noted.clear()
+        self.active = False
         self.invalidate()
 
     def _hook(self, p):
-        """The hook of a param of _HOOK_READ_MIN elements or more: its part
-        and those of the params noted since the last one go into the
-        batches."""
+        """Writes p's part as soon as backward has finished its grad, and
+        records what it read."""
         norm_type, plain_reduced = self._armed
-        if norm_type is None:
-            self._noted.clear()
-            return
-        if self._noted:
-            self._take_noted(norm_type, plain_reduced)
-        self._take(p, norm_type, plain_reduced)
-
-    def _take_noted(self, norm_type, plain_reduced):
-        noted = list(self._noted)
-        self._noted.clear()
-        for p in noted:
-            self._take(p, norm_type, plain_reduced)
-
-    def _take(self, p, norm_type, plain_reduced):
-        """Puts p's part in its device's batch, or writes it at once (a large
-        grad)."""
         g = p.grad
-        # DDP all-reduces the grads after this hook: a part read now would be
-        # this rank's alone, so the step computes it (see the README)
-        if g is None or (plain_reduced and not _dist.is_dtensor(p)):
+        # nothing clips; or DDP all-reduces the grads after this hook: a part
+        # read now would be this rank's alone, so the step computes it (see
+        # the README)
+        if norm_type is None or g is None or (plain_reduced and not _dist.is_dtensor(p)):
             return
-        slot_of = self._layout()
+        dev, slot = self._layout()[id(p)]
         e = self._view(g)
-        dev, slot = slot_of[id(p)]
         if e.device != dev:  # the param moved since the layout was made
             self.invalidate()
             return
-        n = e.numel()
-        if n >= _BATCH_ELEMS:
-            self._write(dev, [(p, g, e, slot)], norm_type)
-            return
-        # one entry per slot: a later grad of the same param (accumulation)
-        # replaces the earlier one, whose part was never written
-        queue, elems = self._pending.get(dev, ({}, 0))
-        before = queue.get(slot)
-        queue[slot] = (p, g, e, slot)
-        elems += n - (0 if before is None else before[2].numel())
-        self._pending[dev] = (queue, elems)
-        if len(queue) >= _BATCH_COUNT or elems >= _BATCH_ELEMS:
-            self._flush(dev, norm_type)
+        self._write(dev, [(p, g, e, slot)], norm_type)
 
     def _write(self, dev, items, norm_type, zero=()):
         """Writes the partials of items [(param, grad, view, slot)] and zeros
@@ -395,11 +373,6 @@ class NormSlots(_StatsMixin):
                             [s for _, _, _, s in items] + list(zero), norm_type)
         for p, g, e, _ in items:
             self._records[id(p)] = (weakref.ref(g), e._version, e.data_ptr(), norm_type)
-
-    def _flush(self, dev, norm_type):
-        queue, _ = self._pending.pop(dev, ({}, 0))
-        if queue:
-            self._write(dev, list(queue.values()), norm_type)
 
     def _proofs(self, params, grads, views, norm_type):
         """Per param, whether its slot holds the part of its grad as it is
@@ -431,7 +404,8 @@ class NormSlots(_StatsMixin):
         (_all_proven) or, failing that, one by one."""
         slot_of = self._layout()
         if not self._hooks:
-            return self._norm_at_step(slot_of, params, entries, norm_type)
+            return self._norm_at_step(slot_of, params, entries, norm_type,
+                                      count="small" if self.active else "at_step")
         if entries is None:
             proven = self._all_proven(params, norm_type)
             if proven is not None:
@@ -445,11 +419,8 @@ class NormSlots(_StatsMixin):
                 return self.norm(params, entries, norm_type)
             by_dev.setdefault(dev, []).append((p, e, slot))
         plain_reduced = _dist.plain_grads_reduced()
-        if self._noted:
-            self._take_noted(norm_type, plain_reduced)
         norms = []
         for dev, items in by_dev.items():
-            self._flush(dev, norm_type)
             norms.append(self._device_norm(dev, items, norm_type, plain_reduced))
         self._armed = (norm_type, plain_reduced)
         return _ops.combine_device_norms(norms, norm_type)
@@ -457,56 +428,60 @@ class NormSlots(_StatsMixin):
     def _all_proven(self, params, norm_type):
         """norm() of the params' own grads (a step whose grads grads_ready
         accepted: every param has a plain dense grad) when every slot of
-        every device belongs to one of them and each part is current: the
-        noted params' parts are read now, by the op, and every other part
-        is proven (_proofs). Else None, with nothing read."""
+        every device belongs to one of them and the part of each param with
+        a hook is current (_proofs, in C loops): the parts of the params
+        without one are read now, by the op, one call per device. Else None,
+        with nothing read."""
         slot_of = self._layout()
         plain_reduced = _dist.plain_grads_reduced()
         if plain_reduced or len(params) != len(slot_of):
             return None
-        for dev in list(self._pending):
-            self._flush(dev, norm_type)
-        if len(self._noted) == len(params):  # every param noted (noted ones are the layout's): all read now
-            self._noted.clear()
-            self._records.clear()
-            return self._norm_at_step(slot_of, params, None, norm_type, count="from_backward")
-        noted = list(self._noted)
-        rest = params
-        if noted:
-            if len(self._params_at) != 1:
+        hooked, reads, n_read = self._split_of(slot_of, params)
+        if hooked:
+            # own grads are plain and real (grads_ready): each is its own view
+            grads = list(map(_grad_of, hooked))
+            if not all(self._proofs(hooked, grads, grads, norm_type)):
                 return None
-            ids = set(map(id, noted))
-            rest = list(itertools.compress(params, map(operator.not_, map(ids.__contains__, map(id, params)))))
-        grads = list(map(_grad_of, rest))
-        # own grads are plain and real (grads_ready): each is its own view
-        if not all(self._proofs(rest, grads, grads, norm_type)):
-            return None
-        if noted:
-            (dev,) = self._params_at
-            slots = list(map(operator.itemgetter(1), map(slot_of.__getitem__, map(id, noted))))
-            ts, slots = _op_lists(noted, slots)
+        for dev, ts, slots in reads:
             try:
                 _ops.norm_partials_(ts, self._buffer(dev), slots, norm_type, of_grads=True)
             except RuntimeError:
-                return None  # a noted param moved to another device: norm() finds it
-            self._noted.clear()
-            # read now, from the grads as they are: no proof needed, and an
-            # older record must not vouch for them later
-            list(map(self._records.pop, map(id, noted), itertools.repeat(None)))
-        self.counts["from_backward"] += len(params)
+                return None  # a param moved to another device: norm() finds it
+        self.counts["from_backward"] += len(hooked)
+        self.counts["small"] += n_read
         self._armed = (norm_type, plain_reduced)
         return _ops.combine_device_norms([_ops.norm_from_partials(self._buffer(dev), norm_type)
                                           for dev in self._params_at], norm_type)
 
+    def _split_of(self, slot_of, params):
+        """(the params with a hook, [(device, the others' tensors, their
+        slots)] as the op's lists, how many others): made once for the same
+        params under the same layout (hooks change only with a new one)."""
+        memo = self._split
+        if memo is not None and memo[0] is slot_of and _same(memo[1], params):
+            return memo[2]
+        hooked, by_dev = [], {}
+        for p in params:
+            if id(p) in self._hooks:
+                hooked.append(p)
+            else:
+                dev, slot = slot_of[id(p)]
+                ts, slots = by_dev.setdefault(dev, ([], []))
+                ts.append(p)
+                slots.append(slot)
+        split = (hooked, [(dev, *_op_lists(ts, slots)) for dev, (ts, slots) in by_dev.items()],
+                 len(params) - len(hooked))
+        self._split = (slot_of, params, split)
+        return split
+
     def _norm_at_step(self, slot_of, params, entries, norm_type, count="at_step"):
         """norm() without hooks: every part written now, one call per
-        device, no records, counted under `count` (the default path, and
-        the hooked one when every param was only noted; kept cheap per param: the
-        split of the same params as the last call, under the same layout,
-        is reused after one identity check per param)."""
+        device, no records, counted under `count` (the default path, or
+        norm_in_backward with no param large enough for a hook). Kept cheap
+        per param: the split of the same params as the last call, under the
+        same layout, is reused after one identity check per param."""
         memo = self._at_step
-        if memo is not None and memo[0] is slot_of and (memo[1] is params or len(memo[1]) == len(params)
-                                                        and all(map(operator.is_, params, memo[1]))):
+        if memo is not None and memo[0] is slot_of and _same(memo[1], params):
             split = memo[2]
         else:
             by_dev = {}
@@ -576,8 +551,10 @@ class NormSlots(_StatsMixin):
             self._records.pop(ids[s], None)
         if write or zero:
             self._write(dev, write, norm_type, zero)
+        small = sum(1 for p, _, _, _ in write if id(p) not in self._hooks)
         self.counts["from_backward"] += reused
-        self.counts["at_step"] += len(write)
+        self.counts["at_step"] += len(write) - small
+        self.counts["small"] += small
         return _ops.norm_from_partials(self._buffer(dev), norm_type)
 
 

@@ -1021,9 +1021,9 @@ def test_cpu_checkpoint_into_cuda_optimizer():
 
 @pytest.mark.parametrize("norm_type", [2.0, math.inf])
 def test_norm_in_backward_is_bitwise_and_syncs_nothing(norm_type):
-    """80 small params (batched into a few launches by the hooks) and one
-    large one (written at once): the hooks and the step do not sync with the
-    host, and the result is the default path's, bit for bit."""
+    """81 small params (no hooks: the step reads them in one launch) and a
+    large weight (read by its hook): the hooks and the step do not sync with
+    the host, and the result is the default path's, bit for bit."""
     results = []
     for nib in (True, False):
         torch.manual_seed(0)
@@ -1046,7 +1046,7 @@ def test_norm_in_backward_is_bitwise_and_syncs_nothing(norm_type):
     (pa, na, sa), (pb, nb, sb) = results
     assert torch.equal(na, nb)
     assert all(torch.equal(a, b) for a, b in zip(pa, pb))
-    assert sa == {"from_backward": 82 * 3, "at_step": 0}
+    assert sa == {"from_backward": 3, "at_step": 0, "small": 81 * 3}
 
 
 def test_norm_slots_follow_params_moved_to_another_device():

@@ -218,15 +218,21 @@ def scenario_ddp(rank, world, out):
 
 def _nib_pair(rank, world, build):
     """The same training with norm_in_backward on and off: each one's params,
-    norms and norm_stats."""
-    out = {}
-    for nib in (True, False):
-        model = build()
-        opt = fused_wd.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1, max_grad_norm=0.05,
-                             norm_in_backward=nib)
-        norms, _ = _train(model, opt, range(STEPS), rank, world)
-        out[nib] = dict(params=_full(model.parameters()), norms=norms, stats=opt.norm_stats)
-    return out
+    norms and norm_stats. Every param gets a hook, small as they are (an empty
+    local shard too)."""
+    slots = fused_wd._norm_slots
+    default, slots._HOOK_READ_MIN = slots._HOOK_READ_MIN, 0
+    try:
+        out = {}
+        for nib in (True, False):
+            model = build()
+            opt = fused_wd.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1, max_grad_norm=0.05,
+                                 norm_in_backward=nib)
+            norms, _ = _train(model, opt, range(STEPS), rank, world)
+            out[nib] = dict(params=_full(model.parameters()), norms=norms, stats=opt.norm_stats)
+        return out
+    finally:
+        slots._HOOK_READ_MIN = default
 
 
 def scenario_nib_fsdp(rank, world, out):
@@ -568,7 +574,7 @@ def test_norm_in_backward_on_fsdp2_uses_the_hooks_and_matches_bitwise(world2):
     remains."""
     for r in world2.result("nib_fsdp"):
         _same_bits(r[True], r[False])
-        assert r[True]["stats"] == {"from_backward": 6 * STEPS, "at_step": 0}
+        assert r[True]["stats"] == {"from_backward": 6 * STEPS, "at_step": 0, "small": 0}
 
 
 def test_norm_in_backward_under_ddp_falls_back_and_matches_bitwise(world2):
@@ -576,7 +582,7 @@ def test_norm_in_backward_under_ddp_falls_back_and_matches_bitwise(world2):
     and the step computes every part."""
     for r in world2.result("nib_ddp"):
         _same_bits(r[True], r[False])
-        assert r[True]["stats"] == {"from_backward": 0, "at_step": 6 * STEPS}
+        assert r[True]["stats"] == {"from_backward": 0, "at_step": 6 * STEPS, "small": 0}
 
 
 @pytest.mark.parametrize("shape", ["2x1", "1x2"])

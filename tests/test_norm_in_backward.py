@@ -1,9 +1,10 @@
-"""norm_in_backward=True: each param's part of the global norm is written by a
-hook as soon as backward has finished its grad, and the step reduces the
+"""norm_in_backward=True: the part of the global norm of each param of
+_HOOK_READ_MIN elements or more is written by a hook as soon as backward has
+finished its grad, the step reads the smaller ones, and it reduces the
 parts. The contract: params, every state tensor and last_grad_norm are
 bitwise those of norm_in_backward=False on the same loop, whatever happens to
 the grads between backward and step; `norm_stats` says which path ran (parts
-from backward, parts the step had to compute)."""
+from backward, parts the step had to compute, parts of the small params)."""
 import copy
 import math
 import pickle
@@ -107,14 +108,22 @@ def both(loop, device, **kw):
     return opt.norm_stats
 
 
-@pytest.fixture
-def read_at_once(monkeypatch):
-    """The hooks read every grad at once instead of noting the small ones and
-    batching them (which are then read at the step, after any change): a
-    change after backward then meets a part already read, and the step must
-    notice."""
-    monkeypatch.setattr(fused_wd._norm_slots, "_BATCH_ELEMS", 1)
+# the hook size the defaults give (fused_wd/_norm_slots.py)
+DEFAULT_HOOK_READ_MIN = fused_wd._norm_slots._HOOK_READ_MIN
+
+
+@pytest.fixture(autouse=True)
+def hook_every_param(monkeypatch):
+    """Every param gets a hook (by default only params of _HOOK_READ_MIN
+    elements or more do, and the step reads the others): the tests' small
+    params then meet every hazard of a part read in backward. The tests of
+    the default sizes set it back."""
     monkeypatch.setattr(fused_wd._norm_slots, "_HOOK_READ_MIN", 1)
+
+
+@pytest.fixture
+def default_sizes(monkeypatch):
+    monkeypatch.setattr(fused_wd._norm_slots, "_HOOK_READ_MIN", DEFAULT_HOOK_READ_MIN)
 
 
 def n_params(opt):
@@ -132,7 +141,7 @@ def plain(model, opt, s):
 def test_plain_loop_uses_the_backward_parts_and_matches_bitwise(device, opt_name, norm_type):
     stats = both(plain, device, opt_name=opt_name, norm_type=norm_type)
     # the branch has no grad (its part is 0); every other part came from a hook
-    assert stats == {"from_backward": 6 * STEPS, "at_step": 0}
+    assert stats == {"from_backward": 6 * STEPS, "at_step": 0, "small": 0}
 
 
 @pytest.fixture
@@ -166,13 +175,13 @@ def test_every_param_with_a_grad_is_proven_in_bulk(device, opt_name, bulk_proofs
     after its momentum buffers exist), the ops read the grads themselves and
     the parts are proven in bulk."""
     stats = both(with_branch, device, opt_name=opt_name)
-    assert stats == {"from_backward": 8 * STEPS, "at_step": 0}
+    assert stats == {"from_backward": 8 * STEPS, "at_step": 0, "small": 0}
     assert len(bulk_proofs) >= STEPS - 2 and all(bulk_proofs)
 
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("change", ["in place", "a view of the same grad", "replaced"])
-def test_a_bulk_proof_that_fails_hands_over_per_param(device, change, read_at_once, bulk_proofs):
+def test_a_bulk_proof_that_fails_hands_over_per_param(device, change, bulk_proofs):
     """A grad changed after backward fails the bulk proof, and only its part
     is computed again. A view of the same grad (same storage, same version
     counter) is another object: not proven either."""
@@ -186,73 +195,75 @@ def test_a_bulk_proof_that_fails_hands_over_per_param(device, change, read_at_on
         else:
             model.b.weight.grad = g * 3.0
 
-    assert both(loop, device) == {"from_backward": 7 * STEPS, "at_step": STEPS}
+    assert both(loop, device) == {"from_backward": 7 * STEPS, "at_step": STEPS, "small": 0}
     assert bulk_proofs == [False] * (STEPS - 1)
 
 
-@pytest.mark.parametrize("device", DEVICES)
-def test_large_and_many_small_params(device):
-    """A param above the batch size (its part written at once) and more small
-    ones than one batch holds (several batches, the last one at the step)."""
+def with_big(device):
+    """The test net and a large layer (16 x 140,000 weights, 140,000 biases:
+    both over the default hook size) next to it."""
     def build(model):
-        model.big = torch.nn.Linear(16, 70_000).to(device)   # 1.1M elements
-        model.small = torch.nn.ParameterList(
-            [torch.nn.Parameter(torch.randn(3, device=device)) for _ in range(300)])
+        model.big = torch.nn.Linear(16, 140_000).to(device)
         return model
+    return build
 
-    def loop(model, opt, s):
-        opt.zero_grad()
-        x, y = data(s, device)
-        h = model(x)
-        extra = model.big(torch.tanh(model.a(x))).square().mean() * 1e-3
-        extra = extra + sum((q * q).sum() for q in model.small) * 1e-3
-        (torch.nn.functional.mse_loss(h, y) + extra).backward()
 
-    stats = both(loop, device, model_fn=build)
-    assert stats == {"from_backward": (6 + 2 + 300) * STEPS, "at_step": 0}
+def big_loss(model, s, device, micro=0):
+    x, y = data(s, device, micro=micro)
+    extra = model.big(torch.tanh(model.a(x))).square().mean() * 1e-3
+    return torch.nn.functional.mse_loss(model(x, use_branch=True), y) + extra
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_small_grads_are_noted_and_large_ones_read_in_backward(device):
-    """With the default sizes: the params under _HOOK_READ_MIN elements are
-    only noted by their hooks (read later, so an edit after backward is
-    simply read), and a grad of _BATCH_ELEMS or more is read by its own hook
-    during backward (so an edit after backward must be caught)."""
-    def build(model):
-        model.big = torch.nn.Linear(16, 70_000).to(device)   # 1.1M elements
-        return model
+def test_default_sizes_hook_large_params_and_the_step_reads_the_small_ones(device, default_sizes,
+                                                                              bulk_proofs):
+    """With the default sizes only the large layer's two params have hooks;
+    the step reads the eight small ones (one op call, every step proven in
+    bulk once the plan holds)."""
+    assert 16 * 16 < DEFAULT_HOOK_READ_MIN <= 140_000
 
     def loop(model, opt, s):
         opt.zero_grad()
-        x, y = data(s, device)
-        extra = model.big(torch.tanh(model.a(x))).square().mean() * 1e-3
-        (torch.nn.functional.mse_loss(model(x), y) + extra).backward()
+        big_loss(model, s, device).backward()
+
+    assert both(loop, device, model_fn=with_big(device)) == \
+        {"from_backward": 2 * STEPS, "at_step": 0, "small": 8 * STEPS}
+    assert len(bulk_proofs) >= STEPS - 1 and all(bulk_proofs)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_default_sizes_edits_after_backward(device, default_sizes, bulk_proofs):
+    """An edit after backward: a large grad's part, read by its hook, is
+    computed again; a small grad is read by the step as it is then (no stale
+    part, and no fallback needed)."""
+    def loop(model, opt, s):
+        opt.zero_grad()
+        big_loss(model, s, device).backward()
         model.big.weight.grad.mul_(0.5)
         model.b.weight.grad.mul_(3.0)
 
-    small = fused_wd._norm_slots._HOOK_READ_MIN
-    assert 16 * 16 < small <= 16 * 70_000
-    stats = both(loop, device, model_fn=build)
-    assert stats == {"from_backward": (6 + 1) * STEPS, "at_step": STEPS}
+    assert both(loop, device, model_fn=with_big(device)) == \
+        {"from_backward": STEPS, "at_step": STEPS, "small": 8 * STEPS}
+    assert len(bulk_proofs) >= STEPS - 1 and not any(bulk_proofs)
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_gradient_accumulation_with_noted_params_taken_by_a_large_ones_hook(device):
-    """Default sizes, three micro-batches: small params noted in one
-    micro-batch are taken into a batch by the large param's hook of the
-    next, and their grads grow again before that batch is read."""
-    def build(model):
-        model.big = torch.nn.Linear(16, 70_000).to(device)
-        return model
-
+def test_default_sizes_gradient_accumulation(device, default_sizes):
     def loop(model, opt, s):
         opt.zero_grad()
         for micro in range(3):
-            x, y = data(s, device, micro=micro)
-            extra = model.big(torch.tanh(model.a(x))).square().mean() * 1e-3
-            ((torch.nn.functional.mse_loss(model(x), y) + extra) / 3).backward()
+            (big_loss(model, s, device, micro) / 3).backward()
 
-    assert both(loop, device, model_fn=build) == {"from_backward": (6 + 2) * STEPS, "at_step": 0}
+    assert both(loop, device, model_fn=with_big(device)) == \
+        {"from_backward": 2 * STEPS, "at_step": 0, "small": 8 * STEPS}
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_default_sizes_no_param_large_enough(device, default_sizes):
+    """No param reaches the hook size: no hook at all, the step reads every
+    part, counted as small."""
+    stats = both(plain, device)
+    assert stats == {"from_backward": 0, "at_step": 0, "small": 6 * STEPS}
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -262,7 +273,7 @@ def test_gradient_accumulation(device):
         for micro in range(3):
             (loss_fn(model, s, device, micro=micro) / 3).backward()
 
-    assert both(loop, device) == {"from_backward": 6 * STEPS, "at_step": 0}
+    assert both(loop, device) == {"from_backward": 6 * STEPS, "at_step": 0, "small": 0}
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -273,37 +284,26 @@ def test_zero_grad_without_set_to_none(device):
         opt.zero_grad(set_to_none=False)
         loss_fn(model, s, device).backward()
 
-    assert both(loop, device) == {"from_backward": 6 * STEPS, "at_step": 0}
+    assert both(loop, device) == {"from_backward": 6 * STEPS, "at_step": 0, "small": 0}
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_grads_edited_in_place_after_backward_are_recomputed(device, read_at_once):
+def test_grads_edited_in_place_after_backward_are_recomputed(device):
     def loop(model, opt, s):
         plain(model, opt, s)
         model.b.weight.grad.mul_(3.0)  # e.g. a user's own gradient surgery
 
-    assert both(loop, device) == {"from_backward": 5 * STEPS, "at_step": STEPS}
+    assert both(loop, device) == {"from_backward": 5 * STEPS, "at_step": STEPS, "small": 0}
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_a_batched_grad_edited_before_the_step_is_read_as_edited(device):
-    """Small grads wait in a batch read at the step: an edit made before it
-    is simply read (no stale part, no fallback needed)."""
-    def loop(model, opt, s):
-        plain(model, opt, s)
-        model.b.weight.grad.mul_(3.0)
-
-    assert both(loop, device) == {"from_backward": 6 * STEPS, "at_step": 0}
-
-
-@pytest.mark.parametrize("device", DEVICES)
-def test_grads_replaced_after_backward_are_recomputed(device, read_at_once):
+def test_grads_replaced_after_backward_are_recomputed(device):
     def loop(model, opt, s):
         plain(model, opt, s)
         model.a.bias.grad = model.a.bias.grad * 2.0
         model.c.weight.grad = model.c.weight.grad.clone()  # same values, a new tensor
 
-    assert both(loop, device) == {"from_backward": 4 * STEPS, "at_step": 2 * STEPS}
+    assert both(loop, device) == {"from_backward": 4 * STEPS, "at_step": 2 * STEPS, "small": 0}
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -313,11 +313,11 @@ def test_params_without_grads_on_some_steps(device):
         loss_fn(model, s, device, use_branch=s % 2 == 1).backward()
 
     stats = both(loop, device)
-    assert stats == {"from_backward": 6 * STEPS + 2 * (STEPS // 2), "at_step": 0}
+    assert stats == {"from_backward": 6 * STEPS + 2 * (STEPS // 2), "at_step": 0, "small": 0}
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_a_grad_put_back_after_a_step_without_it_is_not_stale(device, read_at_once):
+def test_a_grad_put_back_after_a_step_without_it_is_not_stale(device):
     """A step where a param has no grad zeroes its part; the grad the hook
     read before, handed back unchanged with no backward since, must not
     reuse the part that step wiped."""
@@ -333,10 +333,10 @@ def test_a_grad_put_back_after_a_step_without_it_is_not_stale(device, read_at_on
             model.c.bias.grad = None
 
     stats = both(loop, device)
-    assert stats == {"from_backward": 6 + 5 + 5 + 6, "at_step": 1}
+    assert stats == {"from_backward": 6 + 5 + 5 + 6, "at_step": 1, "small": 0}
 
 
-def test_grad_scaler_with_and_without_unscale(read_at_once):
+def test_grad_scaler_with_and_without_unscale():
     device = "cpu"
 
     def loop_with(unscale):
@@ -350,8 +350,8 @@ def test_grad_scaler_with_and_without_unscale(read_at_once):
 
     # scaler.unscale_ rewrites the grads without advancing their version
     # counters; fused_wd watches it (fused_wd/_norm_slots.py)
-    for unscale, expect in ((False, {"from_backward": 6 * STEPS, "at_step": 0}),
-                            (True, {"from_backward": 0, "at_step": 6 * STEPS})):
+    for unscale, expect in ((False, {"from_backward": 6 * STEPS, "at_step": 0, "small": 0}),
+                            (True, {"from_backward": 0, "at_step": 6 * STEPS, "small": 0})):
         results = []
         for nib in (True, False):
             model = make(device)
@@ -369,7 +369,7 @@ def test_grad_scaler_with_and_without_unscale(read_at_once):
         assert results[0][1] == expect, unscale
 
 
-def test_unscale_then_a_plain_step(read_at_once):
+def test_unscale_then_a_plain_step():
     """scaler.unscale_(opt) followed by opt.step() itself (no scaler.step):
     the grads were unscaled in place, the parts must be read again."""
     results = []
@@ -387,7 +387,7 @@ def test_unscale_then_a_plain_step(read_at_once):
         results.append((snapshot(model, opt), opt.last_grad_norm.clone(), opt.norm_stats))
     assert_bitwise(results[0][0], results[1][0])
     assert torch.equal(results[0][1], results[1][1])
-    assert results[0][2] == {"from_backward": 0, "at_step": 6 * STEPS}
+    assert results[0][2] == {"from_backward": 0, "at_step": 6 * STEPS, "small": 0}
 
 
 def test_compiled_model():
@@ -395,21 +395,21 @@ def test_compiled_model():
     params' AccumulateGrad still runs the hooks (aot_eager: the same graphs
     without generating code)."""
     stats = both(plain, "cpu", model_fn=lambda m: torch.compile(m, backend="aot_eager"))
-    assert stats == {"from_backward": 6 * STEPS, "at_step": 0}
+    assert stats == {"from_backward": 6 * STEPS, "at_step": 0, "small": 0}
 
 
-def test_remove_norm_hooks(read_at_once):
+def test_remove_norm_hooks():
     model = make("cpu")
     opt = fused_wd.AdamW(model.parameters(), max_grad_norm=0.05, norm_in_backward=True)
     assert opt.norm_in_backward
     plain(model, opt, 0)
     opt.step()
-    assert opt.norm_stats == {"from_backward": 6, "at_step": 0}
+    assert opt.norm_stats == {"from_backward": 6, "at_step": 0, "small": 0}
     opt.remove_norm_hooks()
     assert not opt.norm_in_backward
     plain(model, opt, 1)
     opt.step()
-    assert opt.norm_stats == {"from_backward": 6, "at_step": 6}
+    assert opt.norm_stats == {"from_backward": 6, "at_step": 6, "small": 0}
 
 
 def test_add_param_group_hooks_the_new_params():
@@ -419,7 +419,7 @@ def test_add_param_group_hooks_the_new_params():
     opt.add_param_group({"params": list(model.c.parameters()), "lr": 1e-4})
     plain(model, opt, 0)
     opt.step()
-    assert opt.norm_stats == {"from_backward": 6, "at_step": 0}
+    assert opt.norm_stats == {"from_backward": 6, "at_step": 0, "small": 0}
 
 
 def test_no_clipping_group_no_work_in_backward():
@@ -428,7 +428,7 @@ def test_no_clipping_group_no_work_in_backward():
     plain(model, opt, 0)
     opt.step()
     assert opt.last_grad_norm is None
-    assert opt.norm_stats == {"from_backward": 0, "at_step": 0}
+    assert opt.norm_stats == {"from_backward": 0, "at_step": 0, "small": 0}
 
 
 def test_state_dict_and_pickling_are_unaffected():
