@@ -21,6 +21,7 @@ import weakref
 
 import torch
 
+from fused_wd import _ext
 from fused_wd import _ops
 from fused_wd import distributed as _dist
 
@@ -333,6 +334,9 @@ class NormSlots(_StatsMixin):
     def register(self, params):
         """A post-accumulate-grad hook on each param that autograd fills."""
         _watch_unscale()
+        _ext.require()
+        # the op itself (OpOverload's C++ function): no Python frame
+        self._read = torch.ops.fused_wd.norm_partials_.default._op
         opt = self._opt()
         self.arm(opt._clip_norm_type())
         self.active = True
@@ -350,20 +354,26 @@ class NormSlots(_StatsMixin):
 
     def _hook(self, p):
         """Writes p's part as soon as backward has finished its grad, and
-        records what it read."""
+        records what it read. Kept short, with the op called without
+        torch.ops' packet or norm_partials_'s wrapper: a hook's Python is
+        most of what it costs in backward (see _HOOK_READ_MIN)."""
         norm_type, plain_reduced = self._armed
         g = p.grad
         # nothing clips; or DDP all-reduces the grads after this hook: a part
         # read now would be this rank's alone, so the step computes it (see
         # the README)
-        if norm_type is None or g is None or (plain_reduced and not _dist.is_dtensor(p)):
+        if norm_type is None or g is None or plain_reduced and not _dist.is_dtensor(p):
             return
-        dev, slot = self._layout()[id(p)]
+        dev, slot = (self._slot_of or self._layout())[id(p)]
         e = self._view(g)
         if e.device != dev:  # the param moved since the layout was made
             self.invalidate()
             return
-        self._write(dev, [(p, g, e, slot)], norm_type)
+        buf = self._buffers.get(dev)
+        if buf is None:
+            buf = self._buffer(dev)
+        self._read(tensors=[e], out=buf, index=[slot], norm_type=norm_type)
+        self._records[id(p)] = (weakref.ref(g), e._version, e.data_ptr(), norm_type)
 
     def _write(self, dev, items, norm_type, zero=()):
         """Writes the partials of items [(param, grad, view, slot)] and zeros

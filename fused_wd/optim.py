@@ -674,8 +674,10 @@ class _FusedOptimizer(Optimizer):
     @property
     def norm_stats(self):
         """How many params' partials of the global norm came from backward
-        hooks, and how many a step computed (hook not run, or its grad changed
-        since); cumulative."""
+        hooks ("from_backward"), how many a step computed ("at_step": no
+        hook ran, or the grad changed since; every part without
+        norm_in_backward), and how many a step read for params too small
+        for a hook ("small"); cumulative."""
         return dict(self._norm_slots.counts)
 
     def remove_norm_hooks(self):
