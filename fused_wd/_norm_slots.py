@@ -78,8 +78,8 @@ def _holds(rec, t):
 
 
 def _same(kept, params):
-    """Whether params holds the same objects as kept, in order (C loops)."""
-    return kept is params or len(kept) == len(params) and all(map(operator.is_, params, kept))
+    """Whether params holds the same objects as kept, in order."""
+    return kept is params or _ops.same_items(kept, params)
 
 
 _version_of = operator.attrgetter("_version")

@@ -195,14 +195,7 @@ _is = operator.is_
 _is_not = operator.is_not
 
 
-def _same_items_py(a, b):
-    return len(a) == len(b) and all(map(_is, a, b))
-
-
-# Whether two lists or tuples hold the same objects, by identity: one pointer
-# comparison per item in C (csrc/ops.cpp), about 10 ns an item less than
-# map(operator.is_) (a step's plan checks its params each step).
-_same_items = getattr(_ext.C, "same_items", _same_items_py)
+_same_items = _ops.same_items
 _dtype_of = operator.attrgetter("dtype")
 _grad_of = operator.attrgetter("grad")
 _layout_of = operator.attrgetter("layout")
