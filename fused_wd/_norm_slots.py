@@ -35,7 +35,8 @@ _CppList = _ops.CppList
 # (torch's call of a Python hook, its cold Python, the op call), the time
 # the step takes to read 150K-250K elements; on the small GPT of the
 # benchmark, 128K against 32K here made the clipped iteration 0.3-0.4%
-# cheaper (docs/design.md, "The global norm"). Unmeasured on a GPU.
+# cheaper. Larger sizes trade the 50M-param set's step for the GPT's
+# iteration (docs/design.md, "The global norm"). Unmeasured on a GPU.
 _HOOK_READ_MIN = 1 << 17
 
 
