@@ -336,8 +336,10 @@ class NormSlots(_StatsMixin):
         """A post-accumulate-grad hook on each param that autograd fills."""
         _watch_unscale()
         _ext.require()
-        # the op itself (OpOverload's C++ function): no Python frame
-        self._read = torch.ops.fused_wd.norm_partials_.default._op
+        # the op itself (OpOverload's C++ function, where torch has one): no
+        # Python frame
+        overload = torch.ops.fused_wd.norm_partials_.default
+        self._read = getattr(overload, "_op", overload)
         opt = self._opt()
         self.arm(opt._clip_norm_type())
         self.active = True

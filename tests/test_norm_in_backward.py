@@ -267,6 +267,26 @@ def test_default_sizes_no_param_large_enough(device, default_sizes):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("norm_type", [2.0, math.inf])
+def test_complex_params(device, norm_type):
+    """A complex param's part is that of its real view, read by its hook as
+    by the step."""
+    def build(model):
+        g = torch.Generator().manual_seed(5)
+        model.z = torch.nn.Parameter(torch.randn(4, 3, dtype=torch.complex64, generator=g).to(device))
+        return model
+
+    def loop(model, opt, s):
+        opt.zero_grad()
+        x, y = data(s, device)
+        extra = (model.z.abs() ** 2).sum() * 0.1 * (s + 1)
+        (torch.nn.functional.mse_loss(model(x), y) + extra).backward()
+
+    assert both(loop, device, model_fn=build, norm_type=norm_type) == \
+        {"from_backward": 7 * STEPS, "at_step": 0, "small": 0}
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_gradient_accumulation(device):
     def loop(model, opt, s):
         opt.zero_grad()
