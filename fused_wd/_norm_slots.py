@@ -290,6 +290,7 @@ class NormSlots(_StatsMixin):
     def invalidate(self):
         """Forget the slot layout and every partial (the param set changed)."""
         self._slot_of = None    # id(param) -> (device, slot)
+        self._on_cuda = False   # a slot's device is a CUDA device
         self._params_at = {}    # device -> [param id per slot]
         self._buffers = {}      # device -> float64 partials
         self._records = {}      # id(param) -> (weakref(grad), version, data_ptr, norm_type)
@@ -310,6 +311,7 @@ class NormSlots(_StatsMixin):
                     slot_of[id(p)] = (dev, len(at))
                     at.append(id(p))
             self._slot_of, self._params_at = slot_of, params_at
+            self._on_cuda = any(dev.type == "cuda" for dev in params_at)
         return self._slot_of
 
     def _buffer(self, dev):
@@ -419,6 +421,12 @@ class NormSlots(_StatsMixin):
         if not self._hooks:
             return self._norm_at_step(slot_of, params, entries, norm_type,
                                       count="small" if self.active else "at_step")
+        if self._on_cuda and torch.cuda.is_current_stream_capturing():
+            # a step captured in a CUDA graph reads every grad itself: a
+            # replay cannot check that a hook's part is current (the grads
+            # may have been loaded by a copy, with no backward)
+            self._records.clear()
+            return self._norm_at_step(slot_of, params, entries, norm_type)
         if entries is None:
             proven = self._all_proven(params, norm_type)
             if proven is not None:

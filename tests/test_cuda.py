@@ -839,6 +839,50 @@ def test_cuda_graph_capture(name, lr_kind):
     assert torch.equal(oa.last_grad_norm, ob.last_grad_norm)
 
 
+def test_norm_in_backward_under_step_capture(monkeypatch):
+    """A step captured in a CUDA graph reads every grad itself: the hooks'
+    parts are proven in Python, which a replay does not run. Here the hooks
+    read the grads of an eager backward, the step is captured while those
+    grads are unchanged, and each replay follows a copy into the same grads
+    (no backward, no hook): the result must be that of the default path."""
+    monkeypatch.setattr(fused_wd._norm_slots, "_HOOK_READ_MIN", 1)
+    shapes = [(300, 7), (1000,), (40000,)]
+    base = host_params(torch.float32, shapes)
+    a, b = leaves(base), leaves(base)
+    oa = fused_wd.AdamW(a, lr=1e-3, capturable=True, max_grad_norm=1.0, norm_in_backward=True)
+    ob = fused_wd.AdamW(b, lr=1e-3, capturable=True, max_grad_norm=1.0)
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for w in range(3):
+            gs = [g.to(DEV) for g in host_grads(shapes, w)]
+            for p in a:
+                p.grad = None
+            sum((p * g).sum() for p, g in zip(a, gs)).backward()  # p.grad is g: the hooks read it
+            for p, g in zip(b, gs):
+                p.grad = g.clone()
+            oa.step()
+            ob.step()
+    torch.cuda.current_stream().wait_stream(side)
+    assert oa.norm_stats["from_backward"] == 3 * len(shapes)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        oa.step()
+    for s in range(3, 7):
+        for pa, pb, g in zip(a, b, host_grads(shapes, s)):
+            pa.grad.copy_(g)
+            pb.grad.copy_(g)
+        graph.replay()
+        ob.step()
+    torch.cuda.synchronize()
+    for x, y in zip(a, b):
+        assert torch.equal(x, y)
+        for k, v in oa.state[x].items():
+            assert torch.equal(v, ob.state[y][k]), k
+    assert torch.equal(oa.last_grad_norm, ob.last_grad_norm)
+
+
 def test_cpu_lr_tensor_is_refused_under_capture():
     """A CPU lr tensor would be read once, at capture, and frozen into the
     graph: refused with a message saying where to put it."""
