@@ -77,19 +77,21 @@ def assert_bitwise(a, b):
 
 
 def run(loop, device, opt_name="adamw", norm_type=2.0, nib=True, dtype=torch.float32,
-        model_fn=None, **extra):
-    """Runs `loop(model, opt, step)` (backward only; the step is taken here)
-    for STEPS steps; returns the snapshot, the norms and the optimizer."""
+        model_fn=None, compile_step=False, **extra):
+    """Runs `loop(model, opt, step)` (backward only; the step is taken here,
+    by torch.compile(opt.step) when compile_step) for STEPS steps; returns
+    the snapshot, the norms and the optimizer."""
     model = make(device, dtype)
     if model_fn is not None:
         model = model_fn(model)
     cls, kw = OPTIMIZERS[opt_name]
     opt = cls(model.parameters(), **kw, max_grad_norm=0.05, norm_type=norm_type,
               norm_in_backward=nib, **extra)
+    step = torch.compile(opt.step, backend="aot_eager") if compile_step else opt.step
     norms = []
     for s in range(STEPS):
         loop(model, opt, s)
-        opt.step()
+        step()
         norms.append(opt.last_grad_norm.clone())
     snap = snapshot(model, opt)
     snap["last_grad_norms"] = torch.stack(norms)
@@ -416,6 +418,21 @@ def test_compiled_model():
     without generating code)."""
     stats = both(plain, "cpu", model_fn=lambda m: torch.compile(m, backend="aot_eager"))
     assert stats == {"from_backward": 6 * STEPS, "at_step": 0, "small": 0}
+
+
+def test_compiled_step():
+    """opt.step under torch.compile (aot_eager): the proofs run in Python on
+    every call, so a grad edited after backward on odd steps is still
+    caught."""
+    def loop(model, opt, s):
+        plain(model, opt, s)
+        if s % 2:
+            model.b.weight.grad.mul_(3.0)
+
+    a, opt = run(loop, "cpu", nib=True, compile_step=True)
+    b, _ = run(loop, "cpu", nib=False)
+    assert_bitwise(a, b)
+    assert opt.norm_stats == {"from_backward": 6 * STEPS - STEPS // 2, "at_step": STEPS // 2, "small": 0}
 
 
 def test_remove_norm_hooks():
