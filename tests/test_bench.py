@@ -311,3 +311,18 @@ def test_cuda_host_cost_times_the_cuda_host_code_without_running_kernels():
     rows = [line.split("|")[1:-1] for line in out.stdout.splitlines() if line.startswith("| 64 |")]
     assert [r[1].strip() for r in rows] == ["AdamW", "SGD momentum"]
     assert all(float(c) > 0 for r in rows for c in r[2:])
+
+
+def test_norm_backward_bench_with_a_twin(tmp_path):
+    """The norm-in-backward benchmark on a scaled-down set: every contender
+    steps, the twin (a second unclipped copy) sits next to the base, and
+    the norm in backward took its parts from the hooks."""
+    from fused_wd.bench import norm_backward
+    norm_backward.main(["--device", "cpu", "--preset", "cpu-50m", "--params", "2M", "--dtype", "fp32",
+                        "--repeats", "2", "--warmup", "1", "--twin", "--out", str(tmp_path)])
+    rows = json.loads((tmp_path / "results.json").read_text())["tables"]["fp32"]
+    assert [r["name"] for r in rows][:2] == ["fused_wd, no clip", "fused_wd, no clip (a second copy: the noise floor)"]
+    assert rows[0]["step_vs_unclipped"] == 1.0 and rows[1]["step_vs_unclipped"] > 0
+    nib = next(r for r in rows if "norm_in_backward" in r["name"])
+    assert nib["norm_stats"]["from_backward"] > 0 and nib["norm_stats"]["at_step"] == 0
+    assert "noise floor" in (tmp_path / "report.md").read_text()

@@ -11,7 +11,10 @@ training, and backward itself is as cheap as a backward can be (a copy into
 .grad). Per round and contender: zero_grad(set_to_none=True), backward
 (timed), step (timed, clipping included). Rounds are interleaved and the
 order rotates. Reported: median times, and the median over rounds of each
-one's ratio to the unclipped fused_wd AdamW of the same round.
+one's ratio to the unclipped fused_wd AdamW of the same round. With --twin a
+second unclipped copy runs too: its ratio is the noise floor between
+contenders that should be alike (on a 2-core VM, up to 2.6% for the 50M-param
+set, from where each copy's memory landed).
 """
 from __future__ import annotations
 
@@ -33,7 +36,7 @@ from .report import e2e_table, environment
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
-def _contenders(max_norm):
+def _contenders(max_norm, twin=False):
     import fused_wd
 
     def fw(**kw):
@@ -52,20 +55,21 @@ def _contenders(max_norm):
 
     return {
         "fused_wd, no clip": fw(),
+        **({"fused_wd, no clip (a second copy: the noise floor)": fw()} if twin else {}),
         "fused_wd + clip (norm at the step)": fw(max_grad_norm=max_norm),
         "fused_wd + clip, norm_in_backward=True": fw(max_grad_norm=max_norm, norm_in_backward=True),
         "torch fused + clip_grad_norm_": torch_fused,
     }
 
 
-def run(shapes, dtype, device, repeats, warmup, seed=0):
+def run(shapes, dtype, device, repeats, warmup, seed=0, twin=False):
     gen = torch.Generator().manual_seed(seed)
     init = [torch.randn(s, generator=gen).to(device=device, dtype=dtype) for s in shapes]
     grads = [torch.randn(s, generator=gen).to(device=device, dtype=dtype) for s in shapes]
     norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.double()) for g in grads]))
     max_norm = 0.5 * float(norm)  # every step clips
     rows = []
-    for name, make in _contenders(max_norm).items():
+    for name, make in _contenders(max_norm, twin).items():
         params = [p.clone().requires_grad_(True) for p in init]
         opt, step = make(params)
         rows.append(dict(name=name, params=params, opt=opt, step=step, bwd=[], stp=[]))
@@ -124,6 +128,8 @@ def main(argv=None):
     ap.add_argument("--e2e-repeats", type=int, default=0,
                     help="also run the end-to-end small-GPT loop (fused_wd.bench.e2e, its CPU or "
                          "GPU config) with this many interleaved rounds")
+    ap.add_argument("--twin", action="store_true",
+                    help="also step a second unclipped copy (the noise floor between contenders)")
     ap.add_argument("--out", default=None, help="directory for report.md and results.json")
     args = ap.parse_args(argv)
     shapes = get_shapes(args.preset, parse_count(args.params) if args.params else None)
@@ -140,7 +146,7 @@ def main(argv=None):
               f"{len(shapes)} tensors ({args.preset}); {args.repeats} interleaved rounds", ""]
     results = {"env": env, "args": vars(args), "tables": {}}
     for name in args.dtype.split(","):
-        rows = run(shapes, DTYPES[name], device, args.repeats, args.warmup)
+        rows = run(shapes, DTYPES[name], device, args.repeats, args.warmup, twin=args.twin)
         results["tables"][name] = rows
         report += [f"## AdamW, {name}", "", _table(rows), ""]
         print(f"\n{name}\n" + _table(rows), flush=True)
