@@ -326,3 +326,16 @@ def test_norm_backward_bench_with_a_twin(tmp_path):
     nib = next(r for r in rows if "norm_in_backward" in r["name"])
     assert nib["norm_stats"]["from_backward"] > 0 and nib["norm_stats"]["at_step"] == 0
     assert "noise floor" in (tmp_path / "report.md").read_text()
+
+
+def test_norm_backward_bench_hook_size(tmp_path, monkeypatch):
+    """--hook-min sets which params get a norm hook: 1 hooks every param."""
+    from fused_wd import _norm_slots
+    from fused_wd.bench import norm_backward
+    monkeypatch.setattr(_norm_slots, "_HOOK_READ_MIN", _norm_slots._HOOK_READ_MIN)
+    norm_backward.main(["--device", "cpu", "--preset", "cpu-50m", "--params", "2M", "--dtype", "fp32",
+                        "--repeats", "2", "--warmup", "1", "--hook-min", "1", "--out", str(tmp_path)])
+    rows = json.loads((tmp_path / "results.json").read_text())["tables"]["fp32"]
+    nib = next(r for r in rows if "norm_in_backward" in r["name"])
+    assert nib["norm_stats"]["small"] == 0 and nib["norm_stats"]["from_backward"] > 0
+    assert "norm hooks on params with >= 1 elements" in (tmp_path / "report.md").read_text()

@@ -128,11 +128,17 @@ def main(argv=None):
     ap.add_argument("--e2e-repeats", type=int, default=0,
                     help="also run the end-to-end small-GPT loop (fused_wd.bench.e2e, its CPU or "
                          "GPU config) with this many interleaved rounds")
+    ap.add_argument("--hook-min", type=int, default=None,
+                    help="params of this many elements or more get a norm hook (default: the "
+                         "library's _HOOK_READ_MIN); for A/B runs of the hook size")
     ap.add_argument("--twin", action="store_true",
                     help="also step a second unclipped copy (the noise floor between contenders)")
     ap.add_argument("--out", default=None, help="directory for report.md and results.json")
     args = ap.parse_args(argv)
     shapes = get_shapes(args.preset, parse_count(args.params) if args.params else None)
+    from fused_wd import _norm_slots
+    if args.hook_min is not None:
+        _norm_slots._HOOK_READ_MIN = args.hook_min
     device = torch.device(args.device)
     argv = list(sys.argv[1:] if argv is None else argv)
     env = environment(device, argv)
@@ -143,7 +149,8 @@ def main(argv=None):
               f"fused_wd at {env['git_commit']} (dirty: {env['git_dirty']}); {env['date']}",
               f"- "
               f"{sum(int(torch.Size(s).numel()) for s in shapes) / 1e6:.1f}M params in "
-              f"{len(shapes)} tensors ({args.preset}); {args.repeats} interleaved rounds", ""]
+              f"{len(shapes)} tensors ({args.preset}); {args.repeats} interleaved rounds; norm hooks on "
+              f"params with >= {_norm_slots._HOOK_READ_MIN} elements", ""]
     results = {"env": env, "args": vars(args), "tables": {}}
     for name in args.dtype.split(","):
         rows = run(shapes, DTYPES[name], device, args.repeats, args.warmup, twin=args.twin)
