@@ -268,9 +268,6 @@ class NormSlots(_StatsMixin):
         self._opt = weakref.ref(optimizer)
         self._view = view
         self._hooks = {}
-        # norm_in_backward is on: the params without a hook (under
-        # _HOOK_READ_MIN) are read at the step by design, counted as "small"
-        self.active = False
         # parts from the hooks; parts the step computed because no hook wrote
         # one it could prove ("at_step": every part without norm_in_backward);
         # parts of the params without a hook, which the step reads
@@ -344,7 +341,6 @@ class NormSlots(_StatsMixin):
         self._read = getattr(overload, "_op", overload)
         opt = self._opt()
         self.arm(opt._clip_norm_type())
-        self.active = True
         for p in params:
             if id(p) not in self._hooks and p.requires_grad and p.is_leaf \
                     and self._view(p).numel() >= _HOOK_READ_MIN:
@@ -354,7 +350,6 @@ class NormSlots(_StatsMixin):
         for h in self._hooks.values():
             h.remove()
         self._hooks.clear()
-        self.active = False
         self.invalidate()
 
     def _hook(self, p):
@@ -382,12 +377,15 @@ class NormSlots(_StatsMixin):
 
     def _write(self, dev, items, norm_type, zero=()):
         """Writes the partials of items [(param, grad, view, slot)] and zeros
-        at the slots `zero`, in one call, and records what each partial was
-        computed from."""
+        at the slots `zero`, in one call, and records what the partial of
+        each param with a hook was computed from. Only those have records:
+        a small param's slot is also written by _all_proven, which keeps
+        none, so a record of it could vouch for a part since overwritten."""
         _ops.norm_partials_([e for _, _, e, _ in items] + [None] * len(zero), self._buffer(dev),
                             [s for _, _, _, s in items] + list(zero), norm_type)
         for p, g, e, _ in items:
-            self._records[id(p)] = (weakref.ref(g), e._version, e.data_ptr(), norm_type)
+            if id(p) in self._hooks:
+                self._records[id(p)] = (weakref.ref(g), e._version, e.data_ptr(), norm_type)
 
     def _proofs(self, params, grads, views, norm_type):
         """Per param, whether its slot holds the part of its grad as it is
@@ -419,8 +417,9 @@ class NormSlots(_StatsMixin):
         (_all_proven) or, failing that, one by one."""
         slot_of = self._layout()
         if not self._hooks:
+            # with norm_in_backward on, no param was large enough for a hook
             return self._norm_at_step(slot_of, params, entries, norm_type,
-                                      count="small" if self.active else "at_step")
+                                      count="small" if self._opt().norm_in_backward else "at_step")
         if self._on_cuda and torch.cuda.is_current_stream_capturing():
             # a step captured in a CUDA graph reads every grad itself: a
             # replay cannot check that a hook's part is current (the grads
