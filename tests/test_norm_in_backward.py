@@ -128,10 +128,6 @@ def default_sizes(monkeypatch):
     monkeypatch.setattr(fused_wd._norm_slots, "_HOOK_READ_MIN", DEFAULT_HOOK_READ_MIN)
 
 
-def n_params(opt):
-    return sum(len(g["params"]) for g in opt.param_groups)
-
-
 def plain(model, opt, s):
     opt.zero_grad()
     loss_fn(model, s, next(model.parameters()).device).backward()
