@@ -16,7 +16,6 @@ reported, with the time of the optimizer part measured inside the same loop.
 from __future__ import annotations
 
 import copy
-import math
 import statistics
 import time
 from dataclasses import dataclass
@@ -40,6 +39,7 @@ class E2EConfig:
     steps: int = 3      # steps per timed round
     repeats: int = 5
     warmup: int = 2
+    trials: int = 1     # fresh model copies, each warmed up and run for `repeats` rounds
     max_grad_norm: float = 1.0
     lr: float = 3e-4
     weight_decay: float = 0.1
@@ -135,12 +135,11 @@ def run_e2e(device: torch.device, cfg: E2EConfig, progress=None, seed: int = 0) 
     n_batches = 4
     data = torch.randint(0, cfg.vocab, (n_batches, cfg.batch, cfg.seq + 1), generator=gen, device=device)
 
-    runners = []
-    for name, (label, make) in _contenders(cfg, device).items():
-        m = copy.deepcopy(base)
-        opt, opt_part = make(m)
-        runners.append({"name": name, "label": label, "model": m, "opt": opt, "opt_part": opt_part,
-                        "step_s": [], "opt_s": [], "i": 0, "loss": math.nan})
+    contenders = _contenders(cfg, device)
+    names = list(contenders)
+    step_s = {n: [] for n in names}
+    opt_s = {n: [] for n in names}
+    losses = {}
 
     def train_steps(r, k, timed_opt):
         m = r["model"]
@@ -160,39 +159,50 @@ def run_e2e(device: torch.device, cfg: E2EConfig, progress=None, seed: int = 0) 
             if timed_opt:
                 sync(device)
                 opt_t += time.perf_counter() - t0
-        r["loss"] = float(loss.detach())
+        losses[r["name"]] = float(loss.detach())
         return opt_t
 
-    for r in runners:
-        if progress:
-            progress.set(f"end-to-end: warm up {r['name']}")
-        train_steps(r, cfg.warmup, False)
-    if progress:
-        progress.update(1)
     timed_opt = device.type == "cpu"  # on GPU the extra syncs would distort the loop
-    for rep in range(cfg.repeats):
-        if progress:
-            progress.set(f"end-to-end: round {rep + 1}/{cfg.repeats}")
-        k = rep % len(runners)
-        for r in runners[k:] + runners[:k]:
-            sync(device)
-            t0 = time.perf_counter()
-            ot = train_steps(r, cfg.steps, timed_opt)
-            sync(device)
-            r["step_s"].append((time.perf_counter() - t0) / cfg.steps)
-            if timed_opt:
-                r["opt_s"].append(ot / cfg.steps)
+    for trial in range(cfg.trials):
+        # Fresh copies per trial (made in a rotated order): where a copy's
+        # memory lands stays with it, so it must vary across trials.
+        runners = []
+        for name in names[trial % len(names):] + names[:trial % len(names)]:
+            m = copy.deepcopy(base)
+            opt, opt_part = contenders[name][1](m)
+            runners.append({"name": name, "model": m, "opt": opt, "opt_part": opt_part, "i": 0})
+        runners.sort(key=lambda r: names.index(r["name"]))
+        for r in runners:
+            if progress:
+                progress.set(f"end-to-end: warm up {r['name']}")
+            train_steps(r, cfg.warmup, False)
         if progress:
             progress.update(1)
+        for rep in range(cfg.repeats):
+            if progress:
+                progress.set(f"end-to-end: round {rep + 1}/{cfg.repeats}"
+                             + (f", trial {trial + 1}/{cfg.trials}" if cfg.trials > 1 else ""))
+            k = rep % len(runners)
+            for r in runners[k:] + runners[:k]:
+                sync(device)
+                t0 = time.perf_counter()
+                ot = train_steps(r, cfg.steps, timed_opt)
+                sync(device)
+                step_s[r["name"]].append((time.perf_counter() - t0) / cfg.steps)
+                if timed_opt:
+                    opt_s[r["name"]].append(ot / cfg.steps)
+            if progress:
+                progress.update(1)
+        del runners
 
     rows = {}
-    for r in runners:
-        med = statistics.median(r["step_s"])
-        rows[r["name"]] = {
-            "label": r["label"], "median_step_s": med, "min_step_s": min(r["step_s"]),
-            "max_step_s": max(r["step_s"]), "steps_per_s": 1.0 / med,
-            "opt_median_s": statistics.median(r["opt_s"]) if r["opt_s"] else None,
-            "final_loss": r["loss"], "step_s": r["step_s"],
+    for name in names:
+        med = statistics.median(step_s[name])
+        rows[name] = {
+            "label": contenders[name][0], "median_step_s": med, "min_step_s": min(step_s[name]),
+            "max_step_s": max(step_s[name]), "steps_per_s": 1.0 / med,
+            "opt_median_s": statistics.median(opt_s[name]) if opt_s[name] else None,
+            "final_loss": losses[name], "step_s": step_s[name],
         }
     ref = rows.get("torch-default", {}).get("median_step_s")
     for name, row in rows.items():
@@ -202,16 +212,18 @@ def run_e2e(device: torch.device, cfg: E2EConfig, progress=None, seed: int = 0) 
             row["speedup_vs_torch_fused"] = rows["torch-fused"]["median_step_s"] / row["median_step_s"]
         if "fused_wd-noclip" in rows:
             # paired by round: each round ran every contender back to back
-            row["time_vs_unclipped"] = statistics.median(
-                a / b for a, b in zip(row["step_s"], rows["fused_wd-noclip"]["step_s"]))
+            pairs = [a / b for a, b in zip(row["step_s"], rows["fused_wd-noclip"]["step_s"])]
+            row["time_vs_unclipped"] = statistics.median(pairs)
+            row["time_vs_unclipped_per_trial"] = [
+                statistics.median(pairs[t * cfg.repeats:(t + 1) * cfg.repeats]) for t in range(cfg.trials)]
     return {
         "model": f"GPT, d={cfg.d_model}, {cfg.n_layer} layers, {cfg.n_head} heads, vocab {cfg.vocab}, "
                  f"seq {cfg.seq}, batch {cfg.batch}",
         "nparams": nparams, "config": cfg.__dict__.copy(), "device": str(device),
         "fused_wd_available": import_fused_wd() is not None,
-        "rows": rows, "steps_total": cfg.warmup + cfg.repeats * cfg.steps,
+        "rows": rows, "steps_total": cfg.trials * (cfg.warmup + cfg.repeats * cfg.steps),
     }
 
 
 def units(cfg: E2EConfig) -> int:
-    return 1 + cfg.repeats
+    return cfg.trials * (1 + cfg.repeats)

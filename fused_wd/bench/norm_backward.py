@@ -10,8 +10,11 @@ grads, so that autograd runs each param's AccumulateGrad and its hooks as in
 training, and backward itself is as cheap as a backward can be (a copy into
 .grad). Per round and contender: zero_grad(set_to_none=True), backward
 (timed), step (timed, clipping included). Rounds are interleaved and the
-order rotates. Reported: median times, and the median over rounds of each
-one's ratio to the unclipped fused_wd AdamW of the same round. With --twin a
+order rotates. Each of --trials trials starts from fresh copies of every
+contender, since where a copy's memory lands moves its step by a few percent
+for as long as the copy lives. Reported: median times, and the median over
+all rounds of each one's ratio to the unclipped fused_wd AdamW of the same
+round (and that median per trial). With --twin a
 second unclipped copy runs too: its ratio is the noise floor between
 contenders that should be alike (on a 2-core VM, up to 2.6% for the 50M-param
 set, from where each copy's memory landed).
@@ -62,17 +65,23 @@ def _contenders(max_norm, twin=False):
     }
 
 
-def run(shapes, dtype, device, repeats, warmup, seed=0, twin=False):
+def run(shapes, dtype, device, repeats, warmup, seed=0, twin=False, trials=1):
+    """Per trial: fresh copies of every contender's params (new memory, built in
+    a rotated order), `warmup` rounds, then `repeats` timed rounds. Where a copy's
+    memory lands moves its step by a few percent on a VM, and that luck stays
+    with the copy for the whole trial; fresh copies per trial turn it into
+    noise that the median over every trial's rounds sees past."""
     gen = torch.Generator().manual_seed(seed)
     init = [torch.randn(s, generator=gen).to(device=device, dtype=dtype) for s in shapes]
     grads = [torch.randn(s, generator=gen).to(device=device, dtype=dtype) for s in shapes]
     norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.double()) for g in grads]))
     max_norm = 0.5 * float(norm)  # every step clips
-    rows = []
-    for name, make in _contenders(max_norm, twin).items():
-        params = [p.clone().requires_grad_(True) for p in init]
-        opt, step = make(params)
-        rows.append(dict(name=name, params=params, opt=opt, step=step, bwd=[], stp=[]))
+    makers = _contenders(max_norm, twin)
+    names = list(makers)
+    bwd = {n: [] for n in names}
+    stp = {n: [] for n in names}
+    per_trial = {n: [] for n in names}
+    norm_stats = {}
 
     def one(r, record):
         r["opt"].zero_grad(set_to_none=True)
@@ -85,34 +94,54 @@ def run(shapes, dtype, device, repeats, warmup, seed=0, twin=False):
         sync(device)
         t2 = time.perf_counter()
         if record:
-            r["bwd"].append(t1 - t0)
-            r["stp"].append(t2 - t1)
+            bwd[r["name"]].append(t1 - t0)
+            stp[r["name"]].append(t2 - t1)
 
-    for _ in range(warmup):
+    for t in range(trials):
+        rows = []
+        for name in names[t % len(names):] + names[:t % len(names)]:
+            params = [p.clone().requires_grad_(True) for p in init]
+            opt, step = makers[name](params)
+            rows.append(dict(name=name, params=params, opt=opt, step=step))
+        rows.sort(key=lambda r: names.index(r["name"]))
+        for _ in range(warmup):
+            for r in rows:
+                one(r, False)
+        first = len(stp[names[0]])
+        for k in range(repeats):
+            for r in rows[k % len(rows):] + rows[:k % len(rows)]:
+                one(r, True)
+        for n in names:
+            per_trial[n].append(statistics.median(
+                a / b for a, b in zip(stp[n][first:], stp[names[0]][first:])))
         for r in rows:
-            one(r, False)
-    for k in range(repeats):
-        for r in rows[k % len(rows):] + rows[:k % len(rows)]:
-            one(r, True)
-    base = rows[0]
+            stats = getattr(r["opt"], "norm_stats", None)
+            if stats is not None:
+                acc = norm_stats.setdefault(r["name"], dict.fromkeys(stats, 0))
+                for key, v in stats.items():
+                    acc[key] += v
+        del rows
     out = []
-    for r in rows:
+    for n in names:
         out.append(dict(
-            name=r["name"], step_ms=1e3 * statistics.median(r["stp"]),
-            backward_ms=1e3 * statistics.median(r["bwd"]),
-            step_vs_unclipped=statistics.median(a / b for a, b in zip(r["stp"], base["stp"])),
+            name=n, step_ms=1e3 * statistics.median(stp[n]),
+            backward_ms=1e3 * statistics.median(bwd[n]),
+            step_vs_unclipped=statistics.median(a / b for a, b in zip(stp[n], stp[names[0]])),
+            step_vs_unclipped_per_trial=per_trial[n],
             iteration_vs_unclipped=statistics.median(
-                (a + c) / (b + d) for a, b, c, d in zip(r["stp"], base["stp"], r["bwd"], base["bwd"])),
-            norm_stats=getattr(r["opt"], "norm_stats", None)))
+                (a + c) / (b + d) for a, b, c, d in zip(stp[n], stp[names[0]], bwd[n], bwd[names[0]])),
+            norm_stats=norm_stats.get(n)))
     return out
 
 
 def _table(rows):
-    lines = ["| contender | step ms | backward ms | step x unclipped | backward + step x unclipped |",
-             "| --- | ---: | ---: | ---: | ---: |"]
+    lines = ["| contender | step ms | backward ms | step x unclipped | per trial | "
+             "backward + step x unclipped |",
+             "| --- | ---: | ---: | ---: | ---: | ---: |"]
     for r in rows:
+        trials = " ".join(f"{x:.3f}" for x in r["step_vs_unclipped_per_trial"])
         lines.append(f"| {r['name']} | {r['step_ms']:.1f} | {r['backward_ms']:.1f} | "
-                     f"{r['step_vs_unclipped']:.3f} | {r['iteration_vs_unclipped']:.3f} |")
+                     f"{r['step_vs_unclipped']:.3f} | {trials} | {r['iteration_vs_unclipped']:.3f} |")
     return "\n".join(lines)
 
 
@@ -125,9 +154,12 @@ def main(argv=None):
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--repeats", type=int, default=9)
     ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--trials", type=int, default=3,
+                    help="fresh copies of every contender this many times, each stepped for "
+                         "--repeats rounds; ratios are medians over all of them")
     ap.add_argument("--e2e-repeats", type=int, default=0,
                     help="also run the end-to-end small-GPT loop (fused_wd.bench.e2e, its CPU or "
-                         "GPU config) with this many interleaved rounds")
+                         "GPU config) with this many interleaved rounds per trial")
     ap.add_argument("--hook-min", type=int, default=None,
                     help="params of this many elements or more get a norm hook (default: the "
                          "library's _HOOK_READ_MIN); for A/B runs of the hook size")
@@ -149,24 +181,28 @@ def main(argv=None):
               f"fused_wd at {env['git_commit']} (dirty: {env['git_dirty']}); {env['date']}",
               f"- "
               f"{sum(int(torch.Size(s).numel()) for s in shapes) / 1e6:.1f}M params in "
-              f"{len(shapes)} tensors ({args.preset}); {args.repeats} interleaved rounds; norm hooks on "
+              f"{len(shapes)} tensors ({args.preset}); {args.trials} trials (fresh copies) of {args.repeats} interleaved rounds; norm hooks on "
               f"params with >= {_norm_slots._HOOK_READ_MIN} elements", ""]
     results = {"env": env, "args": vars(args), "tables": {}}
     for name in args.dtype.split(","):
-        rows = run(shapes, DTYPES[name], device, args.repeats, args.warmup, twin=args.twin)
+        rows = run(shapes, DTYPES[name], device, args.repeats, args.warmup, twin=args.twin,
+                   trials=args.trials)
         results["tables"][name] = rows
         report += [f"## AdamW, {name}", "", _table(rows), ""]
         print(f"\n{name}\n" + _table(rows), flush=True)
     if args.e2e_repeats:
         cfg = dataclasses.replace(e2e.PRESETS["gpu" if device.type == "cuda" else "cpu"],
-                                  repeats=args.e2e_repeats)
+                                  repeats=args.e2e_repeats, trials=args.trials)
         res = e2e.run_e2e(device, cfg)
         results["e2e"] = res
         text = e2e_table(res)
         report += [f"## End-to-end: {res['model']}, {res['nparams'] / 1e6:.1f}M params", "",
                    "Forward, backward and the optimizer part, per training step; \"time / "
-                   "unclipped\" is the median over rounds of the ratio to the unclipped fused_wd "
-                   "loop of the same round.", "", text, ""]
+                   "unclipped\" is the median over all trials' rounds of the ratio to the unclipped "
+                   "fused_wd loop of the same round; per trial: "
+                   + "; ".join(f"{r['label']}: " + " ".join(f"{x:.3f}" for x in r["time_vs_unclipped_per_trial"])
+                               for r in res["rows"].values() if "time_vs_unclipped_per_trial" in r)
+                   + ".", "", text, ""]
         print("\n" + text, flush=True)
     if args.out:
         os.makedirs(args.out, exist_ok=True)

@@ -307,8 +307,10 @@ def render_text(res: dict, markdown: bool) -> str:
         out += [("## Scaling: " if markdown else "== scaling: ") + title, "", t, ""]
     if res.get("e2e"):
         e = res["e2e"]
+        trials = e["config"].get("trials", 1)
         out += [("## " if markdown else "== ") + f"End to end: {e['model']} ({fmt_count(e['nparams'])} params), "
-                f"{e['config']['repeats']} rounds x {e['config']['steps']} steps", "", e2e_table(e), ""]
+                + (f"{trials} trials x " if trials > 1 else "")
+                + f"{e['config']['repeats']} rounds x {e['config']['steps']} steps", "", e2e_table(e), ""]
         if e.get("others_cpu") is not None and e["others_cpu"] >= BUSY:
             out += [f"**other processes used {e['others_cpu']:.0%} of the CPUs meanwhile: timings disturbed**", ""]
     elif res.get("e2e_error"):
