@@ -22,6 +22,8 @@ set, from where each copy's memory landed).
 from __future__ import annotations
 
 import argparse
+import ctypes
+import ctypes.util
 import dataclasses
 import json
 import os
@@ -63,6 +65,24 @@ def _contenders(max_norm, twin=False):
         "fused_wd + clip, norm_in_backward=True": fw(max_grad_norm=max_norm, norm_in_backward=True),
         "torch fused + clip_grad_norm_": torch_fused,
     }
+
+
+def keep_freed_memory():
+    """Makes glibc's malloc keep freed memory for reuse (no mmap for large
+    blocks, no trimming of the heap), so that after the warmup every
+    contender's backward allocates its grads from memory it has used before,
+    as a long training run does. Left alone, large blocks are mmapped and
+    given back on free, and a backward's time depends on whether the
+    contender before it left reusable memory (a third faster after torch's
+    step here): the backward column would compare allocators, not hooks.
+    Elsewhere than glibc, nothing. Returns whether it was set."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    m_trim_threshold, m_mmap_max = -1, -4
+    return bool(mallopt(m_mmap_max, 0)) and bool(mallopt(m_trim_threshold, 2 ** 31 - 1))
 
 
 def run(shapes, dtype, device, repeats, warmup, seed=0, twin=False, trials=1):
@@ -163,10 +183,14 @@ def main(argv=None):
     ap.add_argument("--hook-min", type=int, default=None,
                     help="params of this many elements or more get a norm hook (default: the "
                          "library's _HOOK_READ_MIN); for A/B runs of the hook size")
+    ap.add_argument("--malloc", choices=("keep", "default"), default="keep",
+                    help="keep: glibc's malloc keeps freed memory for reuse (see keep_freed_memory; "
+                         "for the whole process); default: leave it as it is")
     ap.add_argument("--twin", action="store_true",
                     help="also step a second unclipped copy (the noise floor between contenders)")
     ap.add_argument("--out", default=None, help="directory for report.md and results.json")
     args = ap.parse_args(argv)
+    kept = args.malloc == "keep" and keep_freed_memory()
     shapes = get_shapes(args.preset, parse_count(args.params) if args.params else None)
     from fused_wd import _norm_slots
     if args.hook_min is not None:
@@ -182,7 +206,9 @@ def main(argv=None):
               f"- "
               f"{sum(int(torch.Size(s).numel()) for s in shapes) / 1e6:.1f}M params in "
               f"{len(shapes)} tensors ({args.preset}); {args.trials} trials (fresh copies) of {args.repeats} interleaved rounds; norm hooks on "
-              f"params with >= {_norm_slots._HOOK_READ_MIN} elements", ""]
+              f"params with >= {_norm_slots._HOOK_READ_MIN} elements",
+              "- malloc: " + ("freed memory kept for reuse (glibc mallopt: no mmap, no trim)" if kept
+                              else "as the process had it"), ""]
     results = {"env": env, "args": vars(args), "tables": {}}
     for name in args.dtype.split(","):
         rows = run(shapes, DTYPES[name], device, args.repeats, args.warmup, twin=args.twin,
