@@ -266,7 +266,7 @@ finish $rc "bench/overhead.md"
 begin "norm in backward"
 # issue 15: the clipped step and the small GPT's iteration with the norm gathered in backward,
 # against the unclipped ones (fused_wd.bench.norm_backward); its tables go to gpu_verify.log
-nb=(--dtype "fp32,bf16" --repeats 5 --warmup 1)
+nb=(--dtype "fp32,bf16" --repeats 5 --warmup 1 --trials 1)
 if ((dry)); then
   limited 120 "$PY" -m fused_wd.bench.norm_backward --device cpu --preset tiny "${nb[@]}"
 else

@@ -323,8 +323,11 @@ def test_norm_backward_bench_with_a_twin(tmp_path):
                         "--out", str(tmp_path)])
     rows = json.loads((tmp_path / "results.json").read_text())["tables"]["fp32"]
     assert [r["name"] for r in rows][:2] == ["fused_wd, no clip", "fused_wd, no clip (a second copy: the noise floor)"]
-    assert rows[0]["step_vs_unclipped"] == 1.0 and rows[1]["step_vs_unclipped"] > 0
-    assert rows[0]["step_vs_unclipped_per_trial"] == [1.0] * 3
+    # the reference of a round is the mean of the two unclipped copies: their
+    # ratios to it add up to 2 in every round, so their medians do too
+    assert rows[0]["step_vs_unclipped"] + rows[1]["step_vs_unclipped"] == pytest.approx(2.0)
+    assert all(a + b == pytest.approx(2.0) for a, b in zip(rows[0]["step_vs_unclipped_per_trial"],
+                                                            rows[1]["step_vs_unclipped_per_trial"]))
     assert all(len(r["step_vs_unclipped_per_trial"]) == 3 for r in rows)
     nib = next(r for r in rows if "norm_in_backward" in r["name"])
     # each trial's fresh copy stepped warmup + repeats times, every hooked part from backward
@@ -352,6 +355,37 @@ def test_norm_backward_bench_keeps_freed_memory_under_glibc():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert out.returncode == 0, out.stderr[-2000:]
     assert int(out.stdout) < 1000  # of 40960 pages
+
+
+def test_e2e_trials_make_fresh_copies_and_pool_the_rounds():
+    """run_e2e with trials: every trial's rounds are kept (trials x repeats
+    per contender), each contender starts each trial from the same initial
+    model (so every trial ends on the same loss), and the ratio to the
+    unclipped loop is given per trial too."""
+    import dataclasses
+    from fused_wd.bench import e2e
+    cfg = dataclasses.replace(e2e.PRESETS["tiny"], trials=3, repeats=2)
+    res = e2e.run_e2e(torch.device("cpu"), cfg)
+    one = e2e.run_e2e(torch.device("cpu"), dataclasses.replace(cfg, trials=1))
+    assert e2e.units(cfg) == 3 * (1 + 2)
+    assert res["steps_total"] == 3 * (cfg.warmup + 2 * cfg.steps)
+    for name, r in res["rows"].items():
+        assert len(r["step_s"]) == 3 * 2
+        assert r["final_loss"] == one["rows"][name]["final_loss"]
+    assert res["rows"]["fused_wd-noclip"]["time_vs_unclipped_per_trial"] == [1.0] * 3
+    assert len(res["rows"]["fused_wd-nib"]["time_vs_unclipped_per_trial"]) == 3
+    assert "fused_wd-noclip-twin" not in res["rows"]
+
+
+def test_e2e_twin_is_a_second_reference():
+    """With twin, a second unclipped loop runs and the reference of each
+    round is the two copies' mean: their ratios to it add up to 2."""
+    import dataclasses
+    from fused_wd.bench import e2e
+    res = e2e.run_e2e(torch.device("cpu"), dataclasses.replace(e2e.PRESETS["tiny"], twin=True, repeats=3))
+    a, b = (res["rows"][n] for n in ("fused_wd-noclip", "fused_wd-noclip-twin"))
+    assert a["time_vs_unclipped"] + b["time_vs_unclipped"] == pytest.approx(2.0)
+    assert a["final_loss"] == b["final_loss"]
 
 
 def test_norm_backward_bench_hook_size(tmp_path, monkeypatch):

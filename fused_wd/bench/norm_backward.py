@@ -14,10 +14,11 @@ order rotates. Each of --trials trials starts from fresh copies of every
 contender, since where a copy's memory lands moves its step by a few percent
 for as long as the copy lives. Reported: median times, and the median over
 all rounds of each one's ratio to the unclipped fused_wd AdamW of the same
-round (and that median per trial). With --twin a
-second unclipped copy runs too: its ratio is the noise floor between
-contenders that should be alike (on a 2-core VM, up to 2.6% for the 50M-param
-set, from where each copy's memory landed).
+round (and that median per trial). With --twin a second unclipped copy runs
+too, and the reference of a round is the mean of the two copies' times:
+their luck of placement averages, and the two ratios to it show the noise
+floor between contenders that should be alike (on a 2-core VM, a few
+percent for the 50M-param set).
 """
 from __future__ import annotations
 
@@ -98,6 +99,7 @@ def run(shapes, dtype, device, repeats, warmup, seed=0, twin=False, trials=1):
     max_norm = 0.5 * float(norm)  # every step clips
     makers = _contenders(max_norm, twin)
     names = list(makers)
+    refs = names[:2] if twin else names[:1]  # the unclipped copies
     bwd = {n: [] for n in names}
     stp = {n: [] for n in names}
     per_trial = {n: [] for n in names}
@@ -131,9 +133,9 @@ def run(shapes, dtype, device, repeats, warmup, seed=0, twin=False, trials=1):
         for k in range(repeats):
             for r in rows[k % len(rows):] + rows[:k % len(rows)]:
                 one(r, True)
+        ref = _reference(stp, refs, first)
         for n in names:
-            per_trial[n].append(statistics.median(
-                a / b for a, b in zip(stp[n][first:], stp[names[0]][first:])))
+            per_trial[n].append(statistics.median(a / b for a, b in zip(stp[n][first:], ref)))
         for r in rows:
             stats = getattr(r["opt"], "norm_stats", None)
             if stats is not None:
@@ -141,17 +143,25 @@ def run(shapes, dtype, device, repeats, warmup, seed=0, twin=False, trials=1):
                 for key, v in stats.items():
                     acc[key] += v
         del rows
+    ref_step = _reference(stp, refs)
+    ref_iter = [a + b for a, b in zip(ref_step, _reference(bwd, refs))]
     out = []
     for n in names:
         out.append(dict(
             name=n, step_ms=1e3 * statistics.median(stp[n]),
             backward_ms=1e3 * statistics.median(bwd[n]),
-            step_vs_unclipped=statistics.median(a / b for a, b in zip(stp[n], stp[names[0]])),
+            step_vs_unclipped=statistics.median(a / b for a, b in zip(stp[n], ref_step)),
             step_vs_unclipped_per_trial=per_trial[n],
             iteration_vs_unclipped=statistics.median(
-                (a + c) / (b + d) for a, b, c, d in zip(stp[n], stp[names[0]], bwd[n], bwd[names[0]])),
+                (a + b) / c for a, b, c in zip(stp[n], bwd[n], ref_iter)),
             norm_stats=norm_stats.get(n)))
     return out
+
+
+def _reference(times, refs, first=0):
+    """Per round from `first` on: the mean time of the unclipped copies
+    (`refs`: one, or two with --twin, whose luck of placement then averages)."""
+    return [sum(ts) / len(ts) for ts in zip(*(times[n][first:] for n in refs))]
 
 
 def _table(rows):
@@ -218,14 +228,14 @@ def main(argv=None):
         print(f"\n{name}\n" + _table(rows), flush=True)
     if args.e2e_repeats:
         cfg = dataclasses.replace(e2e.PRESETS["gpu" if device.type == "cuda" else "cpu"],
-                                  repeats=args.e2e_repeats, trials=args.trials)
+                                  repeats=args.e2e_repeats, trials=args.trials, twin=args.twin)
         res = e2e.run_e2e(device, cfg)
         results["e2e"] = res
         text = e2e_table(res)
         report += [f"## End-to-end: {res['model']}, {res['nparams'] / 1e6:.1f}M params", "",
                    "Forward, backward and the optimizer part, per training step; \"time / "
                    "unclipped\" is the median over all trials' rounds of the ratio to the unclipped "
-                   "fused_wd loop of the same round; per trial: "
+                   "fused_wd loop of the same round (with --twin, the mean of its two copies); per trial: "
                    + "; ".join(f"{r['label']}: " + " ".join(f"{x:.3f}" for x in r["time_vs_unclipped_per_trial"])
                                for r in res["rows"].values() if "time_vs_unclipped_per_trial" in r)
                    + ".", "", text, ""]
