@@ -167,9 +167,11 @@ def run_e2e(device: torch.device, cfg: E2EConfig, progress=None, seed: int = 0) 
         return opt_t
 
     timed_opt = device.type == "cpu"  # on GPU the extra syncs would distort the loop
-    for trial in range(cfg.trials):
+
+    def run_trial(trial):
         # Fresh copies per trial (made in a rotated order): where a copy's
-        # memory lands stays with it, so it must vary across trials.
+        # memory lands stays with it, so it must vary across trials. (A
+        # function of its own: its copies are freed before the next trial's.)
         runners = []
         for name in names[trial % len(names):] + names[:trial % len(names)]:
             m = copy.deepcopy(base)
@@ -197,7 +199,9 @@ def run_e2e(device: torch.device, cfg: E2EConfig, progress=None, seed: int = 0) 
                     opt_s[r["name"]].append(ot / cfg.steps)
             if progress:
                 progress.update(1)
-        del runners
+
+    for trial in range(cfg.trials):
+        run_trial(trial)
 
     rows = {}
     for name in names:

@@ -119,7 +119,8 @@ def run(shapes, dtype, device, repeats, warmup, seed=0, twin=False, trials=1):
             bwd[r["name"]].append(t1 - t0)
             stp[r["name"]].append(t2 - t1)
 
-    for t in range(trials):
+    def trial(t):
+        # in a function of its own, so that its copies are freed before the next trial's
         rows = []
         for name in names[t % len(names):] + names[:t % len(names)]:
             params = [p.clone().requires_grad_(True) for p in init]
@@ -142,7 +143,9 @@ def run(shapes, dtype, device, repeats, warmup, seed=0, twin=False, trials=1):
                 acc = norm_stats.setdefault(r["name"], dict.fromkeys(stats, 0))
                 for key, v in stats.items():
                     acc[key] += v
-        del rows
+
+    for t in range(trials):
+        trial(t)
     ref_step = _reference(stp, refs)
     ref_iter = [a + b for a, b in zip(ref_step, _reference(bwd, refs))]
     out = []
