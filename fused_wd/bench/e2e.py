@@ -213,8 +213,8 @@ def run_e2e(device: torch.device, cfg: E2EConfig, progress=None, seed: int = 0) 
             "final_loss": losses[name], "step_s": step_s[name],
         }
     # the unclipped reference of each round: the mean of the unclipped copies
-    copies = [rows[n]["step_s"] for n in ("fused_wd-noclip", "fused_wd-noclip-twin") if n in rows]
-    unclipped = [sum(ts) / len(ts) for ts in zip(*copies)]
+    unclipped = round_means([rows[n]["step_s"] for n in ("fused_wd-noclip", "fused_wd-noclip-twin")
+                             if n in rows])
     ref = rows.get("torch-default", {}).get("median_step_s")
     for name, row in rows.items():
         if ref:
@@ -223,10 +223,8 @@ def run_e2e(device: torch.device, cfg: E2EConfig, progress=None, seed: int = 0) 
             row["speedup_vs_torch_fused"] = rows["torch-fused"]["median_step_s"] / row["median_step_s"]
         if "fused_wd-noclip" in rows:
             # paired by round: each round ran every contender back to back
-            pairs = [a / b for a, b in zip(row["step_s"], unclipped)]
-            row["time_vs_unclipped"] = statistics.median(pairs)
-            row["time_vs_unclipped_per_trial"] = [
-                statistics.median(pairs[t * cfg.repeats:(t + 1) * cfg.repeats]) for t in range(cfg.trials)]
+            row["time_vs_unclipped"], row["time_vs_unclipped_per_trial"] = paired_medians(
+                row["step_s"], unclipped, cfg.repeats)
     return {
         "model": f"GPT, d={cfg.d_model}, {cfg.n_layer} layers, {cfg.n_head} heads, vocab {cfg.vocab}, "
                  f"seq {cfg.seq}, batch {cfg.batch}",
@@ -234,6 +232,19 @@ def run_e2e(device: torch.device, cfg: E2EConfig, progress=None, seed: int = 0) 
         "fused_wd_available": import_fused_wd() is not None,
         "rows": rows, "steps_total": cfg.trials * (cfg.warmup + cfg.repeats * cfg.steps),
     }
+
+
+def round_means(series):
+    """Per round, the mean of several contenders' times (lists alike in length)."""
+    return [sum(ts) / len(ts) for ts in zip(*series)]
+
+
+def paired_medians(times, ref, rounds_per_trial):
+    """The median over rounds of times / ref (paired by round), and that
+    median per trial (consecutive runs of rounds_per_trial rounds)."""
+    pairs = [a / b for a, b in zip(times, ref)]
+    return statistics.median(pairs), [statistics.median(pairs[i:i + rounds_per_trial])
+                                      for i in range(0, len(pairs), rounds_per_trial)]
 
 
 def units(cfg: E2EConfig) -> int:

@@ -102,7 +102,6 @@ def run(shapes, dtype, device, repeats, warmup, seed=0, twin=False, trials=1):
     refs = names[:2] if twin else names[:1]  # the unclipped copies
     bwd = {n: [] for n in names}
     stp = {n: [] for n in names}
-    per_trial = {n: [] for n in names}
     norm_stats = {}
 
     def one(r, record):
@@ -130,13 +129,9 @@ def run(shapes, dtype, device, repeats, warmup, seed=0, twin=False, trials=1):
         for _ in range(warmup):
             for r in rows:
                 one(r, False)
-        first = len(stp[names[0]])
         for k in range(repeats):
             for r in rows[k % len(rows):] + rows[:k % len(rows)]:
                 one(r, True)
-        ref = _reference(stp, refs, first)
-        for n in names:
-            per_trial[n].append(statistics.median(a / b for a, b in zip(stp[n][first:], ref)))
         for r in rows:
             stats = getattr(r["opt"], "norm_stats", None)
             if stats is not None:
@@ -146,25 +141,21 @@ def run(shapes, dtype, device, repeats, warmup, seed=0, twin=False, trials=1):
 
     for t in range(trials):
         trial(t)
-    ref_step = _reference(stp, refs)
-    ref_iter = [a + b for a, b in zip(ref_step, _reference(bwd, refs))]
+    # each round's reference: the mean of the unclipped copies (with --twin
+    # two, whose luck of placement then averages)
+    ref_step = e2e.round_means([stp[n] for n in refs])
+    ref_iter = e2e.round_means([[a + b for a, b in zip(stp[n], bwd[n])] for n in refs])
     out = []
     for n in names:
+        step_ratio, per_trial = e2e.paired_medians(stp[n], ref_step, repeats)
         out.append(dict(
             name=n, step_ms=1e3 * statistics.median(stp[n]),
             backward_ms=1e3 * statistics.median(bwd[n]),
-            step_vs_unclipped=statistics.median(a / b for a, b in zip(stp[n], ref_step)),
-            step_vs_unclipped_per_trial=per_trial[n],
-            iteration_vs_unclipped=statistics.median(
-                (a + b) / c for a, b, c in zip(stp[n], bwd[n], ref_iter)),
+            step_vs_unclipped=step_ratio, step_vs_unclipped_per_trial=per_trial,
+            iteration_vs_unclipped=e2e.paired_medians(
+                [a + b for a, b in zip(stp[n], bwd[n])], ref_iter, repeats)[0],
             norm_stats=norm_stats.get(n)))
     return out
-
-
-def _reference(times, refs, first=0):
-    """Per round from `first` on: the mean time of the unclipped copies
-    (`refs`: one, or two with --twin, whose luck of placement then averages)."""
-    return [sum(ts) / len(ts) for ts in zip(*(times[n][first:] for n in refs))]
 
 
 def _table(rows):
